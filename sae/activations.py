@@ -1,0 +1,172 @@
+"""Activation collection: stream text through a model and keep the activations at one hook point.
+
+Text is tokenized without special tokens, documents are joined with a blank line and cut into
+windows of ``context_size`` tokens. From each window we keep every position except
+
+- position 0, which in SmolLM2 (and most LLMs) is an attention sink whose residual norm is ~100x
+  the median (``shared/corpus/README.md``), and
+- any later token whose norm exceeds ``sink_factor`` times the window batch's median norm (rare
+  secondary sinks),
+
+as SAELens keeps special tokens out. The model is run only up to the hook point.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saesteer.steering.lm import resolve_hook_point
+
+
+def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
+    """Yield documents from a ``.jsonl``/``.jsonl.gz`` file (field ``text``), a ``.txt`` file, a
+    folder of those (``shared/corpus`` gives ``{split}.jsonl.gz``), or a Hugging Face dataset id.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist and is not a dataset id.
+    """
+    p = Path(source)
+    if p.is_dir():
+        cand = [p / f"{split}.jsonl.gz", p / f"{split}.jsonl", p / f"{split}.txt"]
+        files = [c for c in cand if c.exists()] or sorted(q for q in p.iterdir() if q.suffix in (".txt", ".jsonl", ".gz"))
+        for f in files:
+            yield from iter_texts(f, split)
+        return
+    if p.is_file():
+        opener = gzip.open if p.suffix == ".gz" else open
+        with opener(p, "rt", encoding="utf-8") as fh:
+            if ".jsonl" in p.name:
+                for line in fh:
+                    if line.strip():
+                        yield json.loads(line)["text"]
+            else:
+                yield fh.read()
+        return
+    if "/" in str(source) and not str(source).startswith((".", "/")):
+        try:
+            import datasets  # optional, for users online
+        except ImportError as e:
+            raise FileNotFoundError(f"{source}: not a local path, and `datasets` is not installed") from e
+        for row in datasets.load_dataset(str(source), split=split, streaming=True):
+            yield row["text"]
+        return
+    raise FileNotFoundError(f"{source}: no such file or folder")
+
+
+def token_windows(texts: Iterable[str], tokenizer, context_size: int) -> Iterator[list[int]]:
+    """Cut the concatenated token stream of ``texts`` into windows of ``context_size`` token ids."""
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    buf: list[int] = []
+    for text in texts:
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buf.extend(sep)
+        while len(buf) >= context_size:
+            yield buf[:context_size]
+            buf = buf[context_size:]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def hook_activations(model, hook_name: str, input_ids: torch.Tensor, stop: bool = True) -> torch.Tensor:
+    """Activations at ``hook_name`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in].
+
+    With ``stop=True`` the forward pass is cut off right after the hook point.
+    """
+    hp = resolve_hook_point(model, hook_name)
+    box: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs, out=None):
+        t = (args[0] if args else kwargs["hidden_states"]) if hp.on_input else out
+        box.append((t[0] if isinstance(t, tuple) else t).detach())
+        if stop:
+            raise _StopForward
+
+    handle = (
+        hp.module.register_forward_pre_hook(lambda m, a, k: grab(m, a, k), with_kwargs=True)
+        if hp.on_input
+        else hp.module.register_forward_hook(lambda m, a, k, o: grab(m, a, k, o), with_kwargs=True)
+    )
+    try:
+        model(input_ids=input_ids.to(model.device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return box[0]
+
+
+def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
+    """Boolean mask [batch, seq] of positions to keep: not position 0, norm <= factor x median."""
+    norms = acts.float().norm(dim=-1)
+    keep = torch.ones_like(norms, dtype=torch.bool)
+    keep[:, 0] = False
+    med = norms[:, 1:].median()
+    return keep & (norms <= sink_factor * med)
+
+
+@torch.no_grad()
+def collect_activations(
+    model,
+    tokenizer,
+    hook_name: str,
+    texts: Iterable[str],
+    n_tokens: int,
+    context_size: int = 128,
+    batch_size: int = 32,
+    sink_factor: float = 10.0,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_name``.
+
+    Sinks are left out (see the module docstring); the result is in corpus order (shuffle when
+    training).
+    """
+    chunks: list[torch.Tensor] = []
+    have = 0
+    bar = tqdm(total=n_tokens, desc=f"activations {hook_name}", unit="tok", disable=not progress)
+    batch: list[list[int]] = []
+
+    def flush():
+        nonlocal have
+        ids = torch.tensor(batch)
+        acts = hook_activations(model, hook_name, ids)
+        kept = acts[sink_mask(acts, sink_factor)].to("cpu", dtype)
+        kept = kept[: n_tokens - have]
+        chunks.append(kept)
+        have += len(kept)
+        bar.update(len(kept))
+        batch.clear()
+
+    for window in token_windows(texts, tokenizer, context_size):
+        batch.append(window)
+        if len(batch) == batch_size:
+            flush()
+            if have >= n_tokens:
+                break
+    if batch and have < n_tokens:
+        flush()
+    bar.close()
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def save_activations(acts: torch.Tensor, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Cache activations [n, d_in] to a safetensors file (with string metadata)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"acts": acts.contiguous()}, str(path), metadata={k: str(v) for k, v in (meta or {}).items()})
+
+
+def load_activations(path: str | os.PathLike) -> torch.Tensor:
+    """Load activations cached by ``save_activations``."""
+    return load_file(str(path))["acts"]

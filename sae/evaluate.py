@@ -1,0 +1,130 @@
+"""SAE evaluation: reconstruction and sparsity on activations, and the LM loss with the SAE spliced in.
+
+Definitions (x [N, d_in] held-out activations, sinks excluded as in collection):
+
+- L0: mean number of non-zero latents per token;
+- normalized MSE: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (Gao et al. 2024: relative to always
+  predicting the mean);
+- explained variance: 1 - sum_d Var(x_d - x_hat_d) / sum_d Var(x_d);
+- dead / dense latents: fraction of latents that never fire / fire on more than 10 % of tokens;
+- CE loss recovered: (CE_zero - CE_sae) / (CE_zero - CE_clean), where the hook point's activation is
+  replaced by the reconstruction (CE_sae) or by zeros (CE_zero) at every non-sink position;
+  delta LM loss = CE_sae - CE_clean (nats per token).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from saesteer.steering.lm import resolve_hook_point
+
+from .activations import sink_mask, token_windows
+from .model import SAE
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch_size: int = 4096) -> dict:
+    """L0, NMSE, explained variance, dead and dense fractions of ``sae`` on activations [N, d_in]."""
+    n = acts.shape[0]
+    fires = torch.zeros(sae.cfg.d_sae)
+    sq_err = 0.0
+    l0 = 0.0
+    sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    sum_x2 = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    sum_r = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    sum_r2 = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    for i in range(0, n, batch_size):
+        x = acts[i : i + batch_size].float().to(sae.device)
+        z = sae.encode(x)
+        r = (x - sae.decode(z)).double().cpu()
+        xd = x.double().cpu()
+        fires += (z > 0).sum(0).float().cpu()
+        l0 += float((z > 0).sum())
+        sq_err += float(r.pow(2).sum())
+        sum_x += xd.sum(0)
+        sum_x2 += xd.pow(2).sum(0)
+        sum_r += r.sum(0)
+        sum_r2 += r.pow(2).sum(0)
+    var_x = sum_x2 - sum_x.pow(2) / n  # per-dim, times n
+    var_r = sum_r2 - sum_r.pow(2) / n
+    return {
+        "tokens": n,
+        "l0": l0 / n,
+        "nmse": sq_err / float(var_x.sum()),
+        "explained_variance": 1.0 - float(var_r.sum() / var_x.sum()),
+        "dead_fraction": float((fires == 0).float().mean()),
+        "dense_fraction": float((fires > 0.1 * n).float().mean()),
+    }
+
+
+@torch.no_grad()
+def ce_loss_metrics(
+    model, tokenizer, sae: SAE, texts: Iterable[str], n_tokens: int = 16_384, context_size: int = 128, batch_size: int = 16
+) -> dict:
+    """CE loss clean / with the SAE spliced in / with the hook point zero-ablated, over windows of
+    ``context_size`` tokens from ``texts`` until ``n_tokens`` predictions are scored."""
+    hp = resolve_hook_point(model, sae.cfg.hook_name)
+    mode = {"m": "clean"}
+
+    def hook(_m, _a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if mode["m"] == "clean":
+            return out
+        keep = sink_mask(h).unsqueeze(-1)  # splice only where the SAE was trained (not sinks)
+        rep = sae.decode(sae.encode(h)).to(h.dtype) if mode["m"] == "sae" else torch.zeros_like(h)
+        new = torch.where(keep, rep, h)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    scored = 0
+    handle = hp.module.register_forward_hook(hook)
+    try:
+        batch: list[list[int]] = []
+        for w in token_windows(texts, tokenizer, context_size):
+            batch.append(w)
+            if len(batch) < batch_size:
+                continue
+            ids = torch.tensor(batch, device=next(model.parameters()).device)
+            batch = []
+            for m in totals:
+                mode["m"] = m
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+                totals[m] += float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+            scored += ids[:, 1:].numel()
+            if scored >= n_tokens:
+                break
+    finally:
+        handle.remove()
+    ce = {m: v / max(scored, 1) for m, v in totals.items()}
+    return {
+        "ce_tokens": scored,
+        "ce_clean": ce["clean"],
+        "ce_sae": ce["sae"],
+        "ce_zero_ablation": ce["zero"],
+        "ce_loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+        "delta_lm_loss": ce["sae"] - ce["clean"],
+    }
+
+
+def eval_cli(a) -> int:
+    """``saesteer eval SAE_DIR``: figures on the validation split, printed as JSON."""
+    from saesteer.steering.lm import load_model
+
+    from .activations import collect_activations, iter_texts
+    from .io import load_sae
+
+    sae = load_sae(a.sae, dtype=torch.float32)
+    model, tok = load_model(a.model, a.gguf_file)
+    acts = collect_activations(model, tok, sae.cfg.hook_name, iter_texts(a.data, a.split), a.n_tokens)
+    figs = reconstruction_metrics(sae, acts)
+    figs.update(ce_loss_metrics(model, tok, sae, iter_texts(a.data, a.split), a.ce_tokens))
+    text = json.dumps(figs, indent=2)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as fh:
+            fh.write(text + "\n")
+    return 0
