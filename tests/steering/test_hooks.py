@@ -1,0 +1,177 @@
+"""Steering hooks on the real SmolLM2-135M-Instruct with the default SAE (no mocks)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from saesteer.steering.generate import GenerationSpec, generate, render_prompt
+from saesteer.steering.hooks import Steerer, StepPositions
+from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
+
+PROMPTS = ["Tell me something interesting.", "Describe a place you like.", "Write one sentence about your morning."]
+
+
+def chat(tok, text):
+    return render_prompt(tok, messages=[{"role": "user", "content": text}])
+
+
+def forward(model, ids, steerer=None, plans=None, capture=None):
+    """Logits [1, T, vocab] of one prompt, optionally steered; with ``capture`` ({"hook": name}),
+    the hook point's output (after steering: the capture hook is registered last) lands in
+    ``capture["out"]``."""
+    x = torch.tensor([ids])
+    pos = StepPositions(abs_pos=torch.arange(len(ids)).unsqueeze(0), prompt_len=torch.tensor([len(ids)]))
+    with steerer.steer(plans, pos) if steerer is not None else nullcontext():
+        handle = None
+        if capture is not None:
+            layer = model.model.layers[int(capture["hook"].split(".")[1])]
+            handle = layer.register_forward_hook(lambda m, a, o: capture.__setitem__("out", o.detach().clone()))
+        try:
+            return model(input_ids=x, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+@pytest.fixture(scope="module")
+def setup(lm, default_sae):
+    model, tok = lm
+    sid = "default"
+    return model, tok, sid, default_sae
+
+
+def fired_latent(sae, acts):
+    """A latent that fires at a late position of ``acts`` [T, d_in]: (latent, position, activation)."""
+    z = sae.encode(acts)
+    z[0] = 0  # never the sink
+    pos = int(z.max(-1).values.argmax())
+    lat = int(z[pos].argmax())
+    return lat, pos, float(z[pos, lat])
+
+
+def test_idle_hook_is_transparent(setup):
+    """The full-decode path with no effective edit gives the plain model's logits (error term kept)."""
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    plain = forward(model, ids)
+    full = Steerer(model, {sid: sae}, full=True)
+    # an edit that changes nothing: scale by exactly 1 on every position
+    noop = InterventionPlan(latent_edits=[LatentEdit(sid, 7, "scale", 1.0, "all")])
+    steered_full = forward(model, ids, full, [noop])
+    rel = (steered_full - plain).norm() / plain.norm()
+    assert rel < 1e-5, rel
+    fast = Steerer(model, {sid: sae})
+    assert torch.equal(forward(model, ids, fast, [noop]), plain)  # sparse delta of a no-op is exactly 0
+    assert torch.equal(forward(model, ids, fast, [InterventionPlan()]), plain)
+
+
+def test_clamp_sets_latent_and_residual_matches_float64_reference(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[1])
+    clean = {"hook": sae.cfg.hook_name}
+    forward(model, ids, capture=clean)
+    x = clean["out"][0]  # [T, d_in]
+    lat, value = 123, 17.5
+    steer = Steerer(model, {sid: sae})
+    cap = {"hook": sae.cfg.hook_name}
+    forward(model, ids, steer, [InterventionPlan(latent_edits=[LatentEdit(sid, lat, "clamp", value, "all")])], capture=cap)
+    # float64 reference: x + (v - z) * W_dec[lat] at positions >= 1; position 0 (sink) untouched
+    x64 = x.double()
+    pre = (x64 * sae.cfg.input_scale - sae.b_dec.double()) @ sae.W_enc.double()[:, lat] + sae.b_enc.double()[lat]
+    z = torch.where(pre > sae.threshold.double()[lat], pre, torch.zeros_like(pre)).clamp(min=0)
+    ref = x64 + (value - z).unsqueeze(-1) * (sae.W_dec.double()[lat] / sae.cfg.input_scale)
+    ref[0] = x64[0]
+    got = cap["out"][0].double()
+    assert ((got - ref).norm() / ref.norm()) < 1e-5
+    # the latent's code after the edit is the requested value: the edit moved x by exactly (v - z) decoder rows
+    dz = ((got - x64) @ (sae.W_dec.double()[lat] / sae.cfg.input_scale)) / (sae.W_dec.double()[lat] / sae.cfg.input_scale).pow(2).sum()
+    assert torch.allclose(z[1:] + dz[1:], torch.full_like(dz[1:], value), rtol=1e-4)
+    assert not torch.equal(got[1:], x64[1:])
+
+
+def test_ablate_removes_a_firing_latent(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[2])
+    clean = {"hook": sae.cfg.hook_name}
+    plain_logits = forward(model, ids, capture=clean)
+    x = clean["out"][0]
+    lat, pos, act = fired_latent(sae, x)
+    assert act > 0
+    cap = {"hook": sae.cfg.hook_name}
+    steer = Steerer(model, {sid: sae})
+    logits = forward(model, ids, steer, [InterventionPlan(latent_edits=[LatentEdit(sid, lat, "ablate", 0.0, "all")])], capture=cap)
+    removed = x - cap["out"][0]  # what the hook took out, per position
+    expected = sae.encode(x)[:, lat].unsqueeze(-1) * sae.decoder_directions(torch.tensor([lat]))[0]
+    expected[0] = 0
+    assert torch.allclose(removed, expected, atol=1e-3)
+    assert float(removed[pos].norm()) > 0
+    assert not torch.allclose(logits, plain_logits)
+
+
+def test_sparse_delta_equals_full_decode(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    plan = InterventionPlan(latent_edits=[
+        LatentEdit(sid, 5, "clamp", 12.0, "all"),
+        LatentEdit(sid, 900, "scale", 3.0, "prompt"),
+        LatentEdit(sid, 77, "add", -4.0, (3, 4, 9)),
+    ])
+    fast = forward(model, ids, Steerer(model, {sid: sae}), [plan])
+    full = forward(model, ids, Steerer(model, {sid: sae}, full=True), [plan])
+    assert ((fast - full).norm() / full.norm()) < 1e-5
+
+
+def test_positions_generated_leaves_prompt_untouched(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    plain = forward(model, ids)
+    steer = Steerer(model, {sid: sae})
+    gen_only = InterventionPlan(latent_edits=[LatentEdit(sid, 5, "clamp", 50.0, "generated")])
+    assert torch.equal(forward(model, ids, steer, [gen_only]), plain)
+    explicit = InterventionPlan(latent_edits=[LatentEdit(sid, 5, "clamp", 50.0, (len(ids) - 1,))])
+    out = forward(model, ids, steer, [explicit])
+    assert torch.equal(out[0, :-1], plain[0, :-1]) and not torch.equal(out[0, -1], plain[0, -1])
+
+
+def test_heterogeneous_batch_equals_one_by_one(setup):
+    model, tok, sid, sae = setup
+    steer = Steerer(model, {sid: sae})
+    vec = sae.W_dec[300].detach() / sae.cfg.input_scale * 8.0
+    plans = [
+        InterventionPlan(latent_edits=[LatentEdit(sid, 123, "clamp", 30.0, "all")]),
+        InterventionPlan(),
+        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_name, vec, "all")]),
+    ]
+    specs = [GenerationSpec(chat(tok, p), max_new_tokens=10, plan=pl) for p, pl in zip(PROMPTS, plans)]
+    batched = generate(model, tok, specs, steer)
+    alone = [generate(model, tok, [s], steer)[0] for s in specs]
+    assert [r.tokens for r in batched] == [r.tokens for r in alone]
+    plain = generate(model, tok, [GenerationSpec(s.input_ids, max_new_tokens=10) for s in specs])
+    assert batched[1].tokens == plain[1].tokens  # the unsteered row is untouched by its neighbours
+    assert batched[0].tokens != plain[0].tokens  # the clamp changed its row
+
+
+def test_kv_cache_generation_equals_recompute(setup):
+    """Steered generation with the cache gives the tokens of steered full recomputation per step."""
+    model, tok, sid, sae = setup
+    steer = Steerer(model, {sid: sae})
+    plan = InterventionPlan(latent_edits=[LatentEdit(sid, 123, "clamp", 30.0, "all")])
+    ids = chat(tok, PROMPTS[1])
+    cached = generate(model, tok, [GenerationSpec(ids, max_new_tokens=6, plan=plan)], steer)[0].tokens
+    seq = list(ids)
+    for _ in range(6):
+        logits = forward(model, seq, steer, [plan])
+        seq.append(int(logits[0, -1].argmax()))
+    assert cached == seq[len(ids):]
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    spec = lambda seed: GenerationSpec(ids, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=seed)  # noqa: E731
+    runs = generate(model, tok, [spec(1), spec(1), spec(2), spec(3), spec(4)])
+    assert runs[0].tokens == runs[1].tokens
+    assert any(r.tokens != runs[0].tokens for r in runs[2:])  # the seed matters
