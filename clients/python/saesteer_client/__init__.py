@@ -1,0 +1,19 @@
+"""saesteer client SDK: the wire schema and HTTP clients (httpx + pydantic only)."""
+
+from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, scale
+from .schema import (
+    Completion,
+    GenerateRequest,
+    GenerateResponse,
+    LatentIntervention,
+    SAEInfo,
+    Usage,
+    VectorIntervention,
+)
+
+__all__ = [
+    "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale",
+    "Completion", "GenerateRequest", "GenerateResponse", "LatentIntervention", "SAEInfo", "Usage",
+    "VectorIntervention",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""HTTP clients for the saesteer server (httpx + pydantic; no torch).
+
+    from saesteer_client import Client, clamp
+    c = Client("http://127.0.0.1:8000")
+    r = c.generate(messages=[{"role": "user", "content": "Hi"}],
+                   interventions=[clamp("smollm2-135m-res10-k32", 123, 8.0)], compare=True)
+    print(r.text, r.unsteered.text)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import httpx
+
+from .schema import (
+    ChatMessage,
+    GenerateRequest,
+    GenerateResponse,
+    Intervention,
+    LatentIntervention,
+    SAEInfo,
+    SAEList,
+    VectorIntervention,
+)
+
+
+class SaesteerError(RuntimeError):
+    """A non-2xx answer. ``status_code`` is the HTTP status, ``detail`` the server's error detail
+    (a list of ``{"loc", "msg", "type"}`` for validation errors)."""
+
+    def __init__(self, status_code: int, detail: Any):
+        self.status_code, self.detail = status_code, detail
+        if isinstance(detail, list):
+            msg = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail if isinstance(d, dict))
+        else:
+            msg = str(detail)
+        super().__init__(f"HTTP {status_code}: {msg}")
+
+
+def clamp(sae: str, latent: int, value: float, positions="all") -> LatentIntervention:
+    """Set ``latent`` of ``sae`` to ``value``."""
+    return LatentIntervention(op="clamp", sae=sae, latent=latent, value=value, positions=positions)
+
+
+def ablate(sae: str, latent: int, positions="all") -> LatentIntervention:
+    """Set ``latent`` of ``sae`` to 0."""
+    return LatentIntervention(op="ablate", sae=sae, latent=latent, positions=positions)
+
+
+def scale(sae: str, latent: int, factor: float, positions="all") -> LatentIntervention:
+    """Multiply ``latent`` of ``sae`` by ``factor``."""
+    return LatentIntervention(op="scale", sae=sae, latent=latent, value=factor, positions=positions)
+
+
+def add(sae: str, latent: int, amount: float, positions="all") -> LatentIntervention:
+    """Add ``amount`` to ``latent`` of ``sae`` (adds its decoder direction times ``amount``)."""
+    return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions)
+
+
+def add_vector(vector: Sequence[float], strength: float = 1.0, *, hook: str | None = None, sae: str | None = None,
+               positions="all") -> VectorIntervention:
+    """Add ``strength * vector`` (d_in floats) at ``hook`` or at ``sae``'s hook point."""
+    return VectorIntervention(op="add_vector", vector=list(vector), strength=strength, hook=hook, sae=sae, positions=positions)
+
+
+def _request(prompt, messages, interventions, kw) -> dict:
+    msgs = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages] if messages is not None else None
+    req = GenerateRequest(prompt=prompt, messages=msgs, interventions=list(interventions or []), **kw)
+    return req.model_dump(mode="json", exclude_none=True)
+
+
+def _check(r: httpx.Response) -> httpx.Response:
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise SaesteerError(r.status_code, detail)
+    return r
+
+
+class Client:
+    """Synchronous client.
+
+    Args:
+        url: server base URL, e.g. ``http://127.0.0.1:8000``.
+        api_key: bearer token if the server was started with one.
+        timeout: seconds per request (generation can take a while on CPU).
+
+    Methods raise ``SaesteerError`` for 4xx/5xx answers and ``pydantic.ValidationError`` for a
+    request that the schema refuses before it is sent.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
+                 transport: httpx.BaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def generate(self, prompt: str | None = None, *, messages: list | None = None,
+                 interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
+        """``POST /v1/generate``; ``kw`` are ``GenerateRequest`` fields (max_new_tokens,
+        temperature, top_p, seed, stop, compare)."""
+        r = _check(self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
+        return GenerateResponse.model_validate(r.json())
+
+    def saes(self) -> list[SAEInfo]:
+        """``GET /v1/saes``: the SAEs the server has attached."""
+        return SAEList.model_validate(_check(self._http.get("/v1/saes")).json()).saes
+
+    def health(self) -> bool:
+        """True when ``GET /health`` answers 200 (the model is loaded)."""
+        try:
+            return self._http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """The asynchronous twin of ``Client`` (same arguments and methods, awaited)."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    async def generate(self, prompt: str | None = None, *, messages: list | None = None,
+                       interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
+        r = _check(await self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
+        return GenerateResponse.model_validate(r.json())
+
+    async def saes(self) -> list[SAEInfo]:
+        return SAEList.model_validate(_check(await self._http.get("/v1/saes")).json()).saes
+
+    async def health(self) -> bool:
+        try:
+            return (await self._http.get("/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()

@@ -1,0 +1,171 @@
+"""The saesteer wire schema: pydantic models of every request and response.
+
+Defined once, here, in the torch-free SDK; the server imports these models. Everything a request
+can get wrong without knowing the loaded model is checked here, so the server answers 422 before
+the request is queued. Checks that need the model (SAE ids, latent ranges, vector lengths, token
+counts) happen in the server and answer with the same error body::
+
+    {"detail": [{"loc": ["body", "interventions", 0, "latent"], "msg": "...", "type": "..."}]}
+
+Steering payloads use ``extra="forbid"``: a misspelled field is a 422, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_INTERVENTIONS = 64
+MAX_POSITIONS = 512
+MAX_STOP = 8
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Positions = Union[Literal["all", "prompt", "generated"], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_POSITIONS)]]
+"""Where an intervention applies, by token index in the rendered prompt + completion:
+``all`` (every position but 0), ``prompt`` (prompt positions but 0), ``generated`` (new tokens
+only), or an explicit list of indices. Position 0 is the attention sink of most LLMs and is steered
+only when listed explicitly."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LatentIntervention(_Strict):
+    """An edit of one SAE latent inside the forward pass.
+
+    ops: ``clamp`` sets the latent to ``value``; ``ablate`` sets it to 0; ``scale`` multiplies it by
+    ``value``; ``add`` adds ``value`` to it (which adds ``value`` times the latent's decoder
+    direction to the hook point). The SAE's reconstruction error is kept, so only the edit
+    changes the model.
+    """
+
+    op: Literal["clamp", "ablate", "scale", "add"] = Field(description="what to do to the latent")
+    sae: str = Field(min_length=1, description="id of a loaded SAE (see GET /v1/saes)")
+    latent: int = Field(ge=0, description="latent index, 0 <= latent < d_sae")
+    value: FiniteFloat | None = Field(None, description="clamp target, scale factor or added amount; omitted for ablate")
+    positions: Positions = "all"
+
+    @model_validator(mode="after")
+    def _value_matches_op(self):
+        if self.op == "ablate" and self.value is not None:
+            raise ValueError("ablate takes no value")
+        if self.op != "ablate" and self.value is None:
+            raise ValueError(f"{self.op} needs a value")
+        return self
+
+
+class VectorIntervention(_Strict):
+    """Add a raw steering vector (d_in floats) times ``strength`` at a hook point.
+
+    The hook point is named directly (``hook``) or as the hook point of a loaded SAE (``sae``).
+    """
+
+    op: Literal["add_vector"]
+    vector: list[FiniteFloat] = Field(min_length=1, max_length=65536, description="d_in floats")
+    strength: FiniteFloat = 1.0
+    hook: str | None = Field(None, description="hook point, e.g. blocks.10.hook_resid_post")
+    sae: str | None = Field(None, description="use this SAE's hook point")
+    positions: Positions = "all"
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.hook is None) == (self.sae is None):
+            raise ValueError("give exactly one of hook or sae")
+        return self
+
+
+Intervention = Annotated[Union[LatentIntervention, VectorIntervention], Field(discriminator="op")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class GenerateRequest(_Strict):
+    """``POST /v1/generate``: a prompt (or chat messages) and the interventions to apply."""
+
+    prompt: str | None = Field(None, max_length=100_000, description="raw prompt text (no chat template)")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=256, description="chat messages, rendered with the model's chat template"
+    )
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    temperature: FiniteFloat = Field(0.0, ge=0.0, le=5.0, description="0 means greedy")
+    top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
+    interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
+    compare: bool = Field(False, description="also return the unsteered completion for the same seed")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("prompt is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        seen: dict[tuple[str, int], int] = {}
+        for i, iv in enumerate(self.interventions):
+            if isinstance(iv, LatentIntervention):
+                key = (iv.sae, iv.latent)
+                if key in seen:
+                    raise ValueError(
+                        f"interventions {seen[key]} and {i} both edit latent {iv.latent} of SAE {iv.sae!r}; merge them"
+                    )
+                seen[key] = i
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """One generated continuation. ``tokens`` are the generated token ids (a stop string is cut
+    from ``text`` but its tokens stay in ``tokens``)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+class GenerateResponse(Completion):
+    usage: Usage
+    unsteered: Completion | None = Field(None, description="with compare: the completion without interventions")
+
+
+class SAEInfo(BaseModel):
+    """One loaded SAE, as listed by ``GET /v1/saes``."""
+
+    id: str
+    hook_point: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: float | None = None
+    model_name: str = ""
+    source: str = ""
+
+
+class SAEList(BaseModel):
+    saes: list[SAEInfo]
+
+
+class ErrorItem(BaseModel):
+    loc: list[Union[str, int]]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx answer (FastAPI's validation layout, also used for the server's own checks)."""
+
+    detail: list[ErrorItem] | str

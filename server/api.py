@@ -1,0 +1,156 @@
+"""The LitServe API for steered text generation (``POST /v1/generate``).
+
+Lifecycle (LitServe 0.2.19, ``shared/litserve.md``): ``setup`` loads the model and SAEs once per
+worker; ``decode_request`` runs per request and never raises: a request that does not fit the
+loaded model (unknown SAE, latent out of range, too many tokens, ...) becomes a ``Rejected`` item
+that ``predict`` skips and ``encode_response`` answers with a 4xx, so one bad request never fails
+the others in its batch (LitServe fails a whole batch on any exception). Only plain data crosses
+the process boundary.
+"""
+
+# No `from __future__ import annotations` here: LitServe reads the real annotation of
+# decode_request's `request` parameter as the FastAPI body type.
+import logging
+from dataclasses import dataclass
+
+import litserve as ls
+from fastapi.responses import JSONResponse
+from saesteer_client.schema import Completion, GenerateRequest, GenerateResponse, Usage
+
+from .config import ServerSettings
+from .registry import SAESpec
+
+log = logging.getLogger("saesteer.server")
+
+
+@dataclass
+class Rejected:
+    """A request refused in the worker: HTTP ``status`` and FastAPI-style ``detail``."""
+
+    status: int
+    detail: list[dict]
+
+
+@dataclass
+class Prepared:
+    """A request ready to generate: its rows (steered, plus unsteered with ``compare``)."""
+
+    request: GenerateRequest
+    input_ids: list[int]
+    plan: object  # steering.plan.InterventionPlan
+
+
+class GenerateAPI(ls.LitAPI):
+    """Steered generation on a transformers causal LM with SAEs attached.
+
+    Args:
+        settings: the server settings (model, SAEs, limits); picklable.
+        sae_specs: parsed ``--sae`` entries.
+    """
+
+    def __init__(self, settings: ServerSettings, sae_specs: list[SAESpec], **kwargs):
+        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, api_path="/v1/generate", **kwargs)
+        self.settings = settings
+        self.sae_specs = sae_specs
+
+    def setup(self, device):
+        import torch
+
+        from saesteer.steering.hooks import Steerer
+        from saesteer.steering.lm import load_model
+
+        from .registry import load_saes
+
+        s = self.settings
+        dev = s.device if s.device != "cpu" else device
+        self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
+        self.saes = load_saes(self.sae_specs, device=dev)
+        self.steerer = Steerer(self.model, self.saes)
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    # -- per request -----------------------------------------------------------------------------
+    def decode_request(self, request: GenerateRequest) -> Prepared | Rejected:
+        from saesteer.steering.generate import render_prompt
+        from saesteer.steering.plan import PlanError, build_plan
+
+        try:
+            plan = build_plan(request.interventions, self.saes, self.steerer.hook_widths)
+        except PlanError as e:
+            return Rejected(422, e.detail())
+        messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
+        try:
+            ids = render_prompt(self.tokenizer, request.prompt, messages)
+        except Exception as e:  # a template that refuses these messages (e.g. role order)
+            return Rejected(422, [{"loc": ["body", "messages"], "msg": f"chat template failed: {e}", "type": "value_error"}])
+        field = "prompt" if request.prompt is not None else "messages"
+        s = self.settings
+        if not ids:
+            return Rejected(422, [{"loc": ["body", field], "msg": "prompt renders to no tokens", "type": "value_error"}])
+        if len(ids) > s.max_prompt_tokens:
+            return Rejected(
+                422,
+                [{"loc": ["body", field], "msg": f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}", "type": "too_many_tokens"}],
+            )
+        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
+        if len(ids) + request.max_new_tokens > limit:
+            return Rejected(
+                422,
+                [{
+                    "loc": ["body", "max_new_tokens"],
+                    "msg": f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds {limit}",
+                    "type": "too_many_tokens",
+                }],
+            )
+        return Prepared(request, ids, plan)
+
+    def batch(self, inputs):
+        return inputs
+
+    def predict(self, items):
+        if not isinstance(items, list):  # LitServe's unbatched loop (max_batch_size=1)
+            return self.predict([items])[0]
+        from saesteer.steering.generate import GenerationSpec, generate
+        from saesteer.steering.plan import InterventionPlan
+
+        specs, owners = [], []
+        for i, it in enumerate(items):
+            if not isinstance(it, Prepared):
+                continue
+            r = it.request
+            base = dict(
+                input_ids=it.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                top_p=r.top_p, seed=r.seed, stop=list(r.stop),
+            )
+            specs.append(GenerationSpec(**base, plan=it.plan))
+            owners.append((i, "steered"))
+            if r.compare:
+                specs.append(GenerationSpec(**base, plan=InterventionPlan()))
+                owners.append((i, "unsteered"))
+        outputs: list = list(items)
+        if specs:
+            results = generate(self.model, self.tokenizer, specs, self.steerer)
+            per: dict[int, dict] = {}
+            for (i, role), res in zip(owners, results):
+                per.setdefault(i, {})[role] = res
+            for i, d in per.items():
+                outputs[i] = d
+        return outputs
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, output) -> GenerateResponse:
+        if isinstance(output, Rejected):
+            return JSONResponse(status_code=output.status, content={"detail": output.detail})
+        steered, plain = output["steered"], output.get("unsteered")
+        return GenerateResponse(
+            text=steered.text,
+            tokens=steered.tokens,
+            finish_reason=steered.finish_reason,
+            usage=Usage(
+                prompt_tokens=steered.prompt_tokens,
+                completion_tokens=len(steered.tokens),
+                total_tokens=steered.prompt_tokens + len(steered.tokens),
+            ),
+            unsteered=Completion(text=plain.text, tokens=plain.tokens, finish_reason=plain.finish_reason) if plain else None,
+        )

@@ -1,0 +1,93 @@
+"""Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
+
+Routes: ``POST /v1/generate`` (``GenerateAPI``), ``GET /v1/saes`` (metadata read at start in the
+API process), ``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
+``Authorization: Bearer <key>``; bodies over ``max_payload_bytes`` get 413.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+
+import litserve as ls
+from fastapi.exceptions import RequestValidationError
+from saesteer_client.schema import SAEList
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import JSONResponse
+
+from .api import GenerateAPI
+from .config import ServerSettings, settings_from_args
+from .registry import parse_sae_spec, sae_infos
+
+log = logging.getLogger("saesteer.server")
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})
+
+
+class BearerAuthMiddleware(BaseHTTPMiddleware):
+    """401 unless ``Authorization: Bearer <key>`` matches (constant-time compare)."""
+
+    def __init__(self, app, key: str):
+        super().__init__(app)
+        self.key = key.encode()
+
+    async def dispatch(self, request, call_next):
+        if request.url.path not in OPEN_PATHS:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.key):
+                return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+
+async def validation_error(_request, exc: RequestValidationError) -> JSONResponse:
+    """422 with ``loc``/``msg``/``type`` per error; the offending input is not echoed (it may be
+    NaN, which JSON cannot carry, or megabytes long)."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def build_server(settings: ServerSettings) -> ls.LitServer:
+    """A ready ``LitServer`` for ``settings`` (SAE metadata checked now, weights loaded in workers).
+
+    Raises:
+        ValueError, FileNotFoundError, SAEFormatError: an SAE spec that cannot be served.
+    """
+    specs = [parse_sae_spec(s) for s in settings.saes]
+    listing = SAEList(saes=sae_infos(specs))
+    middlewares = []
+    if settings.api_key is not None:
+        middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
+    server = ls.LitServer(
+        GenerateAPI(settings, specs),
+        accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
+        workers_per_device=settings.workers,
+        timeout=settings.request_timeout,
+        max_payload_size=settings.max_payload_bytes,
+        middlewares=middlewares,
+        restart_workers=True,
+    )
+
+    async def list_saes() -> SAEList:
+        return listing
+
+    server.app.add_exception_handler(RequestValidationError, validation_error)
+    server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
+    return server
+
+
+def serve_cli(args) -> int:
+    """``saesteer serve``: validate settings, build the server, run until interrupted."""
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+        server = build_server(settings)
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"saesteer serve: {e}", file=sys.stderr)
+        return 2
+    print(f"saesteer: serving on http://{settings.host}:{settings.port} "
+          f"(SAEs: {', '.join(s.split('=')[0] for s in settings.saes)})", flush=True)
+    server.run(host=settings.host, port=settings.port, generate_client_file=False)
+    return 0

