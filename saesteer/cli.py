@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--top", type=int, default=10)
     lt.set_defaults(fn=cmd_latents)
 
+    from saesteer.sae.formats import add_convert_args, convert_cli
+
+    cv = sub.add_parser("convert", help="convert an SAE checkpoint of another format into ours (SAELens layout)")
+    add_convert_args(cv)
+    cv.set_defaults(fn=convert_cli)
+
     s = sub.add_parser("serve", help="start the steering server")
     from saesteer.server.config import add_serve_args
 
