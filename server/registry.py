@@ -12,7 +12,8 @@ from pathlib import Path
 
 from saesteer_client.schema import SAEInfo
 
-from saesteer.sae.io import load_sae, read_sae_config
+from saesteer.sae.formats import detect_format, load_any
+from saesteer.sae.io import read_sae_config
 from saesteer.sae.model import SAE
 
 
@@ -73,11 +74,18 @@ def sae_infos(specs: list[SAESpec]) -> list[SAEInfo]:
         if s.id in seen:
             raise ValueError(f"two SAEs share the id {s.id!r}; name them with ID=PATH")
         seen.add(s.id)
-        cfg = read_sae_config(locate(s.source))
+        folder = locate(s.source)
+        # our own layout lists from cfg.json alone; other formats are loaded (their configs
+        # do not carry everything, e.g. Gemma Scope's d_sae is in the tensors)
+        if detect_format(folder) == "saelens":
+            cfg = read_sae_config(folder)
+            cfg.hook_name = s.hook or cfg.hook_name
+        else:
+            cfg = load_any(folder, hook=s.hook).cfg
         infos.append(
             SAEInfo(
                 id=s.id,
-                hook_point=s.hook or cfg.hook_name,
+                hook_point=cfg.hook_name,
                 architecture=cfg.architecture,
                 d_in=cfg.d_in,
                 d_sae=cfg.d_sae,
@@ -90,19 +98,17 @@ def sae_infos(specs: list[SAESpec]) -> list[SAEInfo]:
 
 
 def load_saes(specs: list[SAESpec], device: str = "cpu") -> dict[str, SAE]:
-    """Load every SAE (float32 for the steering math), applying hook overrides.
+    """Load every SAE in any supported format (float32 for the steering math), applying hook overrides.
 
     Raises:
-        SAEFormatError, FileNotFoundError: as ``load_sae`` and ``locate``.
+        SAEFormatError, FileNotFoundError: as ``load_any`` and ``locate``.
         ValueError: an SAE with no hook point.
     """
     import torch
 
     saes = {}
     for s in specs:
-        sae = load_sae(locate(s.source), device=device, dtype=torch.float32)
-        if s.hook:
-            sae.cfg.hook_name = s.hook
+        sae = load_any(locate(s.source), hook=s.hook).to(device=device, dtype=torch.float32)
         if not sae.cfg.hook_name:
             raise ValueError(f"SAE {s.id!r} names no hook point; give one as {s.source}@blocks.L.hook_resid_post")
         saes[s.id] = sae

@@ -5,21 +5,35 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from litserve.utils import wrap_litserve_start
 
 from saesteer.server.app import build_server
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings, default_sae_spec
 
 SAE = DEFAULT_SAE_NAME
 MSG = [{"role": "user", "content": "Tell me something interesting."}]
 
 
+def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
+    """A Gemma Scope checkpoint in its own layout (params.npz, no config), random weights."""
+    rng = np.random.default_rng(0)
+    folder = root / f"layer_{layer}" / f"width_{d_sae}" / "average_l0_10"
+    folder.mkdir(parents=True)
+    w = rng.standard_normal((d_sae, d_in)).astype(np.float32)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    np.savez(folder / "params.npz", W_enc=w.T.copy(), W_dec=w, b_enc=np.zeros(d_sae, np.float32),
+             b_dec=np.zeros(d_in, np.float32), threshold=np.full(d_sae, 0.5, np.float32))
+    return folder
+
+
 @pytest.fixture(scope="module")
-def client():
-    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, max_prompt_tokens=200, max_total_tokens=300,
-                              max_payload_bytes=200_000)
+def client(tmp_path_factory):
+    gemma = write_gemma_scope(tmp_path_factory.mktemp("gemma"))
+    settings = ServerSettings(saes=[default_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
+                              max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000)
     server = build_server(settings)
     with wrap_litserve_start(server) as s, TestClient(s.app) as c:
         deadline = time.time() + 300  # the worker loads the model in setup
@@ -32,10 +46,24 @@ def client():
 def test_health_and_sae_listing(client):
     assert client.get("/health").status_code == 200
     saes = client.get("/v1/saes").json()["saes"]
-    assert [s["id"] for s in saes] == [SAE]
+    assert [s["id"] for s in saes] == [SAE, "gs6"]
     s = saes[0]
     assert (s["hook_point"], s["architecture"], s["d_in"], s["d_sae"], s["k"]) == (
         "blocks.10.hook_resid_post", "batchtopk", 576, 4608, 32)
+    g = saes[1]
+    assert (g["hook_point"], g["architecture"], g["d_sae"]) == ("blocks.6.hook_resid_post", "jumprelu", 64)
+
+
+def test_two_saes_at_two_hook_points_in_one_request(client):
+    body = {"messages": MSG, "max_new_tokens": 8, "compare": True,
+            "interventions": [{"op": "add", "sae": "gs6", "latent": 3, "value": 40.0},
+                              {"op": "ablate", "sae": SAE, "latent": 10}]}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] != r.json()["unsteered"]["tokens"]
+    bad = {"messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 64, "value": 1.0}]}
+    status, detail = _err(client.post("/v1/generate", json=bad))
+    assert status == 422 and "d_sae 64" in detail
 
 
 def test_generate_with_compare(client):
