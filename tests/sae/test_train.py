@@ -58,3 +58,48 @@ def test_training_lowers_nmse_and_threshold_matches_k_on_heldout():
     figs = reconstruction_metrics(res.sae, held)
     assert figs["nmse"] < 0.2
     assert abs(figs["l0"] - cfg.k) / cfg.k < 0.1  # inference threshold reproduces the batch L0
+
+
+def test_jumprelu_straight_through_gradients_match_the_paper():
+    """Rajamanoharan et al. 2024, Eqs. 11-12, in float64: d/dtheta of pre*H(pre-theta) and of H."""
+    from saesteer.sae.train import _JumpReLU, _Step
+
+    pre = torch.tensor([[0.10, 0.52, 0.49, 2.0], [0.505, -1.0, 0.3, 0.55]], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    eps = 0.1
+    z = _JumpReLU.apply(pre, theta, eps)
+    assert torch.equal(z.detach(), torch.where(pre > theta, pre, torch.zeros_like(pre)).detach())
+    g_pre, g_theta = torch.autograd.grad(z.sum(), [pre, theta])
+    in_window = ((pre - theta).abs() < eps / 2).double()
+    assert torch.allclose(g_theta, (-(theta / eps) * in_window).sum(0))
+    assert torch.allclose(g_pre, (pre > theta).double())
+    (g_theta_step,) = torch.autograd.grad(_Step.apply(pre, theta, eps).sum(), [theta])
+    assert torch.allclose(g_theta_step, (-(1 / eps) * in_window).sum(0))
+
+
+@pytest.mark.parametrize("arch,coef", [("jumprelu", {"l0_coef": 0.05}), ("relu", {"l1_coef": 0.3})])
+def test_jumprelu_and_relu_training_learn_sparse_codes(arch, coef):
+    from saesteer.sae.evaluate import reconstruction_metrics
+
+    data = _synthetic()
+    cfg = TrainConfig(architecture=arch, d_sae=256, batch_size=512, n_tokens=512 * 300, lr=3e-3, dead_tokens=20_000,
+                      seed=0, jumprelu_init_threshold=0.05, **coef)
+    res = train_sae(data[:36_000], cfg, progress=False)
+    figs = reconstruction_metrics(res.sae, data[36_000:])
+    assert figs["nmse"] < 0.3, figs
+    assert figs["l0"] < 0.4 * cfg.d_sae, figs  # sparse (half the latents are on at init)
+    stronger = train_sae(data[:36_000], TrainConfig(**{**cfg.__dict__, **{k: 10 * v for k, v in coef.items()}}), progress=False)
+    assert reconstruction_metrics(stronger.sae, data[36_000:])["l0"] < figs["l0"]  # the penalty controls L0
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(arch, tmp_path):
+    torch.set_num_threads(1)
+    data = _synthetic(n=8_000)
+    cfg = TrainConfig(architecture=arch, d_sae=64, k=4, batch_size=512, n_tokens=512 * 30, lr=2e-3, dead_tokens=2_000,
+                      seed=3, l0_coef=0.05, jumprelu_init_threshold=0.05)
+    full = train_sae(data, cfg, progress=False).sae
+    train_sae(data, cfg, progress=False, checkpoint_dir=str(tmp_path), stop_after=13)
+    resumed = train_sae(data, cfg, progress=False, checkpoint_dir=str(tmp_path), resume=True).sae
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        assert torch.equal(getattr(full, name), getattr(resumed, name)), name
