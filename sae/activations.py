@@ -3,8 +3,8 @@
 Text is tokenized without special tokens, documents are joined with a blank line and cut into
 windows of ``context_size`` tokens. From each window we keep every position except
 
-- position 0, which in SmolLM2 (and most LLMs) is an attention sink whose residual norm is ~100x
-  the median (``shared/corpus/README.md``), and
+- position 0, which in SmolLM2 (and most LLMs) is an attention sink whose residual norm reaches
+  ~100x the median by block 15 (``shared/corpus/README.md``; at block 10 it is still ordinary), and
 - any later token whose norm exceeds ``sink_factor`` times the window batch's median norm (rare
   secondary sinks),
 
@@ -78,32 +78,38 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def hook_activations(model, hook_name: str, input_ids: torch.Tensor, stop: bool = True) -> torch.Tensor:
-    """Activations at ``hook_name`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in].
+def hook_activations(model, hook_name: str | list[str], input_ids: torch.Tensor, stop: bool = True):
+    """Activations at ``hook_name`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in]
+    (a dict of them for a list of hook points, all from one forward pass).
 
-    With ``stop=True`` the forward pass is cut off right after the hook point.
+    With ``stop=True`` the forward pass is cut off once every hook point has been seen.
     """
-    hp = resolve_hook_point(model, hook_name)
-    box: list[torch.Tensor] = []
+    names = [hook_name] if isinstance(hook_name, str) else list(hook_name)
+    box: dict[str, torch.Tensor] = {}
+    handles = []
 
-    def grab(_m, args, kwargs, out=None):
-        t = (args[0] if args else kwargs["hidden_states"]) if hp.on_input else out
-        box.append((t[0] if isinstance(t, tuple) else t).detach())
-        if stop:
+    def grab(name, on_input, args, kwargs, out=None):
+        t = (args[0] if args else kwargs["hidden_states"]) if on_input else out
+        box[name] = (t[0] if isinstance(t, tuple) else t).detach()
+        if stop and len(box) == len(names):
             raise _StopForward
 
-    handle = (
-        hp.module.register_forward_pre_hook(lambda m, a, k: grab(m, a, k), with_kwargs=True)
-        if hp.on_input
-        else hp.module.register_forward_hook(lambda m, a, k, o: grab(m, a, k, o), with_kwargs=True)
-    )
+    for name in names:
+        hp = resolve_hook_point(model, name)
+        if hp.on_input:
+            handles.append(hp.module.register_forward_pre_hook(
+                lambda m, a, k, name=name: grab(name, True, a, k), with_kwargs=True))
+        else:
+            handles.append(hp.module.register_forward_hook(
+                lambda m, a, k, o, name=name: grab(name, False, a, k, o), with_kwargs=True))
     try:
         model(input_ids=input_ids.to(model.device), use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return box[0]
+        for h in handles:
+            h.remove()
+    return box[names[0]] if isinstance(hook_name, str) else box
 
 
 def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
@@ -119,7 +125,7 @@ def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
 def collect_activations(
     model,
     tokenizer,
-    hook_name: str,
+    hook_name: str | list[str],
     texts: Iterable[str],
     n_tokens: int,
     context_size: int = 128,
@@ -128,25 +134,30 @@ def collect_activations(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_name``.
+    """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_name``; for a list of
+    hook points, a dict of them from one pass over the text (several SAEs train from one pass).
 
-    Sinks are left out (see the module docstring); the result is in corpus order (shuffle when
-    training).
+    Sinks are left out (see the module docstring), judged by the first hook point's norms so that
+    every hook point keeps the same tokens; the result is in corpus order (shuffle when training).
     """
-    chunks: list[torch.Tensor] = []
+    names = [hook_name] if isinstance(hook_name, str) else list(hook_name)
+    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     have = 0
-    bar = tqdm(total=n_tokens, desc=f"activations {hook_name}", unit="tok", disable=not progress)
+    bar = tqdm(total=n_tokens, desc=f"activations {', '.join(names)}", unit="tok", disable=not progress)
     batch: list[list[int]] = []
 
     def flush():
         nonlocal have
         ids = torch.tensor(batch)
-        acts = hook_activations(model, hook_name, ids)
-        kept = acts[sink_mask(acts, sink_factor)].to("cpu", dtype)
-        kept = kept[: n_tokens - have]
-        chunks.append(kept)
-        have += len(kept)
-        bar.update(len(kept))
+        acts = hook_activations(model, names, ids)
+        keep = sink_mask(acts[names[0]], sink_factor)
+        n_new = 0
+        for name in names:
+            kept = acts[name][keep].to("cpu", dtype)[: n_tokens - have]
+            chunks[name].append(kept)
+            n_new = len(kept)
+        have += n_new
+        bar.update(n_new)
         batch.clear()
 
     for window in token_windows(texts, tokenizer, context_size):
@@ -158,7 +169,8 @@ def collect_activations(
     if batch and have < n_tokens:
         flush()
     bar.close()
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    out = {n: torch.cat(c) if c else torch.empty(0) for n, c in chunks.items()}
+    return out[names[0]] if isinstance(hook_name, str) else out
 
 
 def save_activations(acts: torch.Tensor, path: str | os.PathLike, meta: dict | None = None) -> None:

@@ -127,4 +127,24 @@ def eval_cli(a) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             fh.write(text + "\n")
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(markdown_table(figs, title=f"{a.sae} on {a.data} ({a.split})"))
     return 0
+
+
+def markdown_table(figs: dict, title: str = "") -> str:
+    """The figures of ``reconstruction_metrics`` / ``ce_loss_metrics`` as a two-column Markdown table."""
+    names = {
+        "l0": "L0", "nmse": "normalized MSE", "explained_variance": "explained variance",
+        "dead_fraction": "dead latents", "dense_fraction": "dense latents (> 10 % of tokens)",
+        "ce_loss_recovered": "CE loss recovered", "delta_lm_loss": "delta LM loss (nats)",
+        "ce_clean": "CE clean", "ce_sae": "CE with SAE", "ce_zero_ablation": "CE zero-ablated",
+        "tokens": "tokens (reconstruction)", "ce_tokens": "tokens (CE)",
+    }
+    lines = ([f"**{title}**", ""] if title else []) + ["| figure | value |", "|---|---|"]
+    for key, label in names.items():
+        if key in figs:
+            v = figs[key]
+            lines.append(f"| {label} | {v:.4f} |" if isinstance(v, float) else f"| {label} | {v} |")
+    return "\n".join(lines) + "\n"

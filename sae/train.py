@@ -53,6 +53,10 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     """jumprelu: width eps of the rectangle kernel of the straight-through estimator."""
     jumprelu_init_threshold: float = 0.1
+    dtype: str = "float32"
+    """``float32``, or ``bfloat16`` for mixed precision (bf16 matmuls under autocast, fp32 weights)."""
+    b_dec_init: str = "mean"
+    """``mean`` or ``geometric_median`` (Weiszfeld iterations, as in Bricken et al. 2023)."""
     seed: int = 0
 
 
@@ -105,6 +109,20 @@ def _sparse_forward(sae: SAE, xs: torch.Tensor, cfg: TrainConfig):
     offsets[1:] = torch.bincount(rows, minlength=xs.shape[0]).cumsum(0)[:-1]
     x_hat = torch.nn.functional.embedding_bag(cols, sae.W_dec, offsets, mode="sum", per_sample_weights=vals)
     return (rows, cols), vals, x_hat + sae.b_dec
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Geometric median [d] of points x [n, d] by Weiszfeld's algorithm (float64 internally)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp(min=1e-12)
+        new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * max(1.0, float(m.norm())):
+            m = new
+            break
+        m = new
+    return m.float()
 
 
 def dataset_input_scale(acts: torch.Tensor, n: int = 100_000) -> float:
@@ -182,6 +200,7 @@ def train_sae(
     checkpoint_every: int = 0,
     resume: bool = False,
     stop_after: int | None = None,
+    init: SAE | None = None,
 ) -> TrainResult:
     """Train an SAE on activations [N, d_in] (any float dtype; cast to float32 per batch).
 
@@ -195,16 +214,22 @@ def train_sae(
         checkpoint_every: write a checkpoint every this many steps (0: only when stopping early).
         resume: continue from ``checkpoint_dir/state.pt``; the result equals an uninterrupted run.
         stop_after: stop (and checkpoint) after this many steps in total, for staged runs.
+        init: start from this SAE's parameters and input scale instead of a fresh init
+            (fine-tuning); its d_in and d_sae must match.
 
     Raises:
         ValueError: an unknown architecture, or ``resume`` without a checkpoint.
     """
     if cfg.architecture not in ("batchtopk", "topk", "jumprelu", "relu"):
         raise ValueError(f"train_sae handles batchtopk, topk, jumprelu and relu, not {cfg.architecture!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, not {cfg.dtype!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_data, d_in = acts.shape
-    scale = dataset_input_scale(acts)
+    if init is not None and (init.cfg.d_in, init.cfg.d_sae) != (d_in, cfg.d_sae):
+        raise ValueError(f"init SAE is {init.cfg.d_in}x{init.cfg.d_sae}, training {d_in}x{cfg.d_sae}")
+    scale = init.cfg.input_scale if init is not None else dataset_input_scale(acts)
     sae_cfg = SAEConfig(
         architecture=cfg.architecture,
         d_in=d_in,
@@ -219,7 +244,14 @@ def train_sae(
         w = torch.randn(cfg.d_sae, d_in, generator=gen)
         sae.W_dec.copy_(w / w.norm(dim=-1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_dec.copy_(acts[:100_000].float().mean(0) * scale)
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(acts[:20_000].float() * scale))
+        else:
+            sae.b_dec.copy_(acts[:100_000].float().mean(0) * scale)
+        if init is not None:
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(getattr(init, name).detach().float())
+            sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     log_threshold = None
     if cfg.architecture == "jumprelu":
@@ -280,7 +312,9 @@ def train_sae(
         x = acts[order[cursor : cursor + cfg.batch_size]].float()
         cursor += cfg.batch_size
         xs = x * scale
-        x_hat, fired, l0, sparsity, pre, min_kept = _forward(sae, xs, cfg, log_threshold)
+        with torch.autocast(xs.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            x_hat, fired, l0, sparsity, pre, min_kept = _forward(sae, xs, cfg, log_threshold)
+        x_hat = x_hat.float()
         if cfg.architecture == "batchtopk":
             threshold = min_kept if threshold is None else (1 - cfg.threshold_ema) * threshold + cfg.threshold_ema * min_kept
         err = xs - x_hat
@@ -354,7 +388,7 @@ def train_cli(a) -> int:
                 raise SystemExit(f"{a.config}: unknown TrainConfig field {key!r}")
             setattr(cfg, key, tuple(val) if key == "adam_betas" else val)
     for flag, key in (("architecture", "architecture"), ("d_sae", "d_sae"), ("k", "k"), ("n_tokens", "n_tokens"),
-                      ("lr", "lr"), ("seed", "seed")):
+                      ("lr", "lr"), ("seed", "seed"), ("train_dtype", "dtype")):
         if getattr(a, flag) is not None:
             setattr(cfg, key, getattr(a, flag))
     model = tok = None

@@ -17,12 +17,15 @@ def cmd_collect(a: argparse.Namespace) -> int:
     from saesteer.sae.activations import collect_activations, iter_texts, save_activations
     from saesteer.steering.lm import load_model
 
+    hooks = a.hook or ["blocks.10.hook_resid_post"]
     model, tok = load_model(a.model, a.gguf_file)
     acts = collect_activations(
-        model, tok, a.hook, iter_texts(a.data, a.split), a.n_tokens, context_size=a.context_size, batch_size=a.batch_size
+        model, tok, hooks, iter_texts(a.data, a.split), a.n_tokens, context_size=a.context_size, batch_size=a.batch_size
     )
-    save_activations(acts, a.out, meta={"hook": a.hook, "data": a.data, "split": a.split, "context_size": a.context_size})
-    print(f"saved {tuple(acts.shape)} activations to {a.out}")
+    for hook, t in acts.items():
+        out = a.out if len(hooks) == 1 else str(Path(a.out) / f"{hook}.safetensors")
+        save_activations(t, out, meta={"hook": hook, "data": a.data, "split": a.split, "context_size": a.context_size})
+        print(f"saved {tuple(t.shape)} activations at {hook} to {out}")
     return 0
 
 
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("collect", help="collect activations at a hook point into a safetensors file")
     _add_model_args(c)
-    c.add_argument("--hook", default="blocks.10.hook_resid_post")
+    c.add_argument("--hook", action="append", default=None,
+                   help="hook point (repeatable: one pass collects them all; --out is then a folder)")
     c.add_argument("--data", default="../shared/corpus", help="text source: folder, .jsonl(.gz), .txt, or HF dataset id")
     c.add_argument("--split", default="train")
     c.add_argument("--n-tokens", type=int, default=2_000_000)
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-tokens", type=int, default=None, help="training tokens (passes over the data as needed)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--train-dtype", default=None, choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
     t.add_argument("--dtype", default="float16", help="dtype on disk")
     t.add_argument("--checkpoint-dir", default=None, help="folder for resumable training checkpoints")
     t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (with --checkpoint-dir)")
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-tokens", type=int, default=100_000, help="tokens for the reconstruction figures")
     e.add_argument("--ce-tokens", type=int, default=16_384, help="tokens for CE loss recovered")
     e.add_argument("--json", default=None, help="write the figures to this JSON file")
+    e.add_argument("--markdown", default=None, help="write the figures as a Markdown table to this file")
     e.set_defaults(fn=cmd_eval)
 
     lt = sub.add_parser("latents", help="find concept latents: fire on --positive texts, not on --negative ones")
