@@ -8,6 +8,7 @@ prefill and each generated position at its decode step.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -98,7 +99,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     cache = DynamicCache(config=model.config)
     cur_ids, cur_attn = ids.to(dev), attn.to(dev)
     pos_ids = abs_pos.clamp(min=0).to(dev)
-    ctx = steerer.steer(plans, positions) if steering else _null()
+    ctx = steerer.steer(plans, positions) if steering else nullcontext()
     with ctx:
         step_in = cur_ids
         for step in range(max(s.max_new_tokens for s in specs)):
@@ -139,10 +140,3 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
         results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length", prompt_tokens=len(s.input_ids)))
     return results
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

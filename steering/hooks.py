@@ -89,6 +89,7 @@ class _SAEGroup:
         self.latents = torch.tensor(latents, dtype=torch.long, device=dev)
         self.ops = torch.tensor(ops, dtype=torch.long, device=dev)
         self.values = torch.tensor(values, dtype=sae.dtype, device=dev)
+        self.directions = sae.decoder_directions(self.latents)  # [E, d_in], once per batch, not per step
 
     def edited(self, z: torch.Tensor) -> torch.Tensor:
         """z' for the edited columns z [B, T, E]."""
@@ -103,7 +104,7 @@ class _SAEGroup:
         if not full:
             z = self.sae.encode_latents(x, self.latents)  # [B, T, E]
             dz = (self.edited(z) - z) * mask
-            return (dz @ self.sae.decoder_directions(self.latents)).to(x.dtype)
+            return (dz @ self.directions).to(x.dtype)
         # eager twin: whole code, edits scattered into it, full decode, error term kept
         z = self.sae.encode(x)  # [B, T, d_sae]
         sel = z[..., self.latents]
