@@ -88,6 +88,6 @@ def serve_cli(args) -> int:
         print(f"saesteer serve: {e}", file=sys.stderr)
         return 2
     print(f"saesteer: serving on http://{settings.host}:{settings.port} "
-          f"(SAEs: {', '.join(s.split('=')[0] for s in settings.saes)})", flush=True)
+          f"(SAEs: {', '.join(parse_sae_spec(s).id for s in settings.saes)})", flush=True)
     server.run(host=settings.host, port=settings.port, generate_client_file=False)
     return 0
