@@ -88,20 +88,13 @@ def hook_activations(model, hook_name: str | list[str], input_ids: torch.Tensor,
     box: dict[str, torch.Tensor] = {}
     handles = []
 
-    def grab(name, on_input, args, kwargs, out=None):
-        t = (args[0] if args else kwargs["hidden_states"]) if on_input else out
-        box[name] = (t[0] if isinstance(t, tuple) else t).detach()
+    def grab(name, x):
+        box[name] = x.detach()
         if stop and len(box) == len(names):
             raise _StopForward
 
     for name in names:
-        hp = resolve_hook_point(model, name)
-        if hp.on_input:
-            handles.append(hp.module.register_forward_pre_hook(
-                lambda m, a, k, name=name: grab(name, True, a, k), with_kwargs=True))
-        else:
-            handles.append(hp.module.register_forward_hook(
-                lambda m, a, k, o, name=name: grab(name, False, a, k, o), with_kwargs=True))
+        handles.append(resolve_hook_point(model, name).attach(lambda x, name=name: grab(name, x)))
     try:
         model(input_ids=input_ids.to(model.device), use_cache=False)
     except _StopForward:

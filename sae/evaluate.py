@@ -70,18 +70,16 @@ def ce_loss_metrics(
     hp = resolve_hook_point(model, sae.cfg.hook_name)
     mode = {"m": "clean"}
 
-    def hook(_m, _a, out):
-        h = out[0] if isinstance(out, tuple) else out
+    def splice(h):
         if mode["m"] == "clean":
-            return out
+            return None
         keep = sink_mask(h).unsqueeze(-1)  # splice only where the SAE was trained (not sinks)
         rep = sae.decode(sae.encode(h)).to(h.dtype) if mode["m"] == "sae" else torch.zeros_like(h)
-        new = torch.where(keep, rep, h)
-        return (new, *out[1:]) if isinstance(out, tuple) else new
+        return torch.where(keep, rep, h)
 
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     scored = 0
-    handle = hp.module.register_forward_hook(hook)
+    handle = hp.attach(splice)
     try:
         batch: list[list[int]] = []
         for w in token_windows(texts, tokenizer, context_size):

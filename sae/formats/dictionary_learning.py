@@ -26,13 +26,12 @@ the final ``ae.pt`` by ``scale_biases``. SAELens's ``dictionary_learning_1`` loa
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
+from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
 
 CONFIG = "config.json"
 WEIGHTS = "ae.pt"
@@ -91,12 +90,7 @@ def load_dictionary_learning(
             f"{cfg_path}: dict_class={dict_class!r} is not supported; expected one of {list(SUPPORTED)}"
         )
     D, F = int(trainer["activation_dim"]), int(trainer["dict_size"])
-    if not w_path.is_file():
-        raise SAEFormatError(f"{root}: missing {WEIGHTS}")
-    try:
-        state = torch.load(str(w_path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SAEFormatError(f"{w_path}: cannot read the state dict ({e})") from e
+    state = _torch_load(w_path, root)
     if not isinstance(state, dict):
         raise SAEFormatError(f"{w_path}: expected a state dict, got {type(state).__name__}")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

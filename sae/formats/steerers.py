@@ -18,13 +18,12 @@ that is a steering rule, not the SAE's forward pass.)
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
+from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
 
 CONFIG = "config.json"
 WEIGHTS = "state_dict.pth"
@@ -67,12 +66,7 @@ def load_steerers(
     F, D, k = int(doc["n_dirs_local"]), int(doc["d_model"]), int(doc["k"])
     if not 0 < k <= F:
         raise SAEFormatError(f"{cfg_path}: k={k} must be in 1..n_dirs_local={F}")
-    if not w_path.is_file():
-        raise SAEFormatError(f"{root}: missing {WEIGHTS}")
-    try:
-        blob = torch.load(str(w_path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SAEFormatError(f"{w_path}: cannot read the checkpoint ({e})") from e
+    blob = _torch_load(w_path, root)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise SAEFormatError(f"{w_path}: expected {{'state_dict': {{...}}}}, got {type(blob).__name__}")

@@ -34,3 +34,23 @@ def test_several_hook_points_in_one_pass_equal_separate_passes(lm):
             assert torch.equal(together[h], alone)
         assert together[h].shape == (200, 576)
     assert not torch.equal(together[hooks[1]], together[hooks[2]])
+
+
+def test_hook_points_read_and_replace_inputs_and_outputs(lm):
+    """blocks.10.hook_resid_post (an output) and blocks.11.hook_resid_pre (an input) are the same
+    residual stream; a replacement at either changes the logits the same way."""
+    from saesteer.steering.lm import resolve_hook_point
+
+    model, tok = lm
+    ids = torch.tensor([tok(TEXTS[0], add_special_tokens=False)["input_ids"]])
+    both = hook_activations(model, ["blocks.10.hook_resid_post", "blocks.11.hook_resid_pre"], ids)
+    assert torch.equal(both["blocks.10.hook_resid_post"], both["blocks.11.hook_resid_pre"])
+    logits = {}
+    for name in ("blocks.10.hook_resid_post", "blocks.11.hook_resid_pre"):
+        handle = resolve_hook_point(model, name).attach(lambda x: x * 0.5)
+        try:
+            logits[name] = model(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+    assert torch.equal(logits["blocks.10.hook_resid_post"], logits["blocks.11.hook_resid_pre"])
+    assert not torch.allclose(logits["blocks.10.hook_resid_post"], model(input_ids=ids, use_cache=False).logits)
