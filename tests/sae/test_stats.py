@@ -1,0 +1,64 @@
+"""Latent statistics on the real SmolLM2 and the default SAE: checked against a direct computation."""
+
+from __future__ import annotations
+
+import torch
+
+from saesteer.sae.activations import hook_activations, sink_mask, token_windows
+from saesteer.sae.stats import compute_latent_stats, load_latent_stats, save_latent_stats
+from saesteer.server.config import default_sae_spec
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Rain fell over the harbour all night, and the boats rocked at their moorings.",
+    "In 1969 the first humans walked on the Moon, watched by millions on television.",
+] * 4
+
+
+def test_stats_match_direct_computation(lm, default_sae, tmp_path):
+    model, tok = lm
+    stats = compute_latent_stats(model, tok, default_sae, TEXTS, n_tokens=10_000, context_size=32, batch_size=4,
+                                 top_contexts=3, progress=False)
+    windows = list(token_windows(TEXTS, tok, 32))
+    acts = hook_activations(model, default_sae.cfg.hook_name, torch.tensor(windows))
+    x = acts[sink_mask(acts)].float()
+    z = default_sae.encode(x)
+    assert stats.n_tokens == x.shape[0]
+    fires = (z > 0).float()
+    torch.testing.assert_close(stats.frequency, fires.mean(0))
+    mean = (z.sum(0) / fires.sum(0).clamp(min=1)) * (fires.sum(0) > 0)
+    torch.testing.assert_close(stats.mean_activation, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.max_activation, z.max(0).values)
+    assert abs(stats.resid_norm_mean - float(x.norm(dim=-1).mean())) < 1e-3 * stats.resid_norm_mean
+    # each latent's best context is its maximum, and it marks the activating token
+    lat = int(stats.max_activation.argmax())
+    best = stats.contexts[lat][0]
+    assert abs(best["activation"] - float(stats.max_activation[lat])) < 1e-3
+    assert f"«{best['token']}»" in best["text"]
+    assert all(a["activation"] >= b["activation"] for a, b in zip(stats.contexts[lat], stats.contexts[lat][1:]))
+    # the unit of latent strengths
+    assert stats.typical_activation(lat) == float(stats.mean_activation[lat])
+    never = int((stats.frequency == 0).nonzero()[0]) if bool((stats.frequency == 0).any()) else None
+    if never is not None:
+        try:
+            stats.typical_activation(never)
+            raise AssertionError("a latent that never fires has no typical activation")
+        except ValueError as e:
+            assert "never fired" in str(e)
+
+    save_latent_stats(stats, tmp_path)
+    back = load_latent_stats(tmp_path, contexts=True)
+    torch.testing.assert_close(back.mean_activation, stats.mean_activation)
+    assert back.n_tokens == stats.n_tokens and back.resid_norm_mean == stats.resid_norm_mean
+    assert back.contexts[lat] == stats.contexts[lat]
+    assert load_latent_stats(tmp_path / "nowhere") is None
+
+
+def test_default_sae_ships_its_statistics(default_sae):
+    stats = load_latent_stats(default_sae_spec())
+    assert stats is not None and stats.n_tokens >= 50_000
+    assert stats.frequency.shape == (default_sae.cfg.d_sae,)
+    # BatchTopK at k 32: the mean L0 on held-out text is the sum of the frequencies
+    assert 25 < float(stats.frequency.sum()) < 40
+    assert stats.meta["hook_name"] == default_sae.cfg.hook_name
