@@ -1,4 +1,4 @@
-"""Command line: ``saesteer serve | collect | train | eval``."""
+"""Command line: ``saesteer collect | train | eval | stats | latents | eval-steering | convert | serve``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     return train_cli(a)
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from saesteer.sae.train import calibrate_cli
+
+    return calibrate_cli(a)
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from saesteer.sae.evaluate import eval_cli
 
@@ -52,6 +58,74 @@ def cmd_latents(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model, a.gguf_file)
     rows = contrast_latents(model, tok, sae, a.positive, a.negative, a.top)
     print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    import torch
+
+    from saesteer.sae.activations import iter_texts
+    from saesteer.sae.io import load_sae
+    from saesteer.sae.stats import compute_latent_stats, save_latent_stats
+    from saesteer.steering.lm import load_model
+
+    sae = load_sae(a.sae, dtype=torch.float32)
+    model, tok = load_model(a.model, a.gguf_file)
+    stats = compute_latent_stats(
+        model, tok, sae, iter_texts(a.data, a.split), a.n_tokens, context_size=a.context_size, top_contexts=a.top_contexts
+    )
+    stats.meta.update(data=Path(a.data).name if Path(a.data).exists() else a.data, split=a.split)
+    paths = save_latent_stats(stats, a.out or a.sae)
+    fired = int((stats.frequency > 0).sum())
+    print(
+        f"{stats.n_tokens} tokens: {fired}/{sae.cfg.d_sae} latents fire; median typical activation "
+        f"{float(stats.mean_activation[stats.frequency > 0].median()):.3g}; mean residual norm {stats.resid_norm_mean:.4g}"
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_eval_steering(a: argparse.Namespace) -> int:
+    import torch
+
+    from saesteer.sae.io import load_sae
+    from saesteer.sae.stats import load_latent_stats
+    from saesteer.steering.evaluate import (
+        DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep, write_reports,
+    )
+    from saesteer.steering.judge import SentenceJudge
+    from saesteer.steering.lm import load_model
+
+    stats = load_latent_stats(a.sae)
+    if stats is None:
+        print(f"error: {a.sae} has no latent statistics; run `saesteer stats {a.sae}` first", file=sys.stderr)
+        return 2
+    if a.concepts:
+        concepts = load_concepts(a.concepts)
+        if a.only:
+            concepts = [c for c in concepts if c.name in a.only]
+    else:
+        if not (a.positive and a.negative):
+            print("error: give --concepts FILE, or --positive and --negative sentences", file=sys.stderr)
+            return 2
+        concepts = [Concept(a.name, a.positive, a.negative, a.latent, a.keyword or [])]
+    if a.latent is not None:
+        for c in concepts:
+            c.latent = a.latent
+    methods = tuple(a.method or METHODS)
+    strengths = {m: tuple(a.strengths) if a.strengths else DEFAULT_STRENGTHS[m] for m in methods}
+    prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
+    cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
+                      batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold)
+    sae = load_sae(a.sae, dtype=torch.float32)
+    model, tok = load_model(a.model, a.gguf_file)
+    judge = SentenceJudge(a.judge)
+    reports = [sweep(model, tok, sae, stats, c, judge, cfg, sae_id=Path(a.sae).name) for c in concepts]
+    paths = write_reports(reports, a.out)
+    if "plot" not in paths:
+        print("matplotlib is not installed: no plot (pip install 'saesteer[eval]')", file=sys.stderr)
+    print(markdown_report(reports).split("\n\n")[0])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -77,26 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_collect)
 
-    t = sub.add_parser("train", help="train an SAE (collects activations first unless --acts is given)")
-    _add_model_args(t)
-    t.add_argument("--hook", default="blocks.10.hook_resid_post")
-    t.add_argument("--data", default="../shared/corpus")
+    t = sub.add_parser(
+        "train",
+        help="train an SAE (collects activations first unless --acts is given)",
+        description="Train an SAE. Settings come from the defaults, then --config, then --set, then the "
+        "named flags; the fully resolved config is written to OUT/train_config.yaml, so "
+        "`saesteer train --config OUT/train_config.yaml --out OUT2` redoes the run.",
+    )
+    _add_model_args(t)  # defaults None: the config file's model/gguf_file, else the default LM
+    t.add_argument("--config", default=None,
+                   help="YAML (.yaml/.yml) or JSON (.json) file of TrainConfig and run fields (hook, data, acts, "
+                        "val_acts, model, gguf_file, out_dtype, val_tokens, ce_tokens, out, ...)")
+    t.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="set any config field, e.g. --set batch_size=2048 (repeatable; named flags win)")
+    t.add_argument("--hook", default=None, help="hook point (default blocks.10.hook_resid_post)")
+    t.add_argument("--data", default=None, help="text source (default ../shared/corpus)")
     t.add_argument("--acts", default=None, help="activations cached by `saesteer collect`")
     t.add_argument("--val-acts", default=None, help="validation activations for the figures")
-    t.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
+    t.add_argument("--val-tokens", type=int, default=None, help="validation tokens to collect without --val-acts (100000)")
+    t.add_argument("--ce-tokens", type=int, default=None, help="predictions for CE loss recovered (16384; 0 skips it)")
     t.add_argument("--architecture", default=None, choices=["batchtopk", "topk", "jumprelu", "relu"])
     t.add_argument("--d-sae", type=int, default=None)
     t.add_argument("--k", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--n-tokens", type=int, default=None, help="training tokens (passes over the data as needed)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--train-dtype", default=None, choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
-    t.add_argument("--dtype", default="float16", help="dtype on disk")
+    t.add_argument("--out-dtype", "--dtype", dest="out_dtype", default=None, help="dtype on disk (default float16)")
     t.add_argument("--checkpoint-dir", default=None, help="folder for resumable training checkpoints")
-    t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (with --checkpoint-dir)")
-    t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/state.pt")
-    t.add_argument("--out", required=True, help="output folder (SAELens layout)")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (with --checkpoint-dir; default 50)")
+    t.add_argument("--resume", action="store_true", default=None, help="continue from --checkpoint-dir/state.pt")
+    t.add_argument("--out", default=None, help="output folder (SAELens layout); required here or in --config")
     t.set_defaults(fn=cmd_train)
+
+    cb = sub.add_parser(
+        "calibrate",
+        help="set a BatchTopK/JumpReLU SAE's global threshold so its mean L0 on given activations is --l0",
+    )
+    cb.add_argument("sae", help="SAE folder")
+    cb.add_argument("--acts", required=True, help="activations (ideally held out) cached by `saesteer collect`")
+    cb.add_argument("--l0", type=float, required=True, help="target mean L0 (latents per token)")
+    cb.add_argument("--max-tokens", type=int, default=None, help="use only the first N activations")
+    cb.add_argument("--out", default=None, help="output folder (default: overwrite the SAE folder)")
+    cb.set_defaults(fn=cmd_calibrate)
 
     e = sub.add_parser("eval", help="evaluate an SAE: L0, NMSE, explained variance, CE loss recovered, dead latents")
     _add_model_args(e)
@@ -116,6 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--negative", nargs="+", required=True, help="neutral texts")
     lt.add_argument("--top", type=int, default=10)
     lt.set_defaults(fn=cmd_latents)
+
+    st = sub.add_parser("stats", help="latent statistics (frequency, typical and max activation, top contexts) saved with the SAE")
+    _add_model_args(st)
+    st.add_argument("sae", help="SAE folder")
+    st.add_argument("--data", default="../shared/corpus")
+    st.add_argument("--split", default="validation")
+    st.add_argument("--n-tokens", type=int, default=100_000)
+    st.add_argument("--context-size", type=int, default=128)
+    st.add_argument("--top-contexts", type=int, default=5)
+    st.add_argument("--out", default=None, help="folder for the files (default: the SAE folder)")
+    st.set_defaults(fn=cmd_stats)
+
+    es = sub.add_parser("eval-steering", help="sweep steering strength: concept, fluency and relevance per method")
+    _add_model_args(es)
+    es.add_argument("sae", help="SAE folder (with latent statistics: see `saesteer stats`)")
+    es.add_argument("--concepts", default=None, help="JSON file: a concept {name, positive, negative, latent?, keywords?} or a list")
+    es.add_argument("--only", nargs="+", default=None, help="concept names to run from --concepts")
+    es.add_argument("--name", default="concept")
+    es.add_argument("--positive", nargs="+", default=None, help="sentences that carry the concept")
+    es.add_argument("--negative", nargs="+", default=None, help="neutral contrast sentences")
+    es.add_argument("--keyword", action="append", default=None, help="a word that marks the concept (repeatable)")
+    es.add_argument("--latent", type=int, default=None, help="the concept latent (default: found by contrast)")
+    es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder"],
+                    help="repeatable; default all four")
+    es.add_argument("--strengths", type=float, nargs="+", default=None,
+                    help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")
+    es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")
+    es.add_argument("--max-new-tokens", type=int, default=40)
+    es.add_argument("--batch-size", type=int, default=32)
+    es.add_argument("--fluency-budget", type=float, default=2.0, help="summary: best concept rate at perplexity <= this x unsteered")
+    es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")
+    es.add_argument("--judge", default=None, help="sentence encoder folder or hub id (default: the shipped all-MiniLM-L6-v2)")
+    es.add_argument("--out", required=True, help="folder for report.json, report.md and concept_vs_fluency.png")
+    es.set_defaults(fn=cmd_eval_steering)
 
     from saesteer.sae.formats import add_convert_args, convert_cli
 

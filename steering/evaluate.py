@@ -1,0 +1,451 @@
+"""What a steer does, measured: concept, fluency and relevance across strengths (``saesteer eval-steering``).
+
+For one concept (a few sentences that carry it and a contrast set that does not) and one SAE, four
+families of interventions are swept over strength, each on the same held-out neutral chat prompts
+(greedy decoding, position 0 never steered):
+
+- ``latent_clamp``: the concept latent clamped to ``s x`` its typical activation (the mean activation
+  when it fires, from the SAE's latent statistics, ``sae.stats``);
+- ``latent_add``: ``s x`` typical activation added to the concept latent;
+- ``mean_diff``: the mean-difference steering vector (mean hook activation over the concept
+  sentences minus over the contrast sentences; AxBench's strong baseline, Wu et al. 2025) scaled to
+  ``s x`` the mean residual norm at the hook point, added at every position;
+- ``decoder``: the concept latent's decoder direction scaled the same way.
+
+Each generation is scored for
+
+- concept: the all-MiniLM-L6-v2 judge (``steering.judge``): ``similarity = cos(g, c+)`` where c+ is
+  the normalised mean embedding of the concept sentences; the concept counts as present when it
+  exceeds ``judge_threshold`` (0.4 by default: on our five concepts, sentences that name the concept
+  score 0.45-0.6, unrelated ones 0.0-0.25 and neighbouring topics, a dog for cats or a beach for
+  the ocean, about 0.35); ``margin = cos(g, c+) - cos(g, c-)`` against the contrast sentences is
+  reported beside it; also the concept latent's largest activation on the
+  generated tokens (read by the unsteered model) and, when the concept lists keywords, a regex hit;
+- fluency: perplexity of the generated tokens under the unsteered model, given the prompt
+  (``exp`` of the mean next-token NLL), with the distinct-bigram ratio beside it because repetitive
+  text can have a low perplexity;
+- relevance: cosine similarity of the prompt's and the answer's embeddings.
+
+Strength 0 is the unsteered baseline of every family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saesteer.sae.activations import hook_activations, sink_mask
+from saesteer.sae.model import SAE
+from saesteer.sae.stats import LatentStats
+
+from .concepts import contrast_latents
+from .generate import GenerationSpec, generate, render_prompt
+from .hooks import Steerer
+from .lm import resolve_hook_point
+from .plan import InterventionPlan, LatentEdit, VectorEdit
+
+METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
+DEFAULT_STRENGTHS = {
+    "latent_clamp": (0.0, 2.0, 4.0, 8.0, 16.0),
+    "latent_add": (0.0, 2.0, 4.0, 8.0, 16.0),
+    "mean_diff": (0.0, 0.25, 0.5, 1.0, 1.5),
+    "decoder": (0.0, 0.25, 0.5, 1.0, 1.5),
+}
+"""Strength grids: latent families in multiples of the latent's typical activation, vector families
+in multiples of the mean residual norm at the hook point."""
+
+NEUTRAL_PROMPTS = (
+    "Write one sentence about your weekend.",
+    "Tell me a short story.",
+    "What should I cook tonight?",
+    "Describe your ideal day.",
+    "Give me some advice for a job interview.",
+    "What is your favourite season and why?",
+    "Write a short poem.",
+    "What did you learn today?",
+)
+"""Held-out neutral chat prompts (none is used to find concept latents or vectors)."""
+
+
+@dataclass
+class Concept:
+    """A concept to steer toward.
+
+    Attributes:
+        name: a label.
+        positive: sentences that carry the concept (they define the judge's concept embedding, the
+            mean-difference vector and, by contrast, the concept latent).
+        negative: neutral contrast sentences.
+        latent: the concept latent; None finds it by contrast (``steering.concepts``).
+        keywords: optional words whose appearance (case-insensitive, word start) also marks the concept.
+    """
+
+    name: str
+    positive: list[str]
+    negative: list[str]
+    latent: int | None = None
+    keywords: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Concept":
+        """Raises ValueError on unknown keys or empty sentence sets."""
+        unknown = set(d) - {"name", "positive", "negative", "latent", "keywords"}
+        if unknown:
+            raise ValueError(f"concept {d.get('name')!r}: unknown keys {sorted(unknown)}")
+        c = cls(**d)
+        if not c.positive or not c.negative:
+            raise ValueError(f"concept {c.name!r}: needs positive and negative sentences")
+        return c
+
+
+def load_concepts(path: str | Path) -> list[Concept]:
+    """Concepts from a JSON file holding one concept object or a list of them."""
+    doc = json.loads(Path(path).read_text())
+    return [Concept.from_dict(d) for d in (doc if isinstance(doc, list) else [doc])]
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def completion_nll(
+    model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+    hook: str | None = None, batch_size: int = 16,
+) -> tuple[list[float], list[torch.Tensor | None]]:
+    """Mean next-token NLL (nats) of each completion given its prompt, under ``model`` as it is.
+
+    Rows are right-padded; the NLL of completion token t is read from the logits at t - 1.
+
+    Args:
+        hook: also return the activation at this hook point on each row's completion positions
+            (float32 [n_completion, d_in]; None for an empty completion).
+
+    Returns:
+        (nll per row, nan for an empty completion; activations per row or Nones).
+    """
+    dev = next(model.parameters()).device
+    nll: list[float] = []
+    acts: list[torch.Tensor | None] = []
+    for i in range(0, len(prompt_ids), batch_size):
+        ps, cs = prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size]
+        seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+            attn[b, : len(s)] = 1
+        box = {}
+        handle = resolve_hook_point(model, hook).attach(lambda x: box.__setitem__("x", x.detach())) if hook else None
+        try:
+            logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits.float()
+        finally:
+            if handle is not None:
+                handle.remove()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        tok_nll = -logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+        for b, (p, c) in enumerate(zip(ps, cs)):
+            lo, hi = len(p), len(p) + len(c)
+            nll.append(float(tok_nll[b, lo - 1 : hi - 1].mean()) if c else math.nan)
+            acts.append(box["x"][b, lo:hi].float().cpu() if hook and c else None)
+    return nll, acts
+
+
+def distinct_bigrams(tokens: Sequence[int]) -> float:
+    """Unique bigrams / bigrams of a token sequence (1.0 for fewer than two tokens)."""
+    pairs = list(zip(tokens, tokens[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+class ConceptScorer:
+    """Scores generations for one concept (see the module docstring).
+
+    Args:
+        judge: a ``steering.judge.SentenceJudge``.
+        concept: the concept (its sentences define c+ and c-).
+    """
+
+    def __init__(self, judge, concept: Concept):
+        self.judge, self.concept = judge, concept
+        e = judge.embed(list(concept.positive) + list(concept.negative))
+        n = len(concept.positive)
+        self.c_pos = F.normalize(e[:n].mean(0), dim=0)
+        self.c_neg = F.normalize(e[n:].mean(0), dim=0)
+        self.keyword_re = (
+            re.compile(r"\b(" + "|".join(re.escape(k) for k in concept.keywords) + r")", re.IGNORECASE)
+            if concept.keywords else None
+        )
+
+    def scores(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarity cos(text, c+), margin cos(text, c+) - cos(text, c-)), each [len(texts)] float32."""
+        e = self.judge.embed(list(texts))
+        sim = e @ self.c_pos
+        return sim, sim - e @ self.c_neg
+
+    def keyword_hits(self, texts: Sequence[str]) -> list[bool] | None:
+        return [bool(self.keyword_re.search(t)) for t in texts] if self.keyword_re else None
+
+
+# -- interventions ----------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_hook_activation(model, tokenizer, hook: str, texts: Sequence[str]) -> torch.Tensor:
+    """[d_in] float32: the mean activation at ``hook`` over the texts' non-sink token positions."""
+    rows = []
+    for t in texts:
+        ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
+        a = hook_activations(model, hook, ids)
+        keep = sink_mask(a)
+        rows.append(a[keep].float().cpu())
+    return torch.cat(rows).mean(0)
+
+
+@dataclass
+class SteeringSetup:
+    """Everything a sweep needs for one concept: the latent, its unit, the vectors.
+
+    Attributes:
+        latent: the concept latent; typical: its typical activation (latent unit).
+        resid_norm: mean residual norm at the hook (vector unit).
+        mean_diff, decoder: unit-norm float32 [d_in] directions.
+    """
+
+    latent: int
+    typical: float
+    resid_norm: float
+    mean_diff: torch.Tensor
+    decoder: torch.Tensor
+    latent_search: list[dict] = field(default_factory=list)
+
+
+def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept) -> SteeringSetup:
+    """Find the concept latent (unless given) and build the steering directions.
+
+    Raises:
+        ValueError: the chosen latent never fired in the statistics (no unit).
+    """
+    search = []
+    latent = concept.latent
+    if latent is None:
+        search = contrast_latents(model, tokenizer, sae, concept.positive, concept.negative, top=5)
+        latent = next((r["latent"] for r in search if stats.mean_activation[r["latent"]] > 0), search[0]["latent"])
+    hook = sae.cfg.hook_name
+    diff = mean_hook_activation(model, tokenizer, hook, concept.positive) - mean_hook_activation(model, tokenizer, hook, concept.negative)
+    dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
+    return SteeringSetup(
+        latent=int(latent),
+        typical=stats.typical_activation(int(latent)),
+        resid_norm=float(stats.resid_norm_mean),
+        mean_diff=F.normalize(diff, dim=0),
+        decoder=F.normalize(dec, dim=0),
+        latent_search=search,
+    )
+
+
+def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook: str) -> InterventionPlan:
+    """The plan of one sweep point (an empty plan at strength 0 or for ``"unsteered"``).
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method == "unsteered" or strength == 0:
+        return InterventionPlan()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method in ("latent_clamp", "latent_add"):
+        op = "clamp" if method == "latent_clamp" else "add"
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, strength * setup.typical, "all")])
+    direction = setup.mean_diff if method == "mean_diff" else setup.decoder
+    return InterventionPlan(vector_edits=[VectorEdit(hook, direction * (strength * setup.resid_norm), "all")])
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+@dataclass
+class SweepConfig:
+    """Options of one sweep. Strengths per method in the units of ``DEFAULT_STRENGTHS``."""
+
+    methods: tuple[str, ...] = METHODS
+    strengths: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
+    prompts: tuple[str, ...] = NEUTRAL_PROMPTS
+    max_new_tokens: int = 40
+    batch_size: int = 32
+    fluency_budget: float = 2.0
+    """For the summary: a point is "fluent" when its mean perplexity <= budget x the unsteered one."""
+    judge_threshold: float = 0.4
+    """A generation shows the concept when its judge similarity to the concept exceeds this."""
+
+
+def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judge, cfg: SweepConfig | None = None,
+          sae_id: str = "sae", progress: bool = True) -> dict:
+    """Generate and score every (method, strength, prompt) point for one concept.
+
+    Returns:
+        A JSON-ready report: ``concept``, ``setup`` (latent, units), ``points`` (one per method and
+        strength: ``concept_rate``, ``concept_margin``, ``keyword_rate``, ``latent_activation``,
+        ``perplexity``, ``distinct_bigrams``, ``relevance``, ``samples``) and ``best`` (per method,
+        the strongest concept rate among fluent points).
+    """
+    cfg = cfg or SweepConfig()
+    hook = sae.cfg.hook_name
+    setup = setup_concept(model, tokenizer, sae, stats, concept)
+    scorer = ConceptScorer(judge, concept)
+    prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
+    grid = [("unsteered", 0.0)] + [(m, float(s)) for m in cfg.methods for s in cfg.strengths[m] if s != 0]
+    specs, owners = [], []
+    for m, s in grid:
+        plan = make_plan(m, s, setup, sae_id, hook)
+        for j, ids in enumerate(prompt_ids):
+            specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan))
+            owners.append((m, s, j))
+    steerer = Steerer(model, {sae_id: sae})
+    results = []
+    bar = tqdm(total=len(specs), desc=f"steer {concept.name}", unit="gen", disable=not progress)
+    for i in range(0, len(specs), cfg.batch_size):
+        results.extend(generate(model, tokenizer, specs[i : i + cfg.batch_size], steerer))
+        bar.update(len(specs[i : i + cfg.batch_size]))
+    bar.close()
+    eos = tokenizer.eos_token_id
+    comp = [[t for t in r.tokens if t != eos] for r in results]
+    texts = [r.text for r in results]
+    nll, acts = completion_nll(model, [specs[i].input_ids for i in range(len(specs))], comp, hook=hook)
+    lat = torch.tensor([setup.latent], device=sae.device)
+    lat_act = [float(sae.encode_latents(a.to(sae.device), lat).max()) if a is not None else 0.0 for a in acts]
+    sim, margin = scorer.scores(texts)
+    kw = scorer.keyword_hits(texts)
+    rel = (judge.embed(texts) * judge.embed([cfg.prompts[j] for _, _, j in owners])).sum(-1)
+    points = []
+    for m, s in grid:
+        idx = [i for i, (mm, ss, _) in enumerate(owners) if mm == m and ss == s]
+        ppl = [math.exp(nll[i]) for i in idx if not math.isnan(nll[i])]
+        points.append({
+            "method": m,
+            "strength": s,
+            "concept_rate": float((sim[idx] > cfg.judge_threshold).float().mean()),
+            "concept_similarity": float(sim[idx].mean()),
+            "concept_margin": float(margin[idx].mean()),
+            "keyword_rate": (sum(kw[i] for i in idx) / len(idx)) if kw is not None else None,
+            "latent_activation": sum(lat_act[i] for i in idx) / len(idx),
+            "perplexity": sum(ppl) / len(ppl) if ppl else math.nan,
+            "distinct_bigrams": sum(distinct_bigrams(comp[i]) for i in idx) / len(idx),
+            "relevance": float(rel[idx].mean()),
+            "samples": [{"prompt": cfg.prompts[owners[i][2]], "text": texts[i], "concept_similarity": round(float(sim[i]), 4)}
+                        for i in idx],
+        })
+    base = next(p for p in points if p["strength"] == 0)
+    for p in points:  # strength 0 is shared by every family
+        p["perplexity_ratio"] = p["perplexity"] / base["perplexity"] if base["perplexity"] > 0 else math.nan
+    return {
+        "concept": asdict(concept),
+        "sae": {"id": sae_id, "hook_name": hook, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
+        "setup": {"latent": setup.latent, "typical_activation": setup.typical, "resid_norm_mean": setup.resid_norm,
+                  "latent_search": setup.latent_search},
+        "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
+                   "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
+                   "judge_threshold": cfg.judge_threshold},
+        "points": points,
+        "best": best_at_fluency(points, cfg.methods, cfg.fluency_budget),
+    }
+
+
+def best_at_fluency(points: list[dict], methods: Sequence[str], budget: float) -> dict:
+    """Per method: the point with the highest concept rate (then similarity) among points with
+    ``perplexity_ratio <= budget`` (the unsteered point always qualifies)."""
+    out = {}
+    base = next(p for p in points if p["strength"] == 0)
+    for m in methods:
+        cands = [p for p in points if (p["method"] == m or p is base) and p["perplexity_ratio"] <= budget]
+        b = max(cands, key=lambda p: (p["concept_rate"], p["concept_similarity"]))
+        out[m] = {k: b[k] for k in ("strength", "concept_rate", "concept_similarity", "perplexity", "perplexity_ratio", "relevance")}
+    return out
+
+
+# -- reports ----------------------------------------------------------------------------------------
+def markdown_report(reports: Sequence[dict]) -> str:
+    """A Markdown section per concept (every sweep point) and a summary table at equal fluency."""
+    lines = []
+    if reports:
+        budget = reports[0]["config"]["fluency_budget"]
+        methods = reports[0]["config"]["methods"]
+        lines += [
+            f"### Best concept rate at perplexity <= {budget:g}x unsteered",
+            "",
+            "| concept | " + " | ".join(methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for r in reports:
+            cells = [f"{r['best'][m]['concept_rate']:.2f} (s={r['best'][m]['strength']:g})" for m in methods]
+            lines.append(f"| {r['concept']['name']} (latent {r['setup']['latent']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    for r in reports:
+        lines += [
+            f"### {r['concept']['name']}: latent {r['setup']['latent']} (typical activation {r['setup']['typical_activation']:.3g}), "
+            f"residual norm {r['setup']['resid_norm_mean']:.4g} at {r['sae']['hook_name']}",
+            "",
+            "| method | strength | concept rate | similarity | margin | keyword rate | latent act | perplexity (x unsteered) | distinct-2 | relevance |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in r["points"]:
+            kw = "-" if p["keyword_rate"] is None else f"{p['keyword_rate']:.2f}"
+            lines.append(
+                f"| {p['method']} | {p['strength']:g} | {p['concept_rate']:.2f} | {p['concept_similarity']:.3f} | "
+                f"{p['concept_margin']:+.3f} | {kw} | {p['latent_activation']:.2f} | {p['perplexity']:.2f} "
+                f"({p['perplexity_ratio']:.2f}) | {p['distinct_bigrams']:.2f} | {p['relevance']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(reports: Sequence[dict], path: str | Path) -> Path:
+    """Concept rate vs perplexity ratio across strengths, one panel per concept, a line per method (PNG).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(reports)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
+    for ax, r in zip(axes[0], reports):
+        base = next(p for p in r["points"] if p["strength"] == 0)
+        for m in r["config"]["methods"]:
+            pts = [base] + [p for p in r["points"] if p["method"] == m and p["strength"] != 0]
+            ax.plot([p["perplexity_ratio"] for p in pts], [p["concept_rate"] for p in pts], marker="o", label=m)
+            for p in pts[1:]:
+                ax.annotate(f"{p['strength']:g}", (p["perplexity_ratio"], p["concept_rate"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(f"{r['concept']['name']} (latent {r['setup']['latent']})")
+        ax.set_xlabel("perplexity / unsteered")
+        ax.set_ylabel("concept rate (judge)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(reports: Sequence[dict], out: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and (with matplotlib) ``concept_vs_fluency.png`` into ``out``.
+
+    Returns:
+        The paths written, by kind (``json``, ``markdown``, ``plot``; no ``plot`` without matplotlib).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths["json"].write_text(json.dumps(list(reports), indent=1))
+    paths["markdown"].write_text(markdown_report(reports))
+    try:
+        paths["plot"] = plot_report(reports, out / "concept_vs_fluency.png")
+    except ImportError:
+        pass
+    return paths

@@ -1,0 +1,121 @@
+"""Measuring steers on the real SmolLM2, the default SAE and the shipped MiniLM judge."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saesteer.sae.stats import load_latent_stats
+from saesteer.server.config import default_sae_spec
+from saesteer.steering.evaluate import (
+    Concept, ConceptScorer, SweepConfig, completion_nll, distinct_bigrams, load_concepts, make_plan, setup_concept, sweep,
+    write_reports,
+)
+from saesteer.steering.generate import render_prompt
+
+NEUTRAL = [
+    "The meeting was moved to Thursday afternoon.",
+    "He paid the electricity bill on time.",
+    "The train arrived at the station five minutes late.",
+    "We painted the kitchen walls a light grey.",
+    "She bought a new pair of running shoes.",
+    "They discussed the budget for next year.",
+]
+CATS = Concept(
+    name="cats",
+    positive=[
+        "The cat curled up on the sofa and purred.",
+        "My kitten chased a ball of yarn across the floor.",
+        "Cats love to nap in warm sunny spots.",
+        "The tabby cat meowed at the door for its dinner.",
+        "The cat licked its paws and cleaned its whiskers.",
+    ],
+    negative=NEUTRAL,
+    keywords=["cat", "kitten", "meow", "purr", "feline"],
+)
+BENCH_CONCEPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "concepts.json"
+# the prompts of shared/steering-notes.md
+NOTES_PROMPTS = ("Write one sentence about your morning.", "Tell me something interesting.", "Describe a place you like.")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from saesteer.steering.judge import SentenceJudge
+
+    return SentenceJudge()
+
+
+def test_judge_scores_text_naming_the_concept_higher(judge):
+    scorer = ConceptScorer(judge, CATS)
+    with_cat = "My morning started with my cat jumping on the bed and purring for breakfast."
+    without = "My morning started with a cup of coffee and a look at the news."
+    sim, margin = scorer.scores([with_cat, without])
+    assert sim[0] > SweepConfig().judge_threshold > sim[1]  # present above the default threshold, absent below
+    assert margin[0] > 0 > margin[1]
+    assert scorer.keyword_hits([with_cat, without]) == [True, False]
+    e = judge.embed(["a", "a longer sentence"])
+    assert e.shape == (2, 384) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_fluency_is_the_models_own_perplexity(lm):
+    model, tok = lm
+    prompts = [render_prompt(tok, "Tell me something interesting."), render_prompt(tok, "Hi")]
+    completions = [tok("Cats sleep for most of the day.", add_special_tokens=False)["input_ids"],
+                   tok("Hello! How can I help?", add_special_tokens=False)["input_ids"]]
+    nll, _ = completion_nll(model, prompts, completions)  # batched, right-padded
+    for p, c, got in zip(prompts, completions, nll):
+        ids = torch.tensor([p + c])
+        labels = ids.clone()
+        labels[0, : len(p)] = -100  # only the completion's tokens count
+        with torch.no_grad():
+            direct = float(model(input_ids=ids, labels=labels).loss)
+        assert abs(got - direct) <= 1e-4 * abs(direct)
+    assert math.isnan(completion_nll(model, prompts[:1], [[]])[0][0])
+    assert distinct_bigrams([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5)
+    assert distinct_bigrams([1, 2, 3, 4]) == 1.0
+
+
+def test_plans_use_meaningful_units(lm, default_sae):
+    model, tok = lm
+    stats = load_latent_stats(default_sae_spec())
+    setup = setup_concept(model, tok, default_sae, stats, CATS)
+    assert setup.typical == pytest.approx(float(stats.mean_activation[setup.latent]))
+    clamp = make_plan("latent_clamp", 3.0, setup, "s", default_sae.cfg.hook_name)
+    assert clamp.latent_edits[0].value == pytest.approx(3.0 * setup.typical)
+    vec = make_plan("mean_diff", 0.5, setup, "s", default_sae.cfg.hook_name)
+    assert float(vec.vector_edits[0].vector.norm()) == pytest.approx(0.5 * stats.resid_norm_mean, rel=1e-5)
+    assert not make_plan("decoder", 0.0, setup, "s", default_sae.cfg.hook_name)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_plan("nope", 1.0, setup, "s", default_sae.cfg.hook_name)
+
+
+def test_sweep_finds_a_strength_where_the_concept_appears(lm, default_sae, judge, tmp_path):
+    """The notes' known-good steer: a mean-difference vector for cats at block 10 (the default SAE's
+    hook), with the benchmark's cat sentences; the useful range is narrow (about 0.5 x the residual norm)."""
+    model, tok = lm
+    stats = load_latent_stats(default_sae_spec())
+    cats = next(c for c in load_concepts(BENCH_CONCEPTS) if c.name == "cats")
+    cfg = SweepConfig(methods=("mean_diff",), strengths={"mean_diff": (0.45, 0.5, 0.55)}, prompts=NOTES_PROMPTS, max_new_tokens=24)
+    report = sweep(model, tok, default_sae, stats, cats, judge, cfg, progress=False)
+    pts = {p["strength"]: p for p in report["points"]}
+    assert set(pts) == {0.0, 0.45, 0.5, 0.55}
+    assert pts[0.0]["concept_rate"] < 0.5  # the unsteered answers are not about cats
+    best = max(pts.values(), key=lambda p: p["concept_rate"])
+    assert best["strength"] > 0 and best["concept_rate"] >= 2 / 3
+    assert best["keyword_rate"] >= 2 / 3  # the judge agrees with plain keyword matching
+    assert best["concept_similarity"] > pts[0.0]["concept_similarity"] and best["concept_margin"] > pts[0.0]["concept_margin"]
+    for p in pts.values():
+        assert p["perplexity"] > 1 and len(p["samples"]) == 3
+    # the report files are written and readable
+    paths = write_reports([report], tmp_path)
+    back = json.loads(paths["json"].read_text())
+    assert back[0]["points"][0]["strength"] == 0.0
+    md = paths["markdown"].read_text()
+    assert "| mean_diff | 0.5 |" in md and "Best concept rate" in md
+    if "plot" in paths:
+        assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
