@@ -1,8 +1,10 @@
 """The LitServe API for steered text generation (``POST /v1/generate``).
 
-Lifecycle (LitServe 0.2.19, ``shared/litserve.md``): ``setup`` loads the model and SAEs once per
-worker; ``decode_request`` runs per request and never raises: a request that does not fit the
-loaded model (unknown SAE, latent out of range, too many tokens, ...) becomes a ``Rejected`` item
+Lifecycle (LitServe 0.2.19, ``shared/litserve.md``): ``setup`` loads the model once per worker,
+and the SAEs too unless a memory budget (``sae_memory_mb``) makes the worker's ``SAEPool`` load
+them on first use, evicting the least recently used; ``decode_request`` runs per request and
+never raises: a request that does not fit the loaded model (unknown SAE, latent out of range, too
+many tokens, SAEs over the memory budget, ...) becomes a ``Rejected`` item
 that ``predict`` skips and ``encode_response`` answers with a 4xx, so one bad request never fails
 the others in its batch (LitServe fails a whole batch on any exception). Only plain data crosses
 the process boundary.
@@ -18,7 +20,7 @@ from fastapi.responses import JSONResponse
 from saesteer_client.schema import Completion, GenerateRequest, GenerateResponse, Usage
 
 from .config import ServerSettings
-from .registry import SAESpec
+from .registry import SAEPool
 
 log = logging.getLogger("saesteer.server")
 
@@ -45,13 +47,14 @@ class GenerateAPI(ls.LitAPI):
 
     Args:
         settings: the server settings (model, SAEs, limits); picklable.
-        sae_specs: parsed ``--sae`` entries.
+        saes: the SAE pool, configs read and nothing loaded yet (it is pickled into each worker,
+            whose copy loads the weights); its budget should be ``settings.sae_memory_bytes``.
     """
 
-    def __init__(self, settings: ServerSettings, sae_specs: list[SAESpec], **kwargs):
+    def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
         super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, api_path="/v1/generate", **kwargs)
         self.settings = settings
-        self.sae_specs = sae_specs
+        self.saes = saes
 
     def setup(self, device):
         import torch
@@ -59,13 +62,13 @@ class GenerateAPI(ls.LitAPI):
         from saesteer.steering.hooks import Steerer
         from saesteer.steering.lm import load_model
 
-        from .registry import load_saes
-
         s = self.settings
         dev = s.device if s.device != "cpu" else device
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
-        self.saes = load_saes(self.sae_specs, device=dev)
-        self.steerer = Steerer(self.model, self.saes)
+        self.saes.set_device(dev)
+        if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool
+            self.saes.load_all()
+        self.steerer = Steerer(self.model, self.saes)  # checks hook points from the configs
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
     # -- per request -----------------------------------------------------------------------------
@@ -74,9 +77,20 @@ class GenerateAPI(ls.LitAPI):
         from saesteer.steering.plan import PlanError, build_plan
 
         try:
-            plan = build_plan(request.interventions, self.saes, self.steerer.hook_widths)
+            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths)
         except PlanError as e:
             return Rejected(422, e.detail())
+        if not self.saes.fits(plan.sae_ids()):
+            need = sum(self.saes.nbytes(sid) for sid in plan.sae_ids()) / (1 << 20)
+            return Rejected(
+                422,
+                [{
+                    "loc": ["body", "interventions"],
+                    "msg": f"the SAEs this request names ({', '.join(sorted(plan.sae_ids()))}) need {need:.1f} MiB "
+                           f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
+                    "type": "sae_memory",
+                }],
+            )
         messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
         try:
             ids = render_prompt(self.tokenizer, request.prompt, messages)
@@ -112,22 +126,23 @@ class GenerateAPI(ls.LitAPI):
         from saesteer.steering.generate import GenerationSpec, generate
         from saesteer.steering.plan import InterventionPlan
 
-        specs, owners = [], []
-        for i, it in enumerate(items):
-            if not isinstance(it, Prepared):
-                continue
-            r = it.request
-            base = dict(
-                input_ids=it.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                top_p=r.top_p, seed=r.seed, stop=list(r.stop),
-            )
-            specs.append(GenerationSpec(**base, plan=it.plan))
-            owners.append((i, "steered"))
-            if r.compare:
-                specs.append(GenerationSpec(**base, plan=InterventionPlan()))
-                owners.append((i, "unsteered"))
+        ready = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
         outputs: list = list(items)
-        if specs:
+        # under a memory budget, a batch whose SAEs do not fit together runs as several sub-batches
+        # (a row's tokens do not depend on its neighbours); without one this is a single run
+        for run in self.saes.pack([items[i].plan.sae_ids() for i in ready]):
+            specs, owners = [], []
+            for i in (ready[j] for j in run):
+                r = items[i].request
+                base = dict(
+                    input_ids=items[i].input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                    top_p=r.top_p, seed=r.seed, stop=list(r.stop),
+                )
+                specs.append(GenerationSpec(**base, plan=items[i].plan))
+                owners.append((i, "steered"))
+                if r.compare:
+                    specs.append(GenerationSpec(**base, plan=InterventionPlan()))
+                    owners.append((i, "unsteered"))
             results = generate(self.model, self.tokenizer, specs, self.steerer)
             per: dict[int, dict] = {}
             for (i, role), res in zip(owners, results):

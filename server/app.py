@@ -1,7 +1,8 @@
 """Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
 
 Routes: ``POST /v1/generate`` (``GenerateAPI``), ``GET /v1/saes`` (metadata read at start in the
-API process), ``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
+API process; which SAEs a worker holds resident is not listed, that lives in the worker),
+``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
 ``Authorization: Bearer <key>``; bodies over ``max_payload_bytes`` get 413.
 """
 
@@ -19,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from .api import GenerateAPI
 from .config import ServerSettings, settings_from_args
-from .registry import parse_sae_spec, sae_infos
+from .registry import SAEPool, parse_sae_spec
 
 log = logging.getLogger("saesteer.server")
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})
@@ -52,15 +53,17 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     """A ready ``LitServer`` for ``settings`` (SAE metadata checked now, weights loaded in workers).
 
     Raises:
-        ValueError, FileNotFoundError, SAEFormatError: an SAE spec that cannot be served.
+        ValueError, FileNotFoundError, SAEFormatError: an SAE spec that cannot be served
+            (``SAEBudgetError``, a ``ValueError``: an SAE bigger than ``sae_memory_mb``).
     """
     specs = [parse_sae_spec(s) for s in settings.saes]
-    listing = SAEList(saes=sae_infos(specs))
+    pool = SAEPool(specs, budget_bytes=settings.sae_memory_bytes)  # configs only: no weights here
+    listing = SAEList(saes=pool.infos())
     middlewares = []
     if settings.api_key is not None:
         middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
     server = ls.LitServer(
-        GenerateAPI(settings, specs),
+        GenerateAPI(settings, pool),
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
         workers_per_device=settings.workers,
         timeout=settings.request_timeout,

@@ -45,6 +45,23 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
     workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
+    sae_memory_mb: float | None = Field(
+        None,
+        gt=0,
+        description="device memory for SAE weights per worker, in MiB (float32 tensors); SAEs then load "
+        "on first use and the least recently used are evicted to stay within it. None: every SAE "
+        "loads at start and stays",
+    )
+
+    @property
+    def sae_memory_bytes(self) -> int | None:
+        """``sae_memory_mb`` in bytes (MiB = 2**20 bytes); None: no budget."""
+        return None if self.sae_memory_mb is None else int(self.sae_memory_mb * (1 << 20))
+
+    @field_validator("sae_memory_mb", mode="before")
+    @classmethod
+    def _empty_budget_means_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -81,6 +98,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--max-payload-bytes", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--sae-memory-mb", type=float, default=None,
+                   help="device memory for SAE weights, MiB; SAEs load on first use, LRU-evicted (default: all loaded at start)")
 
 
 def settings_from_args(a: argparse.Namespace) -> ServerSettings:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from saesteer.sae.model import SAE
+from saesteer.sae.model import SAE, SAEConfig
 
 from .lm import decoder_layers, hook_point_width, resolve_hook_point
 from .plan import OPS, InterventionPlan
@@ -132,27 +132,48 @@ class Steerer:
 
     Args:
         model: the LM (``model.model.layers`` or a similar block list).
-        saes: loaded SAEs by id; each ``cfg.hook_name`` must be a hook point of ``model``.
+        saes: SAEs by id: a plain mapping of loaded SAEs, or a pool that loads them on demand
+            (``saesteer.server.registry.SAEPool``: any mapping with ``configs`` {id: SAEConfig}
+            and a ``use(ids)`` context manager that pins and yields {id: SAE}). Each SAE's
+            ``hook_name`` must be a hook point of ``model``; this is checked from the configs,
+            so constructing a Steerer loads no weights.
         full: use the full-decode eager path instead of the sparse delta (for tests and checks).
+
+    Attributes:
+        configs: every SAE's config by id (what ``build_plan`` checks requests against).
+        hook_widths: every hook point of ``model`` a raw vector may target, with its width.
 
     Raises:
         HookPointError: an SAE whose hook point the model lacks.
         ValueError: an SAE whose d_in differs from the hook point's width.
     """
 
-    def __init__(self, model, saes: dict[str, SAE], full: bool = False):
+    def __init__(self, model, saes: Mapping[str, SAE], full: bool = False):
         self.model, self.saes, self.full = model, saes, full
+        self.configs: dict[str, SAEConfig] = (
+            dict(saes.configs) if hasattr(saes, "configs") else {sid: sae.cfg for sid, sae in saes.items()}
+        )
         width = hook_point_width(model)
         n = len(decoder_layers(model))
         self.hook_widths = {
             f"blocks.{i}.{k}": width for i in range(n) for k in ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out")
         }
-        for sid, sae in saes.items():
-            resolve_hook_point(model, sae.cfg.hook_name)
-            if sae.cfg.d_in != width:
-                raise ValueError(f"SAE {sid!r}: d_in {sae.cfg.d_in} differs from the model's width {width} at {sae.cfg.hook_name}")
+        for sid, cfg in self.configs.items():
+            resolve_hook_point(model, cfg.hook_name)
+            if cfg.d_in != width:
+                raise ValueError(f"SAE {sid!r}: d_in {cfg.d_in} differs from the model's width {width} at {cfg.hook_name}")
 
-    def _groups(self, plans: Sequence[InterventionPlan]) -> dict[str, list]:
+    @contextmanager
+    def _pinned(self, ids: Sequence[str]) -> Iterator[dict[str, SAE]]:
+        """The SAEs ``ids``, pinned in a pool (loaded as needed) for the block."""
+        use = getattr(self.saes, "use", None)
+        if use is None:
+            yield {sid: self.saes[sid] for sid in ids}
+        else:
+            with use(ids) as saes:
+                yield saes
+
+    def _groups(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]) -> dict[str, list]:
         per_sae: dict[str, list] = {}
         per_vec: dict[str, list] = {}
         for row, plan in enumerate(plans):
@@ -162,7 +183,7 @@ class Steerer:
                 per_vec.setdefault(v.hook, []).append((row, v.vector, v.positions))
         groups: dict[str, list] = {}
         for sid, cols in per_sae.items():
-            sae = self.saes[sid]
+            sae = saes[sid]
             rows, lat, ops, vals, specs = map(list, zip(*cols))
             groups.setdefault(sae.cfg.hook_name, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs))
         p = next(self.model.parameters())
@@ -176,20 +197,27 @@ class Steerer:
         """Register the hooks for a batch whose row b follows ``plans[b]``; removed on exit.
 
         ``positions`` is read at every forward call: the generation loop updates it in place.
+        The SAEs the plans name (and only those) are fetched, and with a pool pinned, until exit.
+
+        Raises:
+            saesteer.server.registry.SAEBudgetError: with a pool, the SAEs the plans name do not
+                fit its memory budget together.
         """
+        ids = sorted(set().union(*(p.sae_ids() for p in plans)))
         handles = []
-        try:
-            for hook, groups in self._groups(plans).items():
-                hp = resolve_hook_point(self.model, hook)
+        with self._pinned(ids) as saes:
+            try:
+                for hook, groups in self._groups(plans, saes).items():
+                    hp = resolve_hook_point(self.model, hook)
 
-                def apply(x, groups=groups):
-                    out = x
-                    for g in groups:
-                        out = out + g.delta(x, positions, self.full)
-                    return out
+                    def apply(x, groups=groups):
+                        out = x
+                        for g in groups:
+                            out = out + g.delta(x, positions, self.full)
+                        return out
 
-                handles.append(hp.attach(apply))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+                    handles.append(hp.attach(apply))
+                yield
+            finally:
+                for h in handles:
+                    h.remove()

@@ -1,4 +1,4 @@
-"""Intervention plans: a request's interventions checked against the loaded SAEs and resolved.
+"""Intervention plans: a request's interventions checked against the SAEs' configs and resolved.
 
 Data flow: request (``saesteer_client.schema``) -> ``build_plan`` -> ``InterventionPlan`` (one per
 row of a batch) -> ``steering.hooks.Steerer`` applies the plans of a whole batch at once.
@@ -7,13 +7,13 @@ row of a batch) -> ``steering.hooks.Steerer`` applies the plans of a whole batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from saesteer_client.schema import LatentIntervention, VectorIntervention
 
-from saesteer.sae.model import SAE
+from saesteer.sae.model import SAEConfig
 
 OPS = {"clamp": 0, "ablate": 1, "scale": 2, "add": 3}
 """Op codes used in the batched hook tensors."""
@@ -66,6 +66,10 @@ class InterventionPlan:
     def __bool__(self) -> bool:
         return bool(self.latent_edits or self.vector_edits)
 
+    def sae_ids(self) -> set[str]:
+        """Ids of the SAEs whose weights applying this plan needs (raw vectors need none)."""
+        return {e.sae_id for e in self.latent_edits}
+
 
 def _positions(p) -> str | tuple[int, ...]:
     return p if isinstance(p, str) else tuple(p)
@@ -73,14 +77,15 @@ def _positions(p) -> str | tuple[int, ...]:
 
 def build_plan(
     interventions: Sequence[LatentIntervention | VectorIntervention],
-    saes: dict[str, SAE],
+    configs: Mapping[str, SAEConfig],
     hook_widths: dict[str, int] | None = None,
 ) -> InterventionPlan:
-    """Check interventions against the loaded SAEs and resolve them into a plan.
+    """Check interventions against the SAEs' configs and resolve them into a plan (no weights are
+    needed: ``Steerer.configs`` or ``SAEPool.configs`` validate a request before any SAE loads).
 
     Args:
         interventions: validated wire models (``GenerateRequest.interventions``).
-        saes: loaded SAEs by id.
+        configs: the attached SAEs' configs by id.
         hook_widths: hook points a raw vector may target, with their widths (``Steerer.hook_widths``
             lists every supported one); the SAEs' hook points are always allowed.
 
@@ -90,22 +95,22 @@ def build_plan(
     """
     plan = InterventionPlan()
     widths = dict(hook_widths or {})
-    for sae in saes.values():
-        widths.setdefault(sae.cfg.hook_name, sae.cfg.d_in)
+    for cfg in configs.values():
+        widths.setdefault(cfg.hook_name, cfg.d_in)
     for i, iv in enumerate(interventions):
         loc = ["body", "interventions", i]
-        if iv.sae is not None and iv.sae not in saes:
-            known = ", ".join(sorted(saes)) or "none"
+        if iv.sae is not None and iv.sae not in configs:
+            known = ", ".join(sorted(configs)) or "none"
             raise PlanError(loc + ["sae"], f"unknown SAE {iv.sae!r}; loaded SAEs: {known}")
         if isinstance(iv, LatentIntervention):
-            d_sae = saes[iv.sae].cfg.d_sae
+            d_sae = configs[iv.sae].d_sae
             if iv.latent >= d_sae:
                 raise PlanError(loc + ["latent"], f"latent {iv.latent} is out of range for SAE {iv.sae!r} (d_sae {d_sae})")
             plan.latent_edits.append(
                 LatentEdit(iv.sae, iv.latent, iv.op, float(iv.value or 0.0), _positions(iv.positions))
             )
         else:
-            hook = iv.hook if iv.hook is not None else saes[iv.sae].cfg.hook_name
+            hook = iv.hook if iv.hook is not None else configs[iv.sae].hook_name
             width = widths.get(hook)
             if width is None:
                 raise PlanError(loc + ["hook"], f"hook point {hook!r} is not available on this model")

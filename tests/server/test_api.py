@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -29,17 +31,37 @@ def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
     return folder
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    gemma = write_gemma_scope(tmp_path_factory.mktemp("gemma"))
-    settings = ServerSettings(saes=[default_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
-                              max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000)
+@contextmanager
+def serve(settings: ServerSettings):
+    """A TestClient of the server for ``settings``, once its inference worker is up."""
     server = build_server(settings)
     with wrap_litserve_start(server) as s, TestClient(s.app) as c:
         deadline = time.time() + 300  # the worker loads the model in setup
         while c.get("/health").status_code != 200:
             assert time.time() < deadline, "the inference worker did not come up"
             time.sleep(0.5)
+        yield c
+
+
+def settings_for(root, **kw) -> ServerSettings:
+    gemma = write_gemma_scope(root)
+    return ServerSettings(saes=[default_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
+                          max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000, **kw)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with serve(settings_for(tmp_path_factory.mktemp("gemma"))) as c:
+        yield c
+
+
+# float32 bytes: the default SAE 20.3 MiB, gs6 0.3 MiB; 20.4 MiB holds either, not both
+BUDGET_MB = 20.4
+
+
+@pytest.fixture(scope="module")
+def budget_client(tmp_path_factory):
+    with serve(settings_for(tmp_path_factory.mktemp("gemma"), sae_memory_mb=BUDGET_MB)) as c:
         yield c
 
 
@@ -133,3 +155,35 @@ def test_worker_survives_bad_requests(client):
         _err(client.post("/v1/generate", json={"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 10**6, "value": 1}]}))
     r = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 3})
     assert r.status_code == 200
+
+
+def test_sae_memory_budget_loads_on_demand_with_the_same_tokens(client, budget_client):
+    """With ``sae_memory_mb`` the SAEs load on first use, one evicting the other, and steer exactly
+    as with every SAE loaded; requests are validated from the configs alone."""
+    assert budget_client.get("/v1/saes").json() == client.get("/v1/saes").json()
+    for sae, latent in [(SAE, 123), ("gs6", 3), (SAE, 123), ("gs6", 5)]:
+        body = {"messages": MSG, "max_new_tokens": 8,
+                "interventions": [{"op": "add", "sae": sae, "latent": latent, "value": 60.0}]}
+        r = budget_client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == client.post("/v1/generate", json=body).json()["tokens"]
+    status, detail = _err(budget_client.post("/v1/generate", json={
+        "messages": MSG, "interventions": [{"op": "clamp", "sae": "nope", "latent": 1, "value": 1}]}))
+    assert status == 422 and '"sae"' in detail and "unknown SAE" in detail
+    status, detail = _err(budget_client.post("/v1/generate", json={
+        "messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 64, "value": 1}]}))
+    assert status == 422 and "d_sae 64" in detail
+    both = {"messages": MSG, "interventions": [{"op": "add", "sae": "gs6", "latent": 3, "value": 40.0},
+                                               {"op": "ablate", "sae": SAE, "latent": 10}]}
+    status, detail = _err(budget_client.post("/v1/generate", json=both))
+    assert status == 422 and "sae_memory" in detail and "20.4 MiB" in detail
+    assert budget_client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 3}).status_code == 200
+    # concurrent requests whose SAEs do not fit together may share a batch: it runs in parts
+    bodies = [{"messages": MSG, "max_new_tokens": 6, "compare": i == 0,
+               "interventions": [{"op": "add", "sae": sae, "latent": 7 + i, "value": 50.0}]}
+              for i, sae in enumerate([SAE, "gs6", SAE, "gs6"])]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda b: budget_client.post("/v1/generate", json=b), bodies))
+    for r, b in zip(got, bodies):
+        assert r.status_code == 200, r.text
+        assert r.json() == client.post("/v1/generate", json=b).json()
