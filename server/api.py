@@ -77,7 +77,7 @@ class GenerateAPI(ls.LitAPI):
         from saesteer.steering.plan import PlanError, build_plan
 
         try:
-            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths)
+            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units)
         except PlanError as e:
             return Rejected(422, e.detail())
         if not self.saes.fits(plan.sae_ids()):

@@ -136,6 +136,8 @@ class SAEPool(Mapping[str, SAE]):
         configs: every SAE's config by id (hook override applied), read at construction.
         device, budget_bytes: as given (``set_device`` moves resident SAEs).
         loads, evictions, hits: counters since construction (a hit is a use of a resident SAE).
+        units: ``steering.plan.StrengthUnits`` from the SAEs' saved latent statistics (for
+            requests that give strengths in typical activations or residual norms).
 
     Raises:
         ValueError: two SAEs with one id, or an SAE that names no hook point.
@@ -164,10 +166,19 @@ class SAEPool(Mapping[str, SAE]):
                     f"budget of {_mib(budget_bytes)} ({budget_bytes} bytes); raise --sae-memory-mb"
                 )
             self.specs[s.id], self.folders[s.id], self.configs[s.id], self._nbytes[s.id] = s, folder, cfg, n
+        self.units = self._strength_units()
         self._resident: OrderedDict[str, SAE] = OrderedDict()  # least recently used first
         self._resident_bytes: dict[str, int] = {}
         self._pins: Counter[str] = Counter()
         self.loads = self.evictions = self.hits = 0
+
+    def _strength_units(self):
+        """Typical activations and residual norms from each SAE's saved latent statistics
+        (``sae.stats``; a few floats per latent, read at construction like the configs)."""
+        from saesteer.sae.stats import load_latent_stats
+        from saesteer.steering.plan import StrengthUnits
+
+        return StrengthUnits.from_stats({sid: load_latent_stats(f) for sid, f in self.folders.items()}, self.configs)
 
     # -- Mapping ----------------------------------------------------------------------------------
     def __getitem__(self, sid: str) -> SAE:

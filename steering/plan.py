@@ -75,10 +75,37 @@ def _positions(p) -> str | tuple[int, ...]:
     return p if isinstance(p, str) else tuple(p)
 
 
+@dataclass
+class StrengthUnits:
+    """What the request fields ``unit="typical"`` and ``unit="resid_norm"`` mean on this server.
+
+    Attributes:
+        typical: SAE id -> float32 [d_sae], each latent's typical activation (its mean activation
+            when it fires, ``sae.stats``; 0 for a latent that never fired).
+        resid_norm: hook point -> mean L2 norm of its activation (model units).
+    """
+
+    typical: dict[str, torch.Tensor] = field(default_factory=dict)
+    resid_norm: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, object], configs: Mapping[str, SAEConfig]) -> "StrengthUnits":
+        """From ``saesteer.sae.stats.LatentStats`` by SAE id (None where an SAE has none)."""
+        u = cls()
+        for sid, st in stats.items():
+            if st is None:
+                continue
+            u.typical[sid] = st.mean_activation.float()
+            if st.resid_norm_mean == st.resid_norm_mean and st.resid_norm_mean > 0:  # not nan
+                u.resid_norm.setdefault(configs[sid].hook_name, float(st.resid_norm_mean))
+        return u
+
+
 def build_plan(
     interventions: Sequence[LatentIntervention | VectorIntervention],
     configs: Mapping[str, SAEConfig],
     hook_widths: dict[str, int] | None = None,
+    units: StrengthUnits | None = None,
 ) -> InterventionPlan:
     """Check interventions against the SAEs' configs and resolve them into a plan (no weights are
     needed: ``Steerer.configs`` or ``SAEPool.configs`` validate a request before any SAE loads).
@@ -88,11 +115,16 @@ def build_plan(
         configs: the attached SAEs' configs by id.
         hook_widths: hook points a raw vector may target, with their widths (``Steerer.hook_widths``
             lists every supported one); the SAEs' hook points are always allowed.
+        units: typical activations and residual norms that resolve ``unit="typical"`` (value x the
+            latent's typical activation) and ``unit="resid_norm"`` (unit vector x strength x the
+            mean residual norm); None: only raw units are accepted.
 
     Raises:
-        PlanError: unknown SAE id, latent out of range, unknown hook point, or a vector of the
-            wrong length; ``loc`` names the field.
+        PlanError: unknown SAE id, latent out of range, unknown hook point, a vector of the
+            wrong length, or a unit this server cannot resolve (no statistics for that SAE or
+            hook point, a latent that never fired); ``loc`` names the field.
     """
+    units = units or StrengthUnits()
     plan = InterventionPlan()
     widths = dict(hook_widths or {})
     for cfg in configs.values():
@@ -106,9 +138,15 @@ def build_plan(
             d_sae = configs[iv.sae].d_sae
             if iv.latent >= d_sae:
                 raise PlanError(loc + ["latent"], f"latent {iv.latent} is out of range for SAE {iv.sae!r} (d_sae {d_sae})")
-            plan.latent_edits.append(
-                LatentEdit(iv.sae, iv.latent, iv.op, float(iv.value or 0.0), _positions(iv.positions))
-            )
+            value = float(iv.value or 0.0)
+            if iv.unit == "typical":
+                if iv.sae not in units.typical:
+                    raise PlanError(loc + ["unit"], f"SAE {iv.sae!r} has no latent statistics (saesteer stats), so no typical activation; use unit 'raw'")
+                typical = float(units.typical[iv.sae][iv.latent])
+                if typical <= 0:
+                    raise PlanError(loc + ["latent"], f"latent {iv.latent} of SAE {iv.sae!r} never fired in its statistics, so it has no typical activation; use unit 'raw'")
+                value *= typical
+            plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions)))
         else:
             hook = iv.hook if iv.hook is not None else configs[iv.sae].hook_name
             width = widths.get(hook)
@@ -117,5 +155,10 @@ def build_plan(
             if len(iv.vector) != width:
                 raise PlanError(loc + ["vector"], f"vector has {len(iv.vector)} values; hook point {hook!r} has d_in {width}")
             vec = torch.tensor(iv.vector, dtype=torch.float32) * float(iv.strength)
+            if iv.unit == "resid_norm":
+                if hook not in units.resid_norm:
+                    raise PlanError(loc + ["unit"], f"no residual norm is known at {hook!r} (no SAE with latent statistics there); use unit 'raw'")
+                unit_vec = torch.nn.functional.normalize(torch.tensor(iv.vector, dtype=torch.float64), dim=0)
+                vec = (unit_vec * (float(iv.strength) * units.resid_norm[hook])).float()
             plan.vector_edits.append(VectorEdit(hook, vec, _positions(iv.positions)))
     return plan

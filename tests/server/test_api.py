@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from litserve.utils import wrap_litserve_start
 
@@ -129,11 +130,44 @@ def _err(r):
     ({"prompt": "hello", "max_new_tokens": 300}, '"max_new_tokens"', "exceeds 300"),
     ({"prompt": "hello", "max_new_tokens": 0}, '"max_new_tokens"', "greater than or equal"),
     ({"prompt": "hello", "temperature": -1}, '"temperature"', "greater than or equal"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 1, "value": 2, "unit": "typical"}]},
+     '"unit"', "no latent statistics"),
+    ({"messages": MSG, "interventions": [{"op": "scale", "sae": SAE, "latent": 1, "value": 2, "unit": "typical"}]},
+     '"interventions"', "unit 'typical' applies to clamp and add"),
+    ({"messages": MSG, "interventions": [{"op": "add_vector", "sae": "gs6", "vector": [1.0] * 576, "unit": "resid_norm"}]},
+     '"unit"', "no residual norm is known"),
+    ({"messages": MSG, "interventions": [{"op": "add_vector", "sae": SAE, "vector": [0.0] * 576, "unit": "resid_norm"}]},
+     '"interventions"', "zero vector"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
     status, detail = _err(client.post("/v1/generate", json=body))
     assert status == 422
     assert field in detail and reason in detail, detail
+
+
+def test_strength_units_resolve_from_the_saes_statistics(client):
+    """``unit: typical`` is value x the latent's typical activation, ``unit: resid_norm`` is the unit
+    vector x strength x the mean residual norm, both from the default SAE's latent_stats."""
+    from saesteer.sae.stats import load_latent_stats
+    from saesteer.server.config import default_sae_spec
+
+    stats = load_latent_stats(default_sae_spec())
+    typical = float(stats.mean_activation[3656])
+
+    def tokens(iv):
+        r = client.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 10, "interventions": [iv]})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    in_units = tokens({"op": "clamp", "sae": SAE, "latent": 3656, "value": 5.0, "unit": "typical"})
+    assert in_units == tokens({"op": "clamp", "sae": SAE, "latent": 3656, "value": 5.0 * typical})
+    plain = client.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 10}).json()["tokens"]
+    assert in_units != plain
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(576, generator=g, dtype=torch.float64)
+    scaled = (v / v.norm() * 0.3 * stats.resid_norm_mean).tolist()
+    in_norms = tokens({"op": "add_vector", "sae": SAE, "vector": (v * 7).tolist(), "strength": 0.3, "unit": "resid_norm"})
+    assert in_norms == tokens({"op": "add_vector", "sae": SAE, "vector": scaled})
 
 
 def test_non_finite_values_are_refused(client):

@@ -38,9 +38,9 @@ class SaesteerError(RuntimeError):
         super().__init__(f"HTTP {status_code}: {msg}")
 
 
-def clamp(sae: str, latent: int, value: float, positions="all") -> LatentIntervention:
-    """Set ``latent`` of ``sae`` to ``value``."""
-    return LatentIntervention(op="clamp", sae=sae, latent=latent, value=value, positions=positions)
+def clamp(sae: str, latent: int, value: float, positions="all", unit: str = "raw") -> LatentIntervention:
+    """Set ``latent`` of ``sae`` to ``value`` (``unit="typical"``: ``value`` x its typical activation)."""
+    return LatentIntervention(op="clamp", sae=sae, latent=latent, value=value, positions=positions, unit=unit)
 
 
 def ablate(sae: str, latent: int, positions="all") -> LatentIntervention:
@@ -53,15 +53,18 @@ def scale(sae: str, latent: int, factor: float, positions="all") -> LatentInterv
     return LatentIntervention(op="scale", sae=sae, latent=latent, value=factor, positions=positions)
 
 
-def add(sae: str, latent: int, amount: float, positions="all") -> LatentIntervention:
-    """Add ``amount`` to ``latent`` of ``sae`` (adds its decoder direction times ``amount``)."""
-    return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions)
+def add(sae: str, latent: int, amount: float, positions="all", unit: str = "raw") -> LatentIntervention:
+    """Add ``amount`` to ``latent`` of ``sae`` (adds its decoder direction times ``amount``;
+    ``unit="typical"``: ``amount`` x the latent's typical activation)."""
+    return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions, unit=unit)
 
 
 def add_vector(vector: Sequence[float], strength: float = 1.0, *, hook: str | None = None, sae: str | None = None,
-               positions="all") -> VectorIntervention:
-    """Add ``strength * vector`` (d_in floats) at ``hook`` or at ``sae``'s hook point."""
-    return VectorIntervention(op="add_vector", vector=list(vector), strength=strength, hook=hook, sae=sae, positions=positions)
+               positions="all", unit: str = "raw") -> VectorIntervention:
+    """Add ``strength * vector`` (d_in floats) at ``hook`` or at ``sae``'s hook point
+    (``unit="resid_norm"``: the unit vector times ``strength`` x the mean residual norm there)."""
+    return VectorIntervention(op="add_vector", vector=list(vector), strength=strength, hook=hook, sae=sae,
+                              positions=positions, unit=unit)
 
 
 def _request(prompt, messages, interventions, kw) -> dict:

@@ -39,12 +39,17 @@ class LatentIntervention(_Strict):
     ``value``; ``add`` adds ``value`` to it (which adds ``value`` times the latent's decoder
     direction to the hook point). The SAE's reconstruction error is kept, so only the edit
     changes the model.
+
+    ``unit`` says what ``value`` of a clamp or add is measured in: ``raw`` latent units, or
+    ``typical``, multiples of the latent's typical activation (its mean activation when it fires,
+    from the statistics saved with the SAE; ``saesteer stats``). A scale factor is always raw.
     """
 
     op: Literal["clamp", "ablate", "scale", "add"] = Field(description="what to do to the latent")
     sae: str = Field(min_length=1, description="id of a loaded SAE (see GET /v1/saes)")
     latent: int = Field(ge=0, description="latent index, 0 <= latent < d_sae")
     value: FiniteFloat | None = Field(None, description="clamp target, scale factor or added amount; omitted for ablate")
+    unit: Literal["raw", "typical"] = Field("raw", description="value in raw latent units or in multiples of the typical activation")
     positions: Positions = "all"
 
     @model_validator(mode="after")
@@ -53,6 +58,8 @@ class LatentIntervention(_Strict):
             raise ValueError("ablate takes no value")
         if self.op != "ablate" and self.value is None:
             raise ValueError(f"{self.op} needs a value")
+        if self.unit == "typical" and self.op not in ("clamp", "add"):
+            raise ValueError(f"unit 'typical' applies to clamp and add, not {self.op}")
         return self
 
 
@@ -60,11 +67,15 @@ class VectorIntervention(_Strict):
     """Add a raw steering vector (d_in floats) times ``strength`` at a hook point.
 
     The hook point is named directly (``hook``) or as the hook point of a loaded SAE (``sae``).
+    With ``unit="resid_norm"`` the vector is first scaled to unit length and ``strength`` is a
+    multiple of the mean residual norm at the hook point (from the statistics of an SAE there), so
+    0.5 adds half a typical activation's norm whatever the vector's own length.
     """
 
     op: Literal["add_vector"]
     vector: list[FiniteFloat] = Field(min_length=1, max_length=65536, description="d_in floats")
     strength: FiniteFloat = 1.0
+    unit: Literal["raw", "resid_norm"] = Field("raw", description="strength as a plain factor or as a multiple of the residual norm")
     hook: str | None = Field(None, description="hook point, e.g. blocks.10.hook_resid_post")
     sae: str | None = Field(None, description="use this SAE's hook point")
     positions: Positions = "all"
@@ -73,6 +84,8 @@ class VectorIntervention(_Strict):
     def _one_target(self):
         if (self.hook is None) == (self.sae is None):
             raise ValueError("give exactly one of hook or sae")
+        if self.unit == "resid_norm" and not any(v != 0 for v in self.vector):
+            raise ValueError("a zero vector has no direction to scale to the residual norm")
         return self
 
 
