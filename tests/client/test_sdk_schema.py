@@ -7,7 +7,8 @@ import sys
 
 import pytest
 from pydantic import ValidationError
-from saesteer_client import GenerateRequest, ablate, add_vector, clamp, scale
+from saesteer_client import GenerateRequest, ablate, add, add_vector, clamp, scale
+from saesteer_client.schema import LatentIntervention, VectorIntervention
 
 
 def test_sdk_imports_without_torch():
@@ -36,6 +37,19 @@ def test_schema_refuses(kwargs, needle):
     with pytest.raises(ValidationError) as e:
         GenerateRequest(**kwargs)
     assert needle in str(e.value)
+
+
+def test_strength_units():
+    assert clamp("s", 1, 4.0, unit="typical").unit == "typical"
+    assert add("s", 1, 2.0, unit="typical").model_dump()["unit"] == "typical"
+    assert add_vector([0.0, 1.0], 0.5, sae="s", unit="resid_norm").unit == "resid_norm"
+    assert clamp("s", 1, 4.0).unit == "raw"  # the default: old requests mean what they meant
+    with pytest.raises(ValidationError, match="applies to clamp and add"):
+        LatentIntervention(op="scale", sae="s", latent=1, value=2.0, unit="typical")
+    with pytest.raises(ValidationError, match="zero vector"):
+        VectorIntervention(op="add_vector", vector=[0.0, 0.0], sae="s", unit="resid_norm")
+    with pytest.raises(ValidationError):
+        LatentIntervention(op="clamp", sae="s", latent=1, value=2.0, unit="sigma")
 
 
 def test_serve_refuses_a_missing_sae_before_loading_the_model(tmp_path):
