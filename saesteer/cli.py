@@ -124,7 +124,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     paths = write_reports(reports, a.out)
     if "plot" not in paths:
         print("matplotlib is not installed: no plot (pip install 'saesteer[eval]')", file=sys.stderr)
-    print(markdown_report(reports).split("\n\n")[0])
+    print("\n\n".join(markdown_report(reports).split("\n\n")[:2]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")
     es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")
-    es.add_argument("--max-new-tokens", type=int, default=40)
+    es.add_argument("--max-new-tokens", type=int, default=32)
     es.add_argument("--batch-size", type=int, default=32)
-    es.add_argument("--fluency-budget", type=float, default=2.0, help="summary: best concept rate at perplexity <= this x unsteered")
+    es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")
     es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")
     es.add_argument("--judge", default=None, help="sentence encoder folder or hub id (default: the shipped all-MiniLM-L6-v2)")
     es.add_argument("--out", required=True, help="folder for report.json, report.md and concept_vs_fluency.png")

@@ -54,13 +54,15 @@ from .plan import InterventionPlan, LatentEdit, VectorEdit
 
 METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
 DEFAULT_STRENGTHS = {
-    "latent_clamp": (0.0, 2.0, 4.0, 8.0, 16.0),
-    "latent_add": (0.0, 2.0, 4.0, 8.0, 16.0),
-    "mean_diff": (0.0, 0.25, 0.5, 1.0, 1.5),
-    "decoder": (0.0, 0.25, 0.5, 1.0, 1.5),
+    "latent_clamp": (2.0, 4.0, 8.0),
+    "latent_add": (2.0, 4.0, 8.0),
+    "mean_diff": (0.25, 0.5, 0.75),
+    "decoder": (0.25, 0.5, 0.75),
 }
 """Strength grids: latent families in multiples of the latent's typical activation, vector families
-in multiples of the mean residual norm at the hook point."""
+in multiples of the mean residual norm at the hook point. Strength 0 (unsteered) is always added.
+Measured on SmolLM2 block 10 (``docs/steering_eval.md``): vectors degenerate the text beyond about
+0.75 and latents beyond about 8 typical activations."""
 
 NEUTRAL_PROMPTS = (
     "Write one sentence about your weekend.",
@@ -272,10 +274,12 @@ class SweepConfig:
     methods: tuple[str, ...] = METHODS
     strengths: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
     prompts: tuple[str, ...] = NEUTRAL_PROMPTS
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     batch_size: int = 32
-    fluency_budget: float = 2.0
-    """For the summary: a point is "fluent" when its mean perplexity <= budget x the unsteered one."""
+    fluency_budget: float = 3.0
+    """For the summary: a point is "fluent" when its mean perplexity <= budget x the unsteered one.
+    Moving the topic alone raises the perplexity under the unsteered model: fluent on-concept
+    answers measured 2-3x on SmolLM2 (``docs/steering_eval.md``), degenerate ones 5-100x."""
     judge_threshold: float = 0.4
     """A generation shows the concept when its judge similarity to the concept exceeds this."""
 
@@ -353,18 +357,26 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
 
 
 def best_at_fluency(points: list[dict], methods: Sequence[str], budget: float) -> dict:
-    """Per method: the point with the highest concept rate (then similarity) among points with
+    """Per method: the point with the highest concept rate (then keyword rate, then similarity) among points with
     ``perplexity_ratio <= budget`` (the unsteered point always qualifies)."""
     out = {}
     base = next(p for p in points if p["strength"] == 0)
     for m in methods:
         cands = [p for p in points if (p["method"] == m or p is base) and p["perplexity_ratio"] <= budget]
-        b = max(cands, key=lambda p: (p["concept_rate"], p["concept_similarity"]))
-        out[m] = {k: b[k] for k in ("strength", "concept_rate", "concept_similarity", "perplexity", "perplexity_ratio", "relevance")}
+        b = max(cands, key=lambda p: (p["concept_rate"], p["keyword_rate"] or 0.0, p["concept_similarity"]))
+        out[m] = {k: b[k] for k in ("strength", "concept_rate", "keyword_rate", "concept_similarity", "perplexity",
+                                    "perplexity_ratio", "relevance")}
     return out
 
 
 # -- reports ----------------------------------------------------------------------------------------
+def resummarize(report: dict, fluency_budget: float) -> dict:
+    """The report with its ``best`` recomputed at another fluency budget (no generation needed)."""
+    out = dict(report, config=dict(report["config"], fluency_budget=fluency_budget))
+    out["best"] = best_at_fluency(report["points"], report["config"]["methods"], fluency_budget)
+    return out
+
+
 def markdown_report(reports: Sequence[dict]) -> str:
     """A Markdown section per concept (every sweep point) and a summary table at equal fluency."""
     lines = []
@@ -374,11 +386,18 @@ def markdown_report(reports: Sequence[dict]) -> str:
         lines += [
             f"### Best concept rate at perplexity <= {budget:g}x unsteered",
             "",
+            "Each cell: judge concept rate / keyword rate (strength) of the best point within the fluency budget.",
+            "",
             "| concept | " + " | ".join(methods) + " |",
             "|---|" + "---|" * len(methods),
         ]
+
+        def cell(b):
+            kw = "-" if b.get("keyword_rate") is None else f"{b['keyword_rate']:.2f}"
+            return f"{b['concept_rate']:.2f} / {kw} (s={b['strength']:g})"
+
         for r in reports:
-            cells = [f"{r['best'][m]['concept_rate']:.2f} (s={r['best'][m]['strength']:g})" for m in methods]
+            cells = [cell(r["best"][m]) for m in methods]
             lines.append(f"| {r['concept']['name']} (latent {r['setup']['latent']}) | " + " | ".join(cells) + " |")
         lines.append("")
     for r in reports:
@@ -412,8 +431,12 @@ def plot_report(reports: Sequence[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     n = len(reports)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
-    for ax, r in zip(axes[0], reports):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, reports):
         base = next(p for p in r["points"] if p["strength"] == 0)
         for m in r["config"]["methods"]:
             pts = [base] + [p for p in r["points"] if p["method"] == m and p["strength"] != 0]
