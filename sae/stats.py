@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -202,3 +203,50 @@ def load_latent_stats(folder: str | os.PathLike, contexts: bool = False) -> Late
         contexts=ctx,
         meta=meta,
     )
+
+
+def latent_record(stats: LatentStats, latent: int) -> dict:
+    """One latent's statistics as plain data: ``latent``, ``frequency``, ``typical_activation``,
+    ``max_activation``, ``contexts`` (empty when not loaded).
+
+    Raises:
+        IndexError: ``latent`` outside [0, d_sae).
+    """
+    d_sae = stats.frequency.shape[0]
+    if not 0 <= latent < d_sae:
+        raise IndexError(f"latent {latent} is out of range (d_sae {d_sae})")
+    return {
+        "latent": latent,
+        "frequency": float(stats.frequency[latent]),
+        "typical_activation": float(stats.mean_activation[latent]),
+        "max_activation": float(stats.max_activation[latent]),
+        "contexts": list(stats.contexts.get(latent, [])),
+    }
+
+
+def search_latents(stats: LatentStats, query: str, top: int = 10) -> list[dict]:
+    """Latents whose top activating contexts match ``query`` (case-insensitive, at a word start:
+    "cat" finds "cats" and "Cat", not "deprecated"), best first.
+
+    A context counts twice when its activating token matches, once when only the text around it does; ties go to the larger max activation. Needs ``stats.contexts`` (load with
+    ``contexts=True``).
+
+    Returns:
+        ``latent_record`` dicts with a ``matches`` count.
+
+    Raises:
+        ValueError: an empty query, or statistics loaded without contexts.
+    """
+    q = query.strip()
+    if not q:
+        raise ValueError("empty search query")
+    pattern = re.compile(r"(?<!\w)" + re.escape(q), re.IGNORECASE)
+    if not stats.contexts:
+        raise ValueError("these latent statistics have no contexts (load them with contexts=True)")
+    scored = []
+    for lat, ctx in stats.contexts.items():
+        score = sum(2 if pattern.search(c["token"].strip()) else 1 for c in ctx if pattern.search(c["text"]))
+        if score:
+            scored.append((score, float(stats.max_activation[lat]), lat))
+    scored.sort(reverse=True)
+    return [dict(latent_record(stats, lat), matches=score) for score, _, lat in scored[:top]]

@@ -50,6 +50,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_latents(a: argparse.Namespace) -> int:
     import torch
 
+    if a.search or a.show is not None:
+        from saesteer.sae.stats import latent_record, load_latent_stats, search_latents
+
+        stats = load_latent_stats(a.sae, contexts=True)
+        if stats is None:
+            print(f"error: {a.sae} has no latent statistics; run `saesteer stats {a.sae}` first", file=sys.stderr)
+            return 2
+        rows = [latent_record(stats, a.show)] if a.show is not None else search_latents(stats, a.search, a.top)
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not (a.positive and a.negative):
+        print("error: give --positive and --negative texts, --search WORD, or --show LATENT", file=sys.stderr)
+        return 2
     from saesteer.sae.io import load_sae
     from saesteer.steering.concepts import contrast_latents
     from saesteer.steering.lm import load_model
@@ -208,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--markdown", default=None, help="write the figures as a Markdown table to this file")
     e.set_defaults(fn=cmd_eval)
 
-    lt = sub.add_parser("latents", help="find concept latents: fire on --positive texts, not on --negative ones")
+    lt = sub.add_parser("latents", help="find latents: by contrast (--positive/--negative), by their top contexts (--search), or show one (--show)")
     _add_model_args(lt)
     lt.add_argument("sae", help="SAE folder")
-    lt.add_argument("--positive", nargs="+", required=True, help="texts that carry the concept")
-    lt.add_argument("--negative", nargs="+", required=True, help="neutral texts")
+    lt.add_argument("--positive", nargs="+", default=None, help="texts that carry the concept")
+    lt.add_argument("--negative", nargs="+", default=None, help="neutral texts")
+    lt.add_argument("--search", default=None, help="a word or phrase to find in the latents' top activating contexts (needs `saesteer stats`)")
+    lt.add_argument("--show", type=int, default=None, help="print one latent's statistics and top contexts")
     lt.add_argument("--top", type=int, default=10)
     lt.set_defaults(fn=cmd_latents)
 

@@ -2,6 +2,8 @@
 
 Routes: ``POST /v1/generate`` (``GenerateAPI``), ``GET /v1/saes`` (metadata read at start in the
 API process; which SAEs a worker holds resident is not listed, that lives in the worker),
+``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
+SAE's folder on first use, the last few SAEs' kept),
 ``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
 ``Authorization: Bearer <key>``; bodies over ``max_payload_bytes`` get 413.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 import hmac
 import logging
 import sys
+from functools import lru_cache
 
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
-from saesteer_client.schema import SAEList
+from saesteer_client.schema import LatentInfo, SAEList
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse
 
@@ -75,8 +78,31 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     async def list_saes() -> SAEList:
         return listing
 
+    @lru_cache(maxsize=8)
+    def stats_of(sae_id: str):
+        from saesteer.sae.stats import load_latent_stats
+
+        return load_latent_stats(pool.folders[sae_id], contexts=True)
+
+    def latent_info(sae_id: str, latent: int):  # sync: FastAPI runs it in a thread (file reads)
+        from saesteer.sae.stats import latent_record
+
+        def err(status, loc, msg, kind):
+            return JSONResponse({"detail": [{"loc": ["path", loc], "msg": msg, "type": kind}]}, status_code=status)
+
+        if sae_id not in pool.configs:
+            return err(404, "sae_id", f"unknown SAE {sae_id!r}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
+        d_sae = pool.configs[sae_id].d_sae
+        if not 0 <= latent < d_sae:
+            return err(422, "latent", f"latent {latent} is out of range for SAE {sae_id!r} (d_sae {d_sae})", "value_error")
+        stats = stats_of(sae_id)
+        if stats is None:
+            return err(404, "sae_id", f"SAE {sae_id!r} has no latent statistics (saesteer stats)", "not_found")
+        return LatentInfo(sae=sae_id, **latent_record(stats, latent))
+
     server.app.add_exception_handler(RequestValidationError, validation_error)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
+    server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from saesteer.sae.activations import hook_activations, sink_mask, token_windows
-from saesteer.sae.stats import compute_latent_stats, load_latent_stats, save_latent_stats
+from saesteer.sae.stats import compute_latent_stats, latent_record, load_latent_stats, save_latent_stats, search_latents
 from saesteer.server.config import default_sae_spec
 
 TEXTS = [
@@ -62,3 +65,23 @@ def test_default_sae_ships_its_statistics(default_sae):
     # BatchTopK at k 32: the mean L0 on held-out text is the sum of the frequencies
     assert 25 < float(stats.frequency.sum()) < 40
     assert stats.meta["hook_name"] == default_sae.cfg.hook_name
+
+
+def test_search_and_show_latents_by_their_contexts():
+    stats = load_latent_stats(default_sae_spec(), contexts=True)
+    rec = latent_record(stats, 3656)
+    assert rec["typical_activation"] == float(stats.mean_activation[3656]) and len(rec["contexts"]) == 5
+    found = search_latents(stats, "func", top=5)
+    assert found and all(r["matches"] > 0 for r in found)
+    assert [r["matches"] for r in found] == sorted((r["matches"] for r in found), reverse=True)
+    assert all(any("func" in c["text"].lower() for c in r["contexts"]) for r in found)
+    # word starts only: "cat" must not match inside "deprecated"
+    for r in search_latents(stats, "cat", top=20):
+        assert any(re.search(r"(?<!\w)cat", c["text"], re.I) for c in r["contexts"])
+    for bad in ("", "   "):
+        with pytest.raises(ValueError):
+            search_latents(stats, bad)
+    with pytest.raises(IndexError):
+        latent_record(stats, stats.frequency.shape[0])
+    with pytest.raises(ValueError, match="no contexts"):
+        search_latents(load_latent_stats(default_sae_spec()), "func")

@@ -77,6 +77,24 @@ def test_health_and_sae_listing(client):
     assert (g["hook_point"], g["architecture"], g["d_sae"]) == ("blocks.6.hook_resid_post", "jumprelu", 64)
 
 
+def test_latent_lookup(client):
+    r = client.get(f"/v1/saes/{SAE}/latents/3656")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["latent"] == 3656 and 0 < info["frequency"] < 1
+    assert 0 < info["typical_activation"] <= info["max_activation"]
+    assert len(info["contexts"]) == 5 and "«" in info["contexts"][0]["text"]
+    assert info["contexts"][0]["activation"] == pytest.approx(info["max_activation"], rel=1e-3)
+    for path, status, needle in [
+        ("/v1/saes/nope/latents/1", 404, "unknown SAE"),
+        ("/v1/saes/gs6/latents/1", 404, "no latent statistics"),
+        (f"/v1/saes/{SAE}/latents/4608", 422, "out of range"),
+        (f"/v1/saes/{SAE}/latents/abc", 422, "latent"),
+    ]:
+        r = client.get(path)
+        assert r.status_code == status and needle in r.text, (path, r.status_code, r.text)
+
+
 def test_two_saes_at_two_hook_points_in_one_request(client):
     body = {"messages": MSG, "max_new_tokens": 8, "compare": True,
             "interventions": [{"op": "add", "sae": "gs6", "latent": 3, "value": 40.0},

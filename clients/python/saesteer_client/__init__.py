@@ -5,6 +5,7 @@ from .schema import (
     Completion,
     GenerateRequest,
     GenerateResponse,
+    LatentInfo,
     LatentIntervention,
     SAEInfo,
     Usage,
@@ -13,7 +14,7 @@ from .schema import (
 
 __all__ = [
     "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale",
-    "Completion", "GenerateRequest", "GenerateResponse", "LatentIntervention", "SAEInfo", "Usage",
+    "Completion", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention",
 ]
 __version__ = "0.1.0"

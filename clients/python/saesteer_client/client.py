@@ -20,6 +20,7 @@ from .schema import (
     Intervention,
     LatentIntervention,
     SAEInfo,
+    LatentInfo,
     SAEList,
     VectorIntervention,
 )
@@ -111,6 +112,14 @@ class Client:
         """``GET /v1/saes``: the SAEs the server has attached."""
         return SAEList.model_validate(_check(self._http.get("/v1/saes")).json()).saes
 
+    def latent(self, sae: str, latent: int) -> LatentInfo:
+        """``GET /v1/saes/{sae}/latents/{latent}``: frequency, typical and max activation, top contexts.
+
+        Raises:
+            SaesteerError: 404 for an unknown SAE or one without statistics, 422 for a latent out of range.
+        """
+        return LatentInfo.model_validate(_check(self._http.get(f"/v1/saes/{sae}/latents/{latent}")).json())
+
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the model is loaded)."""
         try:
@@ -143,6 +152,9 @@ class AsyncClient:
 
     async def saes(self) -> list[SAEInfo]:
         return SAEList.model_validate(_check(await self._http.get("/v1/saes")).json()).saes
+
+    async def latent(self, sae: str, latent: int) -> LatentInfo:
+        return LatentInfo.model_validate(_check(await self._http.get(f"/v1/saes/{sae}/latents/{latent}")).json())
 
     async def health(self) -> bool:
         try:

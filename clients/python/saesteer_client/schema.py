@@ -172,6 +172,28 @@ class SAEList(BaseModel):
     saes: list[SAEInfo]
 
 
+class LatentContext(BaseModel):
+    """A top activating context: ``text`` with the activating token marked ``«token»``."""
+
+    activation: float
+    text: str
+    token: str
+
+
+class LatentInfo(BaseModel):
+    """``GET /v1/saes/{sae}/latents/{latent}``: what a latent does, from the SAE's statistics.
+
+    ``typical_activation`` (mean when it fires) is the unit of ``"unit": "typical"`` strengths.
+    """
+
+    sae: str
+    latent: int
+    frequency: float = Field(description="fraction of tokens where it fires")
+    typical_activation: float
+    max_activation: float
+    contexts: list[LatentContext] = Field(default_factory=list, description="top activating contexts, best first")
+
+
 class ErrorItem(BaseModel):
     loc: list[Union[str, int]]
     msg: str
