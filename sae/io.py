@@ -32,6 +32,10 @@ class SAEFormatError(ValueError):
     """A checkpoint that is missing, inconsistent, or of a kind we cannot load exactly."""
 
 
+SAELENS_LAYOUT_VERSION = "6.0.0"
+"""The SAELens version whose ``cfg.json`` layout ``save_sae`` writes (recorded in ``metadata``)."""
+
+
 def save_sae(sae: SAE, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``sae`` to folder ``path`` in the SAELens layout; returns the folder.
 
@@ -58,6 +62,9 @@ def save_sae(sae: SAE, path: str | os.PathLike, dtype: torch.dtype | None = None
     metadata = dict(cfg.metadata)
     metadata.update(hook_name=cfg.hook_name, model_name=cfg.model_name)
     metadata["saesteer"] = {"architecture": cfg.architecture, "k": cfg.k}
+    # the layout is SAELens >= 6's; without this key SAELens reads the file as a pre-6 config and
+    # drops metadata.hook_name (so HookedSAETransformer.add_sae would attach the SAE nowhere)
+    metadata.setdefault("sae_lens_version", SAELENS_LAYOUT_VERSION)
     doc = {
         "architecture": arch,
         "d_in": cfg.d_in,

@@ -26,6 +26,8 @@ def test_saelens_loads_our_checkpoints_with_our_numerics(arch, tmp_path):
     ours = random_sae(arch, scale=0.5)  # the input scale is folded on save
     save_sae(ours, tmp_path / arch)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch), device="cpu")
+    # read as a SAELens >= 6 config, so the hook point survives (add_sae attaches by it)
+    assert theirs.cfg.metadata.hook_name == ours.cfg.hook_name
     x = torch.randn(32, ours.cfg.d_in, generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad():
         z_o, z_t = ours.encode(x), theirs.encode(x)
@@ -36,6 +38,7 @@ def test_saelens_loads_our_checkpoints_with_our_numerics(arch, tmp_path):
 def test_saelens_reads_the_default_sae_as_a_jumprelu_with_the_same_code():
     ours = load_sae(default_sae_spec(), dtype=torch.float32)
     theirs = sae_lens.SAE.load_from_disk(default_sae_spec(), device="cpu", dtype="float32")
+    assert theirs.cfg.metadata.hook_name == "blocks.10.hook_resid_post"
     x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * 6
     with torch.no_grad():
         assert _rel(theirs.encode(x), ours.encode(x)) < 1e-6
