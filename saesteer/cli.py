@@ -78,11 +78,11 @@ def cmd_stats(a: argparse.Namespace) -> int:
     import torch
 
     from saesteer.sae.activations import iter_texts
-    from saesteer.sae.io import load_sae
+    from saesteer.sae.formats import load_any
     from saesteer.sae.stats import compute_latent_stats, save_latent_stats
     from saesteer.steering.lm import load_model
 
-    sae = load_sae(a.sae, dtype=torch.float32)
+    sae = load_any(a.sae, dtype=torch.float32)  # any supported format (Llama Scope, sparsify, ...)
     model, tok = load_model(a.model, a.gguf_file)
     stats = compute_latent_stats(
         model, tok, sae, iter_texts(a.data, a.split), a.n_tokens, context_size=a.context_size, top_contexts=a.top_contexts
@@ -101,7 +101,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
 def cmd_eval_steering(a: argparse.Namespace) -> int:
     import torch
 
-    from saesteer.sae.io import load_sae
+    from saesteer.sae.formats import load_any
     from saesteer.sae.stats import load_latent_stats
     from saesteer.steering.evaluate import (
         DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep, write_reports,
@@ -109,9 +109,9 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     from saesteer.steering.judge import SentenceJudge
     from saesteer.steering.lm import load_model
 
-    stats = load_latent_stats(a.sae)
+    stats = load_latent_stats(a.stats or a.sae)
     if stats is None:
-        print(f"error: {a.sae} has no latent statistics; run `saesteer stats {a.sae}` first", file=sys.stderr)
+        print(f"error: {a.stats or a.sae} has no latent statistics; run `saesteer stats {a.sae}` first", file=sys.stderr)
         return 2
     if a.concepts:
         concepts = load_concepts(a.concepts)
@@ -130,7 +130,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold)
-    sae = load_sae(a.sae, dtype=torch.float32)
+    sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
     reports = [sweep(model, tok, sae, stats, c, judge, cfg, sae_id=Path(a.sae).name) for c in concepts]
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     es = sub.add_parser("eval-steering", help="sweep steering strength: concept, fluency and relevance per method")
     _add_model_args(es)
-    es.add_argument("sae", help="SAE folder (with latent statistics: see `saesteer stats`)")
+    es.add_argument("sae", help="SAE folder, any supported format (with latent statistics: see `saesteer stats`)")
+    es.add_argument("--stats", default=None, help="folder of the latent statistics if not the SAE's (`saesteer stats --out`)")
     es.add_argument("--concepts", default=None, help="JSON file: a concept {name, positive, negative, latent?, keywords?} or a list")
     es.add_argument("--only", nargs="+", default=None, help="concept names to run from --concepts")
     es.add_argument("--name", default="concept")
