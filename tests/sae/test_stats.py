@@ -85,3 +85,17 @@ def test_search_and_show_latents_by_their_contexts():
         latent_record(stats, stats.frequency.shape[0])
     with pytest.raises(ValueError, match="no contexts"):
         search_latents(load_latent_stats(default_sae_spec()), "func")
+
+
+def test_latents_cli_shows_and_searches_without_a_model(capsys, tmp_path):
+    import json
+
+    from saesteer.cli import main
+
+    assert main(["latents", default_sae_spec(), "--show", "3656"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown[0]["latent"] == 3656 and len(shown[0]["contexts"]) == 5
+    assert main(["latents", default_sae_spec(), "--search", "func", "--top", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["latents", str(tmp_path), "--search", "func"]) == 2  # no statistics there: says so
+    assert "saesteer stats" in capsys.readouterr().err
