@@ -175,3 +175,29 @@ def test_seeded_sampling_is_reproducible(setup):
     runs = generate(model, tok, [spec(1), spec(1), spec(2), spec(3), spec(4)])
     assert runs[0].tokens == runs[1].tokens
     assert any(r.tokens != runs[0].tokens for r in runs[2:])  # the seed matters
+
+
+def test_bfloat16_model_steers_like_float32(setup):
+    """Reduced precision (the GPU serving dtype): the SAE math stays float32 and the delta is cast to
+    the model's dtype; idle steering is exact, sparse equals full decode, and the steer matches fp32's."""
+    import copy
+
+    model, tok, sid, sae = setup
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = render_prompt(tok, messages=[{"role": "user", "content": "Tell me something interesting."}])
+    x = torch.tensor([ids])
+    pos = StepPositions(abs_pos=torch.arange(len(ids)).unsqueeze(0), prompt_len=torch.tensor([len(ids)]))
+    with torch.no_grad():
+        plain = m16(input_ids=x).logits
+        idle_plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "scale", 1.0, "all")])
+        with Steerer(m16, {sid: sae}).steer([idle_plan], pos):
+            idle = m16(input_ids=x).logits
+    assert plain.dtype == torch.bfloat16 and torch.equal(idle, plain)
+    plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all")])
+    spec = [GenerationSpec(ids, 12, plan=plan)]
+    fast = generate(m16, tok, spec, Steerer(m16, {sid: sae}))[0].tokens
+    full = generate(m16, tok, spec, Steerer(m16, {sid: sae}, full=True))[0].tokens
+    fp32 = generate(model, tok, spec, Steerer(model, {sid: sae}))[0].tokens
+    plain_tokens = generate(m16, tok, [GenerationSpec(ids, 12)])[0].tokens
+    assert fast == full
+    assert fast[:5] == fp32[:5] and fast != plain_tokens  # the same code-like opening as in float32
