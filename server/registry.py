@@ -346,6 +346,7 @@ class SAEPool(Mapping[str, SAE]):
                     k=cfg.k,
                     model_name=cfg.model_name,
                     source=src if not os.path.isabs(src) else Path(src).name,
+                    latent_stats=sid in self.units.typical,
                 )
             )
         return out

@@ -75,6 +75,7 @@ def test_health_and_sae_listing(client):
         "blocks.10.hook_resid_post", "batchtopk", 576, 4608, 32)
     g = saes[1]
     assert (g["hook_point"], g["architecture"], g["d_sae"]) == ("blocks.6.hook_resid_post", "jumprelu", 64)
+    assert s["latent_stats"] is True and g["latent_stats"] is False
 
 
 def test_latent_lookup(client):

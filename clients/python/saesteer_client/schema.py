@@ -166,6 +166,7 @@ class SAEInfo(BaseModel):
     k: float | None = None
     model_name: str = ""
     source: str = ""
+    latent_stats: bool = Field(False, description="statistics saved with the SAE: unit 'typical' and GET .../latents/{i} work")
 
 
 class SAEList(BaseModel):
