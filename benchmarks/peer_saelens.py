@@ -89,22 +89,11 @@ from saesteer.steering.generate import GenerationSpec, generate, render_prompt  
 from saesteer.steering.hooks import Steerer  # noqa: E402
 from saesteer.steering.lm import load_model  # noqa: E402
 from saesteer.steering.plan import InterventionPlan, LatentEdit  # noqa: E402
+from _common import NoEos  # noqa: E402
 
 OFFICIAL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LATENT, VALUE = 3656, 12.0
 PROMPT = "Tell me something interesting."
-
-
-class _NoEos:
-    """The tokenizer with EOS disabled, so each call generates exactly the requested tokens."""
-
-    def __init__(self, tok):
-        self._tok = tok
-        self.eos_token_id = -1
-        self.pad_token_id = tok.pad_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 def build_hooked(model, tok, n_ctx: int, tried: list[str]):
@@ -230,7 +219,7 @@ def main() -> int:
     plan = InterventionPlan(latent_edits=[LatentEdit("s", LATENT, "clamp", VALUE, "all")])
 
     def ours(p: InterventionPlan) -> list[int]:
-        return generate(model, _NoEos(tok), [GenerationSpec(ids, n, plan=p)], steerer)[0].tokens
+        return generate(model, NoEos(tok), [GenerationSpec(ids, n, plan=p)], steerer)[0].tokens
 
     def tl_gen() -> list[int]:
         out = tl.generate(x, max_new_tokens=n, do_sample=False, stop_at_eos=False, use_past_kv_cache=True,

@@ -25,6 +25,7 @@ from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
 from saesteer.steering.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
+from _common import NoEos
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     def ours(plan, steerer):
         spec = GenerationSpec(ids, n, plan=plan)
         # ignore EOS so every mode generates exactly n tokens
-        return len(generate(model, _NoEos(tok), [spec], steerer)[0].tokens)
+        return len(generate(model, NoEos(tok), [spec], steerer)[0].tokens)
 
     modes = {
         "transformers generate (plain)": hf,
@@ -87,11 +88,11 @@ def main() -> None:
     lat_seq = []
     for s in specs:
         t = time.perf_counter()
-        generate(model, _NoEos(tok), [s], fast)
+        generate(model, NoEos(tok), [s], fast)
         lat_seq.append(time.perf_counter() - t0)  # request i waits for all before it
     seq_total = time.perf_counter() - t0
     t = time.perf_counter()
-    generate(model, _NoEos(tok), specs, fast)
+    generate(model, NoEos(tok), specs, fast)
     batch_total = time.perf_counter() - t
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     print(f"\n{a.batch} requests, {a.batch} different clamps, {n} new tokens each")
@@ -99,18 +100,6 @@ def main() -> None:
     print(f"| one by one | {seq_total:.1f} | {a.batch * n / seq_total:.1f} | {q(lat_seq, 0.5):.1f} | {q(lat_seq, 0.95):.1f} |")
     print(f"| one batch | {batch_total:.1f} | {a.batch * n / batch_total:.1f} | {batch_total:.1f} | {batch_total:.1f} |")
     print(f"throughput ratio batched / one by one: {seq_total / batch_total:.2f}")
-
-
-class _NoEos:
-    """The tokenizer with EOS disabled, so each mode generates exactly the requested tokens."""
-
-    def __init__(self, tok):
-        self._tok = tok
-        self.eos_token_id = -1
-        self.pad_token_id = tok.pad_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 if __name__ == "__main__":
