@@ -184,9 +184,10 @@ class ConceptScorer:
             if concept.keywords else None
         )
 
-    def scores(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(similarity cos(text, c+), margin cos(text, c+) - cos(text, c-)), each [len(texts)] float32."""
-        e = self.judge.embed(list(texts))
+    def scores(self, texts: Sequence[str] | None = None, embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarity cos(text, c+), margin cos(text, c+) - cos(text, c-)), each [n] float32, for
+        ``texts`` or for their judge ``embeddings`` [n, 384] when already computed."""
+        e = embeddings if embeddings is not None else self.judge.embed(list(texts or []))
         sim = e @ self.c_pos
         return sim, sim - e @ self.c_neg
 
@@ -319,9 +320,11 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     nll, acts = completion_nll(model, [specs[i].input_ids for i in range(len(specs))], comp, hook=hook)
     lat = torch.tensor([setup.latent], device=sae.device)
     lat_act = [float(sae.encode_latents(a.to(sae.device), lat).max()) if a is not None else 0.0 for a in acts]
-    sim, margin = scorer.scores(texts)
+    emb = judge.embed(texts)
+    sim, margin = scorer.scores(embeddings=emb)
     kw = scorer.keyword_hits(texts)
-    rel = (judge.embed(texts) * judge.embed([cfg.prompts[j] for _, _, j in owners])).sum(-1)
+    prompt_emb = judge.embed(list(cfg.prompts))
+    rel = (emb * prompt_emb[[j for _, _, j in owners]]).sum(-1)
     points = []
     for m, s in grid:
         idx = [i for i, (mm, ss, _) in enumerate(owners) if mm == m and ss == s]
