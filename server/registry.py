@@ -1,6 +1,6 @@
 """The SAEs a server attaches: parsing ``[ID=]PATH_OR_REPO[@HOOK]`` specs, locating and loading them.
 
-Listing (``sae_infos``, ``SAEPool.infos``) reads only ``cfg.json``, so the API process can serve
+Listing (``SAEPool.infos``) reads only ``cfg.json``, so the API process can serve
 ``GET /v1/saes`` without loading weights. The inference worker holds its SAEs in an ``SAEPool``:
 every config known up front, weights loaded on first use and, under a device-memory budget
 (``--sae-memory-mb``), evicted least-recently-used first; SAEs of the batch in progress are pinned.
@@ -384,23 +384,3 @@ class SAEPool(Mapping[str, SAE]):
             freed = self._resident_bytes.pop(victim)
             self.evictions += 1
             log.info("SAE %r evicted (%s freed)", victim, _mib(freed))
-
-
-def sae_infos(specs: list[SAESpec]) -> list[SAEInfo]:
-    """Metadata of each SAE from its config alone (``cfg.json`` for our layout).
-
-    Raises:
-        SAEFormatError, FileNotFoundError: a spec that does not lead to a readable checkpoint.
-        ValueError: two SAEs with one id, or an SAE with no hook point.
-    """
-    return SAEPool(specs).infos()
-
-
-def load_saes(specs: list[SAESpec], device: str = "cpu") -> dict[str, SAE]:
-    """Load every SAE in any supported format (float32 for the steering math), applying hook overrides.
-
-    Raises:
-        SAEFormatError, FileNotFoundError: as ``load_any`` and ``locate``.
-        ValueError: two SAEs with one id, or an SAE with no hook point.
-    """
-    return SAEPool(specs, device=device).load_all()

@@ -14,7 +14,7 @@ from saesteer.sae.io import save_sae
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.server.app import build_server
 from saesteer.server.config import ServerSettings, add_serve_args, settings_from_args
-from saesteer.server.registry import SAEBudgetError, SAEPool, SAESpec, load_saes, sae_nbytes
+from saesteer.server.registry import SAEBudgetError, SAEPool, SAESpec, sae_nbytes
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit, build_plan
@@ -177,7 +177,7 @@ def test_steerer_checks_configs_without_loading(lm, specs, tmp_path):
 def test_tiny_budget_steers_exactly_like_everything_loaded(lm, specs):
     model, tok = lm
     pool = pool_of(specs, 2.5)  # at most two of the four SAEs resident
-    pooled, full = Steerer(model, pool), Steerer(model, load_saes(specs))
+    pooled, full = Steerer(model, pool), Steerer(model, SAEPool(specs).load_all())
     prompts = [render_prompt(tok, messages=[{"role": "user", "content": t}])
                for t in ("Tell me something interesting.", "Describe a place you like.")]
 
