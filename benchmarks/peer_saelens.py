@@ -87,7 +87,7 @@ from saesteer.sae.io import load_sae  # noqa: E402
 from saesteer.server.config import default_sae_spec  # noqa: E402
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt  # noqa: E402
 from saesteer.steering.hooks import Steerer  # noqa: E402
-from saesteer.steering.lm import load_model  # noqa: E402
+from saesteer.sae.lm import load_model  # noqa: E402
 from saesteer.steering.plan import InterventionPlan, LatentEdit  # noqa: E402
 from _common import NoEos  # noqa: E402
 
@@ -179,7 +179,7 @@ def main() -> int:
     t0 = time.perf_counter()
     model, tok = load_model()
     ours_sae = load_sae(default_sae_spec(), dtype=torch.float32)
-    hook = ours_sae.cfg.hook_name
+    hook = ours_sae.cfg.hook_point
     steerer = Steerer(model, {"s": ours_sae})
     ids = render_prompt(tok, messages=[{"role": "user", "content": PROMPT}])
     x = torch.tensor([ids])

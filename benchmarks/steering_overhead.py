@@ -23,7 +23,7 @@ from saesteer.sae.io import load_sae
 from saesteer.server.config import default_sae_spec
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
-from saesteer.steering.lm import load_model
+from saesteer.sae.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
 from _common import NoEos
 
@@ -42,7 +42,7 @@ def main() -> None:
     n = a.new_tokens
     one = InterventionPlan(latent_edits=[LatentEdit("s", 123, "clamp", 20.0, "all")])
     ten = InterventionPlan(latent_edits=[LatentEdit("s", 100 + 37 * i, "clamp", 5.0, "all") for i in range(10)])
-    vec = InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_name, sae.W_dec[7].detach() * 4, "all")])
+    vec = InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_point, sae.W_dec[7].detach() * 4, "all")])
 
     def hf():
         x = torch.tensor([ids])

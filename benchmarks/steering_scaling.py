@@ -28,13 +28,13 @@ from saesteer.sae.io import load_sae
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.server.config import default_sae_spec
 from saesteer.steering.hooks import Steerer, StepPositions
-from saesteer.steering.lm import load_model
+from saesteer.sae.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 
 def random_sae(d_sae: int, like: SAE) -> SAE:
     """A random BatchTopK SAE with ``like``'s hook point and d_in, ``d_sae`` latents (float32)."""
-    cfg = SAEConfig(d_in=like.cfg.d_in, d_sae=d_sae, architecture="batchtopk", k=32, hook_name=like.cfg.hook_name)
+    cfg = SAEConfig(d_in=like.cfg.d_in, d_sae=d_sae, architecture="batchtopk", k=32, hook_point=like.cfg.hook_point)
     sae = SAE(cfg)
     g = torch.Generator().manual_seed(d_sae)
     with torch.no_grad():

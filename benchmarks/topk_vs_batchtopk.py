@@ -22,7 +22,7 @@ import torch
 from saesteer.sae.activations import iter_texts, load_activations
 from saesteer.sae.evaluate import ce_loss_metrics, reconstruction_metrics
 from saesteer.sae.train import TrainConfig, train_sae
-from saesteer.steering.lm import load_model
+from saesteer.sae.lm import load_model
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         for arch in ("topk", "batchtopk"):
             cfg = TrainConfig(architecture=arch, d_sae=a.d_sae, k=k, n_tokens=a.n_tokens, lr=a.lr, seed=0)
             t = time.perf_counter()
-            res = train_sae(acts, cfg, hook_name=a.hook, progress=False)
+            res = train_sae(acts, cfg, hook_point=a.hook, progress=False)
             sae = res.sae.eval().requires_grad_(False)
             figs = reconstruction_metrics(sae, val)
             figs.update(ce_loss_metrics(model, tok, sae, iter_texts(a.data, "validation"), a.ce_tokens))

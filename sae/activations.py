@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from saesteer.steering.lm import resolve_hook_point
+from .lm import resolve_hook_point
 
 
 def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
@@ -78,13 +78,13 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def hook_activations(model, hook_name: str | list[str], input_ids: torch.Tensor, stop: bool = True):
-    """Activations at ``hook_name`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in]
+def hook_activations(model, hook_point: str | list[str], input_ids: torch.Tensor, stop: bool = True):
+    """Activations at ``hook_point`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in]
     (a dict of them for a list of hook points, all from one forward pass).
 
     With ``stop=True`` the forward pass is cut off once every hook point has been seen.
     """
-    names = [hook_name] if isinstance(hook_name, str) else list(hook_name)
+    names = [hook_point] if isinstance(hook_point, str) else list(hook_point)
     box: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -102,7 +102,7 @@ def hook_activations(model, hook_name: str | list[str], input_ids: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
-    return box[names[0]] if isinstance(hook_name, str) else box
+    return box[names[0]] if isinstance(hook_point, str) else box
 
 
 def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
@@ -118,7 +118,7 @@ def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
 def collect_activations(
     model,
     tokenizer,
-    hook_name: str | list[str],
+    hook_point: str | list[str],
     texts: Iterable[str],
     n_tokens: int,
     context_size: int = 128,
@@ -127,13 +127,13 @@ def collect_activations(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_name``; for a list of
+    """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_point``; for a list of
     hook points, a dict of them from one pass over the text (several SAEs train from one pass).
 
     Sinks are left out (see the module docstring), judged by the first hook point's norms so that
     every hook point keeps the same tokens; the result is in corpus order (shuffle when training).
     """
-    names = [hook_name] if isinstance(hook_name, str) else list(hook_name)
+    names = [hook_point] if isinstance(hook_point, str) else list(hook_point)
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     have = 0
     bar = tqdm(total=n_tokens, desc=f"activations {', '.join(names)}", unit="tok", disable=not progress)
@@ -163,7 +163,7 @@ def collect_activations(
         flush()
     bar.close()
     out = {n: torch.cat(c) if c else torch.empty(0) for n, c in chunks.items()}
-    return out[names[0]] if isinstance(hook_name, str) else out
+    return out[names[0]] if isinstance(hook_point, str) else out
 
 
 def save_activations(acts: torch.Tensor, path: str | os.PathLike, meta: dict | None = None) -> None:

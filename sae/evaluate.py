@@ -9,7 +9,9 @@ Definitions (x [N, d_in] held-out activations, sinks excluded as in collection):
 - dead / dense latents: fraction of latents that never fire / fire on more than 10 % of tokens;
 - CE loss recovered: (CE_zero - CE_sae) / (CE_zero - CE_clean), where the hook point's activation is
   replaced by the reconstruction (CE_sae) or by zeros (CE_zero) at every non-sink position;
-  delta LM loss = CE_sae - CE_clean (nats per token).
+  delta LM loss = CE_sae - CE_clean (nats per token);
+- latent statistics (``compute_latent_stats``; the data and files are ``saesteer.sae.stats``):
+  each latent's firing frequency, typical activation (mean when it fires), max, top contexts.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from saesteer.steering.lm import resolve_hook_point
+from tqdm.auto import tqdm
 
-from .activations import sink_mask, token_windows
+from .activations import hook_activations, sink_mask, token_windows
+from .lm import resolve_hook_point
 from .model import SAE
+from .stats import LatentStats
 
 
 @torch.no_grad()
@@ -67,7 +71,7 @@ def ce_loss_metrics(
 ) -> dict:
     """CE loss clean / with the SAE spliced in / with the hook point zero-ablated, over windows of
     ``context_size`` tokens from ``texts`` until ``n_tokens`` predictions are scored."""
-    hp = resolve_hook_point(model, sae.cfg.hook_name)
+    hp = resolve_hook_point(model, sae.cfg.hook_point)
     mode = {"m": "clean"}
 
     def splice(h):
@@ -108,16 +112,105 @@ def ce_loss_metrics(
     }
 
 
+@torch.no_grad()
+def compute_latent_stats(
+    model,
+    tokenizer,
+    sae: SAE,
+    texts: Iterable[str],
+    n_tokens: int = 100_000,
+    context_size: int = 128,
+    batch_size: int = 16,
+    top_contexts: int = 5,
+    context_window: tuple[int, int] = (12, 4),
+    progress: bool = True,
+) -> LatentStats:
+    """Run ``texts`` through ``model`` up to the SAE's hook point and gather :class:`LatentStats`.
+
+    Args:
+        n_tokens: non-sink tokens to measure (windows of ``context_size`` until reached).
+        top_contexts: contexts kept per latent.
+        context_window: tokens shown before and after the activating token.
+        progress: show a tqdm bar.
+
+    Raises:
+        ValueError: the texts gave no tokens.
+    """
+    d_sae = sae.cfg.d_sae
+    count = torch.zeros(d_sae, dtype=torch.float64)
+    total = torch.zeros(d_sae, dtype=torch.float64)
+    peak = torch.zeros(d_sae)
+    best_val = torch.zeros(top_contexts, d_sae)
+    best_loc = torch.full((top_contexts, d_sae), -1, dtype=torch.long)
+    windows: list[list[int]] = []
+    seen, norm_sum = 0, 0.0
+    bar = tqdm(total=n_tokens, desc="latent stats", unit="tok", disable=not progress)
+    stream = token_windows(texts, tokenizer, context_size)
+    while seen < n_tokens:
+        chunk = [w for _, w in zip(range(batch_size), stream)]
+        if not chunk:
+            break
+        base = len(windows) * context_size
+        windows.extend(chunk)
+        acts = hook_activations(model, sae.cfg.hook_point, torch.tensor(chunk))
+        keep = sink_mask(acts)
+        loc = (base + torch.arange(acts.shape[0] * acts.shape[1])).view(acts.shape[:2])[keep]
+        x = acts[keep].float().to(sae.device)
+        z = sae.encode(x).float().cpu()
+        norm_sum += float(x.norm(dim=-1).sum())
+        count += (z > 0).sum(0).double()
+        total += z.sum(0).double()
+        peak = torch.maximum(peak, z.max(0).values)
+        m = min(top_contexts, z.shape[0])
+        v, i = z.topk(m, dim=0)  # [m, d_sae]
+        cand_v = torch.cat([best_val, v])
+        cand_l = torch.cat([best_loc, loc[i]])
+        order = cand_v.topk(top_contexts, dim=0).indices
+        best_val, best_loc = cand_v.gather(0, order), cand_l.gather(0, order)
+        seen += int(keep.sum())
+        bar.update(int(keep.sum()))
+    bar.close()
+    if seen == 0:
+        raise ValueError("the texts gave no tokens for latent statistics")
+    flat = [t for w in windows for t in w]
+    before, after = context_window
+    contexts: dict[int, list[dict]] = {}
+    fired = (count > 0).nonzero().flatten().tolist()
+    for lat in fired:
+        rows = []
+        for j in range(top_contexts):
+            val, at = float(best_val[j, lat]), int(best_loc[j, lat])
+            if val <= 0 or at < 0:
+                break
+            w0 = (at // context_size) * context_size
+            lo, hi = max(w0, at - before), min(w0 + context_size, at + after + 1)
+            left = tokenizer.decode(flat[lo:at])
+            tok = tokenizer.decode(flat[at : at + 1])
+            right = tokenizer.decode(flat[at + 1 : hi])
+            rows.append({"activation": round(val, 4), "text": f"{left}«{tok}»{right}", "token": tok})
+        contexts[lat] = rows
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).float()
+    return LatentStats(
+        frequency=(count / seen).float(),
+        typical_activation=mean,
+        max_activation=peak,
+        n_tokens=seen,
+        resid_norm_mean=norm_sum / seen,
+        contexts=contexts,
+        meta={"hook_point": sae.cfg.hook_point, "context_size": context_size},
+    )
+
+
 def eval_cli(a) -> int:
     """``saesteer eval SAE_DIR``: figures on the validation split, printed as JSON."""
-    from saesteer.steering.lm import load_model
+    from .lm import load_model
 
     from .activations import collect_activations, iter_texts
     from .io import load_sae
 
     sae = load_sae(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
-    acts = collect_activations(model, tok, sae.cfg.hook_name, iter_texts(a.data, a.split), a.n_tokens)
+    acts = collect_activations(model, tok, sae.cfg.hook_point, iter_texts(a.data, a.split), a.n_tokens)
     figs = reconstruction_metrics(sae, acts)
     figs.update(ce_loss_metrics(model, tok, sae, iter_texts(a.data, a.split), a.ce_tokens))
     text = json.dumps(figs, indent=2)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import SAE, SAEConfig
+from .model import ARCHITECTURES, SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -60,7 +60,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, dtype: torch.dtype | None = None
     if arch == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().contiguous()
     metadata = dict(cfg.metadata)
-    metadata.update(hook_name=cfg.hook_name, model_name=cfg.model_name)
+    metadata.update(hook_name=cfg.hook_point, model_name=cfg.model_name)  # SAELens reads hook_name
     metadata["saesteer"] = {"architecture": cfg.architecture, "k": cfg.k}
     # the layout is SAELens >= 6's; without this key SAELens reads the file as a pre-6 config and
     # drops metadata.hook_name (so HookedSAETransformer.add_sae would attach the SAE nowhere)
@@ -97,14 +97,14 @@ def config_from_saelens(doc: dict, where: Path | str = "cfg.json") -> SAEConfig:
     if doc.get("activation_fn_str", doc.get("activation_fn")) == "topk":
         arch = "topk"
         k = (doc.get("activation_fn_kwargs") or {}).get("k", k)
-    hook_name = meta.get("hook_name") or doc.get("hook_name") or doc.get("hook_point") or ""
+    hook_point = meta.get("hook_name") or doc.get("hook_name") or doc.get("hook_point") or ""
     model_name = meta.get("model_name") or doc.get("model_name") or ""
     ours = meta.pop("saesteer", None) or {}
     if arch == "standard":
         arch = "relu"
     if ours.get("architecture") == "batchtopk" and arch == "jumprelu":
         arch, k = "batchtopk", ours.get("k")
-    if arch not in ("relu", "topk", "jumprelu", "batchtopk"):
+    if arch not in ARCHITECTURES:
         raise SAEFormatError(f"{where}: SAELens architecture {arch!r} is not supported yet")
     if doc.get("rescale_acts_by_decoder_norm"):
         raise SAEFormatError(f"{where}: rescale_acts_by_decoder_norm=true is not supported; fold it first")
@@ -133,7 +133,7 @@ def config_from_saelens(doc: dict, where: Path | str = "cfg.json") -> SAEConfig:
         k=k,
         apply_b_dec_to_input=bool(doc.get("apply_b_dec_to_input", True)),
         input_scale=scale,
-        hook_name=hook_name,
+        hook_point=hook_point,
         model_name=model_name,
         dtype=str(doc.get("dtype", "float32")).removeprefix("torch."),
         metadata=meta,

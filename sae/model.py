@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -57,9 +57,28 @@ ARCHITECTURES: dict[str, ActivationFn] = {
     "jumprelu": _jumprelu,
     "batchtopk": _jumprelu,
 }
+Architecture = Literal[tuple(ARCHITECTURES)]  # type: ignore[valid-type]
+"""The architecture names, as a type (config models validate against it)."""
+K_ARCHITECTURES = frozenset({"topk", "batchtopk"})
+"""Architectures with a k (latents per token, exact or on average)."""
 THRESHOLD_ARCHITECTURES = frozenset({"jumprelu", "batchtopk", "relu"})
 """Architectures whose latent i depends on pre_i alone (relu's threshold is 0): a steering hook
 may compute only the latents it edits. TopK needs the whole code."""
+
+
+class LatentRangeError(IndexError):
+    """A latent index outside ``[0, d_sae)``."""
+
+
+def check_latent(latent: int, d_sae: int, sae_id: str | None = None) -> None:
+    """The one latent-range check (requests, the latent lookup, the statistics).
+
+    Raises:
+        LatentRangeError: ``latent`` outside ``[0, d_sae)``; the message names the SAE when given.
+    """
+    if not 0 <= latent < d_sae:
+        of = f" for SAE {sae_id!r}" if sae_id is not None else ""
+        raise LatentRangeError(f"latent {latent} is out of range{of} (d_sae {d_sae})")
 
 
 @dataclass
@@ -73,7 +92,7 @@ class SAEConfig:
         k: latents per token (topk) or mean latents per token (batchtopk); None otherwise.
         apply_b_dec_to_input: subtract ``b_dec`` from the (scaled) input before encoding.
         input_scale: dataset-norm factor s multiplying the input (decode divides by it).
-        hook_name: TransformerLens-style hook point, e.g. ``blocks.10.hook_resid_post``.
+        hook_point: TransformerLens-style hook point, e.g. ``blocks.10.hook_resid_post``.
         model_name: the model the SAE was trained on (informational).
         dtype: parameter dtype name (``float32``, ``float16``, ``bfloat16``).
         metadata: free-form provenance (training recipe, figures); saved, never used by the math.
@@ -85,7 +104,7 @@ class SAEConfig:
     k: float | None = None
     apply_b_dec_to_input: bool = True
     input_scale: float = 1.0
-    hook_name: str = ""
+    hook_point: str = ""
     model_name: str = ""
     dtype: str = "float32"
     metadata: dict = field(default_factory=dict)
@@ -97,7 +116,7 @@ class SAEConfig:
             )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
-        if self.architecture in ("topk", "batchtopk") and (self.k is None or self.k <= 0):
+        if self.architecture in K_ARCHITECTURES and (self.k is None or self.k <= 0):
             raise ValueError(f"architecture {self.architecture!r} needs a positive k, got {self.k}")
         if self.architecture == "topk" and self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")

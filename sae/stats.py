@@ -8,12 +8,16 @@ evaluation (``sae.activations.sink_mask``).
 Files written beside the SAE's ``cfg.json``:
 
 - ``latent_stats.safetensors``: ``frequency`` [d_sae] (fraction of tokens where z_i > 0),
-  ``mean_activation`` [d_sae] (mean of z_i over the tokens where it fires; 0 for a latent that never
-  fires), ``max_activation`` [d_sae], all float32; metadata ``n_tokens``, ``hook_name``,
+  ``typical_activation`` [d_sae] (mean of z_i over the tokens where it fires; 0 for a latent that
+  never fires; files written before it had this name call it ``mean_activation``, and still load),
+  ``max_activation`` [d_sae], all float32; metadata ``n_tokens``, ``hook_point``,
   ``resid_norm_mean`` (mean L2 norm of the hook point's activation, in the model's units) and the
   text source;
 - ``latent_contexts.json``: for each latent that fires, its top activating contexts as
   ``{"activation", "text", "token"}`` with the activating token marked by ``«»`` in ``text``.
+
+This module is the statistics' data and files only (no model runs here, so a server reads them
+cheaply); ``saesteer.sae.evaluate.compute_latent_stats`` measures them.
 """
 
 from __future__ import annotations
@@ -23,14 +27,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
-from tqdm.auto import tqdm
 
-from .activations import hook_activations, sink_mask, token_windows
-from .model import SAE
+from .model import check_latent
 
 STATS_FILE = "latent_stats.safetensors"
 CONTEXTS_FILE = "latent_contexts.json"
@@ -41,7 +42,7 @@ class LatentStats:
     """Per-latent statistics of one SAE (see the module docstring for the definitions).
 
     Attributes:
-        frequency, mean_activation, max_activation: float32 [d_sae].
+        frequency, typical_activation, max_activation: float32 [d_sae].
         n_tokens: tokens the statistics were measured on.
         resid_norm_mean: mean L2 norm of the hook point's activation (model units).
         contexts: latent -> top contexts, best first (may be empty when not computed or not loaded).
@@ -49,112 +50,23 @@ class LatentStats:
     """
 
     frequency: torch.Tensor
-    mean_activation: torch.Tensor
+    typical_activation: torch.Tensor
     max_activation: torch.Tensor
     n_tokens: int
     resid_norm_mean: float
     contexts: dict[int, list[dict]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
-    def typical_activation(self, latent: int) -> float:
+    def typical(self, latent: int) -> float:
         """The unit of latent strengths: the mean activation of ``latent`` when it fires.
 
         Raises:
             ValueError: the latent never fired on the statistics' text (no typical activation).
         """
-        v = float(self.mean_activation[latent])
+        v = float(self.typical_activation[latent])
         if v <= 0:
             raise ValueError(f"latent {latent} never fired on the {self.n_tokens} tokens of the statistics; it has no typical activation")
         return v
-
-
-@torch.no_grad()
-def compute_latent_stats(
-    model,
-    tokenizer,
-    sae: SAE,
-    texts: Iterable[str],
-    n_tokens: int = 100_000,
-    context_size: int = 128,
-    batch_size: int = 16,
-    top_contexts: int = 5,
-    context_window: tuple[int, int] = (12, 4),
-    progress: bool = True,
-) -> LatentStats:
-    """Run ``texts`` through ``model`` up to the SAE's hook point and gather :class:`LatentStats`.
-
-    Args:
-        n_tokens: non-sink tokens to measure (windows of ``context_size`` until reached).
-        top_contexts: contexts kept per latent.
-        context_window: tokens shown before and after the activating token.
-        progress: show a tqdm bar.
-
-    Raises:
-        ValueError: the texts gave no tokens.
-    """
-    d_sae = sae.cfg.d_sae
-    count = torch.zeros(d_sae, dtype=torch.float64)
-    total = torch.zeros(d_sae, dtype=torch.float64)
-    peak = torch.zeros(d_sae)
-    best_val = torch.zeros(top_contexts, d_sae)
-    best_loc = torch.full((top_contexts, d_sae), -1, dtype=torch.long)
-    windows: list[list[int]] = []
-    seen, norm_sum = 0, 0.0
-    bar = tqdm(total=n_tokens, desc="latent stats", unit="tok", disable=not progress)
-    stream = token_windows(texts, tokenizer, context_size)
-    while seen < n_tokens:
-        chunk = [w for _, w in zip(range(batch_size), stream)]
-        if not chunk:
-            break
-        base = len(windows) * context_size
-        windows.extend(chunk)
-        acts = hook_activations(model, sae.cfg.hook_name, torch.tensor(chunk))
-        keep = sink_mask(acts)
-        loc = (base + torch.arange(acts.shape[0] * acts.shape[1])).view(acts.shape[:2])[keep]
-        x = acts[keep].float().to(sae.device)
-        z = sae.encode(x).float().cpu()
-        norm_sum += float(x.norm(dim=-1).sum())
-        count += (z > 0).sum(0).double()
-        total += z.sum(0).double()
-        peak = torch.maximum(peak, z.max(0).values)
-        m = min(top_contexts, z.shape[0])
-        v, i = z.topk(m, dim=0)  # [m, d_sae]
-        cand_v = torch.cat([best_val, v])
-        cand_l = torch.cat([best_loc, loc[i]])
-        order = cand_v.topk(top_contexts, dim=0).indices
-        best_val, best_loc = cand_v.gather(0, order), cand_l.gather(0, order)
-        seen += int(keep.sum())
-        bar.update(int(keep.sum()))
-    bar.close()
-    if seen == 0:
-        raise ValueError("the texts gave no tokens for latent statistics")
-    flat = [t for w in windows for t in w]
-    before, after = context_window
-    contexts: dict[int, list[dict]] = {}
-    fired = (count > 0).nonzero().flatten().tolist()
-    for lat in fired:
-        rows = []
-        for j in range(top_contexts):
-            val, at = float(best_val[j, lat]), int(best_loc[j, lat])
-            if val <= 0 or at < 0:
-                break
-            w0 = (at // context_size) * context_size
-            lo, hi = max(w0, at - before), min(w0 + context_size, at + after + 1)
-            left = tokenizer.decode(flat[lo:at])
-            tok = tokenizer.decode(flat[at : at + 1])
-            right = tokenizer.decode(flat[at + 1 : hi])
-            rows.append({"activation": round(val, 4), "text": f"{left}«{tok}»{right}", "token": tok})
-        contexts[lat] = rows
-    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).float()
-    return LatentStats(
-        frequency=(count / seen).float(),
-        mean_activation=mean,
-        max_activation=peak,
-        n_tokens=seen,
-        resid_norm_mean=norm_sum / seen,
-        contexts=contexts,
-        meta={"hook_name": sae.cfg.hook_name, "context_size": context_size},
-    )
 
 
 def save_latent_stats(stats: LatentStats, folder: str | os.PathLike) -> tuple[Path, Path]:
@@ -167,7 +79,7 @@ def save_latent_stats(stats: LatentStats, folder: str | os.PathLike) -> tuple[Pa
     save_file(
         {
             "frequency": stats.frequency.float().contiguous(),
-            "mean_activation": stats.mean_activation.float().contiguous(),
+            "typical_activation": stats.typical_activation.float().contiguous(),
             "max_activation": stats.max_activation.float().contiguous(),
         },
         str(a),
@@ -196,7 +108,7 @@ def load_latent_stats(folder: str | os.PathLike, contexts: bool = False) -> Late
         ctx = {int(k): v for k, v in json.loads((folder / CONTEXTS_FILE).read_text()).items()}
     return LatentStats(
         frequency=t["frequency"],
-        mean_activation=t["mean_activation"],
+        typical_activation=t["typical_activation"] if "typical_activation" in t else t["mean_activation"],
         max_activation=t["max_activation"],
         n_tokens=int(meta.pop("n_tokens", 0)),
         resid_norm_mean=float(meta.pop("resid_norm_mean", "nan")),
@@ -210,15 +122,13 @@ def latent_record(stats: LatentStats, latent: int) -> dict:
     ``max_activation``, ``contexts`` (empty when not loaded).
 
     Raises:
-        IndexError: ``latent`` outside [0, d_sae).
+        LatentRangeError: (an IndexError) ``latent`` outside [0, d_sae).
     """
-    d_sae = stats.frequency.shape[0]
-    if not 0 <= latent < d_sae:
-        raise IndexError(f"latent {latent} is out of range (d_sae {d_sae})")
+    check_latent(latent, stats.frequency.shape[0])
     return {
         "latent": latent,
         "frequency": float(stats.frequency[latent]),
-        "typical_activation": float(stats.mean_activation[latent]),
+        "typical_activation": float(stats.typical_activation[latent]),
         "max_activation": float(stats.max_activation[latent]),
         "contexts": list(stats.contexts.get(latent, [])),
     }

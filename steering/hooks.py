@@ -18,15 +18,15 @@ Hooks are context managers and always remove themselves.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from saesteer.sae.model import SAE, SAEConfig
 
-from .lm import decoder_layers, hook_point_width, resolve_hook_point
+from saesteer.sae.lm import hook_point_width, hook_point_widths, resolve_hook_point
 from .plan import OPS, InterventionPlan
 
 _KIND = {"all": 0, "prompt": 1, "generated": 2}
@@ -127,15 +127,38 @@ class _VectorGroup:
         return mask @ self.vectors.to(x.dtype)
 
 
+@runtime_checkable
+class SAESource(Protocol):
+    """What ``Steerer`` needs of the SAEs it applies: every config by id (to check hook points and
+    requests without loading weights) and ``use(ids)``, a context manager that yields the SAEs
+    ``ids`` by id, loaded, and keeps them so (pinned) until it exits."""
+
+    configs: Mapping[str, SAEConfig]
+
+    def use(self, ids: Iterable[str]) -> AbstractContextManager[dict[str, SAE]]: ...
+
+
+class LoadedSAEs(dict):
+    """A plain ``{id: SAE}`` dict of SAEs already in memory, as an ``SAESource`` (tests, scripts,
+    evaluation: everything resident, nothing to pin)."""
+
+    @property
+    def configs(self) -> dict[str, SAEConfig]:
+        return {sid: sae.cfg for sid, sae in self.items()}
+
+    @contextmanager
+    def use(self, ids: Iterable[str]) -> Iterator[dict[str, SAE]]:
+        yield {sid: self[sid] for sid in ids}
+
+
 class Steerer:
     """Applies per-row intervention plans to a transformers causal LM.
 
     Args:
         model: the LM (``model.model.layers`` or a similar block list).
-        saes: SAEs by id: a plain mapping of loaded SAEs, or a pool that loads them on demand
-            (``saesteer.server.registry.SAEPool``: any mapping with ``configs`` {id: SAEConfig}
-            and a ``use(ids)`` context manager that pins and yields {id: SAE}). Each SAE's
-            ``hook_name`` must be a hook point of ``model``; this is checked from the configs,
+        saes: an ``SAESource`` (e.g. ``steering.pool.SAEPool``, which loads SAEs on demand), or
+            a plain mapping {id: SAE} of loaded SAEs (wrapped in ``LoadedSAEs``). Each SAE's
+            ``hook_point`` must be a hook point of ``model``; this is checked from the configs,
             so constructing a Steerer loads no weights.
         full: use the full-decode eager path instead of the sparse delta (for tests and checks).
 
@@ -148,30 +171,17 @@ class Steerer:
         ValueError: an SAE whose d_in differs from the hook point's width.
     """
 
-    def __init__(self, model, saes: Mapping[str, SAE], full: bool = False):
+    def __init__(self, model, saes: SAESource | Mapping[str, SAE], full: bool = False):
+        if not isinstance(saes, SAESource):
+            saes = LoadedSAEs(saes)
         self.model, self.saes, self.full = model, saes, full
-        self.configs: dict[str, SAEConfig] = (
-            dict(saes.configs) if hasattr(saes, "configs") else {sid: sae.cfg for sid, sae in saes.items()}
-        )
+        self.configs: dict[str, SAEConfig] = dict(saes.configs)
         width = hook_point_width(model)
-        n = len(decoder_layers(model))
-        self.hook_widths = {
-            f"blocks.{i}.{k}": width for i in range(n) for k in ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out")
-        }
+        self.hook_widths = hook_point_widths(model)
         for sid, cfg in self.configs.items():
-            resolve_hook_point(model, cfg.hook_name)
+            resolve_hook_point(model, cfg.hook_point)
             if cfg.d_in != width:
-                raise ValueError(f"SAE {sid!r}: d_in {cfg.d_in} differs from the model's width {width} at {cfg.hook_name}")
-
-    @contextmanager
-    def _pinned(self, ids: Sequence[str]) -> Iterator[dict[str, SAE]]:
-        """The SAEs ``ids``, pinned in a pool (loaded as needed) for the block."""
-        use = getattr(self.saes, "use", None)
-        if use is None:
-            yield {sid: self.saes[sid] for sid in ids}
-        else:
-            with use(ids) as saes:
-                yield saes
+                raise ValueError(f"SAE {sid!r}: d_in {cfg.d_in} differs from the model's width {width} at {cfg.hook_point}")
 
     def _groups(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]) -> dict[str, list]:
         per_sae: dict[str, list] = {}
@@ -180,16 +190,16 @@ class Steerer:
             for e in plan.latent_edits:
                 per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions))
             for v in plan.vector_edits:
-                per_vec.setdefault(v.hook, []).append((row, v.vector, v.positions))
+                per_vec.setdefault(v.hook_point, []).append((row, v.vector, v.positions))
         groups: dict[str, list] = {}
         for sid, cols in per_sae.items():
             sae = saes[sid]
             rows, lat, ops, vals, specs = map(list, zip(*cols))
-            groups.setdefault(sae.cfg.hook_name, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs))
+            groups.setdefault(sae.cfg.hook_point, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs))
         p = next(self.model.parameters())
-        for hook, cols in per_vec.items():
+        for hook_point, cols in per_vec.items():
             rows, vecs, specs = map(list, zip(*cols))
-            groups.setdefault(hook, []).append(_VectorGroup(rows, vecs, specs, p.device, torch.float32))
+            groups.setdefault(hook_point, []).append(_VectorGroup(rows, vecs, specs, p.device, torch.float32))
         return groups
 
     @contextmanager
@@ -200,15 +210,15 @@ class Steerer:
         The SAEs the plans name (and only those) are fetched, and with a pool pinned, until exit.
 
         Raises:
-            saesteer.server.registry.SAEBudgetError: with a pool, the SAEs the plans name do not
+            saesteer.steering.pool.SAEBudgetError: with a pool, the SAEs the plans name do not
                 fit its memory budget together.
         """
         ids = sorted(set().union(*(p.sae_ids() for p in plans)))
         handles = []
-        with self._pinned(ids) as saes:
+        with self.saes.use(ids) as saes:
             try:
-                for hook, groups in self._groups(plans, saes).items():
-                    hp = resolve_hook_point(self.model, hook)
+                for hook_point, groups in self._groups(plans, saes).items():
+                    hp = resolve_hook_point(self.model, hook_point)
 
                     def apply(x, groups=groups):
                         out = x

@@ -11,9 +11,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saesteer_client.schema import LatentIntervention, VectorIntervention
+from saesteer_client.schema import ErrorItem, LatentIntervention, VectorIntervention
 
-from saesteer.sae.model import SAEConfig
+from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 
 OPS = {"clamp": 0, "ablate": 1, "scale": 2, "add": 3}
 """Op codes used in the batched hook tensors."""
@@ -23,16 +23,13 @@ class PlanError(ValueError):
     """An intervention that does not fit the loaded model or SAEs.
 
     Attributes:
-        loc: the field's location in the request body, e.g. ``["body", "interventions", 0, "latent"]``.
-        msg: the reason.
+        item: the wire error, ``loc`` naming the field in the request body (e.g. ``["body",
+            "interventions", 0, "latent"]``), ``msg`` the reason, ``type`` its kind.
     """
 
     def __init__(self, loc: list, msg: str, kind: str = "value_error"):
         super().__init__(msg)
-        self.loc, self.msg, self.kind = loc, msg, kind
-
-    def detail(self) -> list[dict]:
-        return [{"loc": self.loc, "msg": self.msg, "type": self.kind}]
+        self.item = ErrorItem(loc=loc, msg=msg, type=kind)
 
 
 @dataclass(frozen=True)
@@ -49,9 +46,9 @@ class LatentEdit:
 
 @dataclass(frozen=True)
 class VectorEdit:
-    """Add ``vector`` [d_in] (float32, strength already applied) at ``hook``."""
+    """Add ``vector`` [d_in] (float32, strength already applied) at ``hook_point``."""
 
-    hook: str
+    hook_point: str
     vector: torch.Tensor
     positions: str | tuple[int, ...]
 
@@ -75,6 +72,26 @@ def _positions(p) -> str | tuple[int, ...]:
     return p if isinstance(p, str) else tuple(p)
 
 
+def typical_to_raw(value: float, typical: float) -> float:
+    """A latent strength given in typical activations, in raw latent units: ``value * typical``."""
+    return value * typical
+
+
+def resid_norm_vector(direction: torch.Tensor, strength: float, resid_norm: float) -> torch.Tensor:
+    """A steering vector whose strength is given in residual norms: ``direction`` [d_in] scaled to
+    unit length (in float64), times ``strength * resid_norm``; float32 [d_in]."""
+    unit = torch.nn.functional.normalize(direction.to(torch.float64), dim=0)
+    return (unit * (float(strength) * float(resid_norm))).float()
+
+
+class UnitError(ValueError):
+    """A strength unit this server cannot resolve; ``field`` is the request field to name."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(msg)
+        self.field = field
+
+
 @dataclass
 class StrengthUnits:
     """What the request fields ``unit="typical"`` and ``unit="resid_norm"`` mean on this server.
@@ -95,10 +112,38 @@ class StrengthUnits:
         for sid, st in stats.items():
             if st is None:
                 continue
-            u.typical[sid] = st.mean_activation.float()
+            u.typical[sid] = st.typical_activation.float()
             if st.resid_norm_mean == st.resid_norm_mean and st.resid_norm_mean > 0:  # not nan
-                u.resid_norm.setdefault(configs[sid].hook_name, float(st.resid_norm_mean))
+                u.resid_norm.setdefault(configs[sid].hook_point, float(st.resid_norm_mean))
         return u
+
+    def latent_value(self, sae_id: str, latent: int, value: float, unit: str) -> float:
+        """``value`` of a clamp or add on ``latent`` of SAE ``sae_id`` in raw latent units.
+
+        Raises:
+            UnitError: ``typical`` for an SAE without statistics (field ``unit``) or a latent that
+                never fired in them (field ``latent``).
+        """
+        if unit == "raw":
+            return value
+        if sae_id not in self.typical:
+            raise UnitError("unit", f"SAE {sae_id!r} has no latent statistics (saesteer stats), so no typical activation; use unit 'raw'")
+        typical = float(self.typical[sae_id][latent])
+        if typical <= 0:
+            raise UnitError("latent", f"latent {latent} of SAE {sae_id!r} never fired in its statistics, so it has no typical activation; use unit 'raw'")
+        return typical_to_raw(value, typical)
+
+    def vector(self, hook_point: str, vector: torch.Tensor, strength: float, unit: str) -> torch.Tensor:
+        """The float32 [d_in] vector added at ``hook_point`` for ``vector`` at ``strength`` in ``unit``.
+
+        Raises:
+            UnitError: ``resid_norm`` at a hook point without a known residual norm (field ``unit``).
+        """
+        if unit == "raw":
+            return vector.float() * float(strength)
+        if hook_point not in self.resid_norm:
+            raise UnitError("unit", f"no residual norm is known at {hook_point!r} (no SAE with latent statistics there); use unit 'raw'")
+        return resid_norm_vector(vector, strength, self.resid_norm[hook_point])
 
 
 def build_plan(
@@ -128,37 +173,28 @@ def build_plan(
     plan = InterventionPlan()
     widths = dict(hook_widths or {})
     for cfg in configs.values():
-        widths.setdefault(cfg.hook_name, cfg.d_in)
+        widths.setdefault(cfg.hook_point, cfg.d_in)
     for i, iv in enumerate(interventions):
         loc = ["body", "interventions", i]
         if iv.sae is not None and iv.sae not in configs:
             known = ", ".join(sorted(configs)) or "none"
             raise PlanError(loc + ["sae"], f"unknown SAE {iv.sae!r}; loaded SAEs: {known}")
-        if isinstance(iv, LatentIntervention):
-            d_sae = configs[iv.sae].d_sae
-            if iv.latent >= d_sae:
-                raise PlanError(loc + ["latent"], f"latent {iv.latent} is out of range for SAE {iv.sae!r} (d_sae {d_sae})")
-            value = float(iv.value or 0.0)
-            if iv.unit == "typical":
-                if iv.sae not in units.typical:
-                    raise PlanError(loc + ["unit"], f"SAE {iv.sae!r} has no latent statistics (saesteer stats), so no typical activation; use unit 'raw'")
-                typical = float(units.typical[iv.sae][iv.latent])
-                if typical <= 0:
-                    raise PlanError(loc + ["latent"], f"latent {iv.latent} of SAE {iv.sae!r} never fired in its statistics, so it has no typical activation; use unit 'raw'")
-                value *= typical
-            plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions)))
-        else:
-            hook = iv.hook if iv.hook is not None else configs[iv.sae].hook_name
-            width = widths.get(hook)
+        try:
+            if isinstance(iv, LatentIntervention):
+                check_latent(iv.latent, configs[iv.sae].d_sae, iv.sae)
+                value = units.latent_value(iv.sae, iv.latent, float(iv.value or 0.0), iv.unit)
+                plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions)))
+                continue
+            hook_point = iv.hook if iv.hook is not None else configs[iv.sae].hook_point
+            width = widths.get(hook_point)
             if width is None:
-                raise PlanError(loc + ["hook"], f"hook point {hook!r} is not available on this model")
+                raise PlanError(loc + ["hook"], f"hook point {hook_point!r} is not available on this model")
             if len(iv.vector) != width:
-                raise PlanError(loc + ["vector"], f"vector has {len(iv.vector)} values; hook point {hook!r} has d_in {width}")
-            vec = torch.tensor(iv.vector, dtype=torch.float32) * float(iv.strength)
-            if iv.unit == "resid_norm":
-                if hook not in units.resid_norm:
-                    raise PlanError(loc + ["unit"], f"no residual norm is known at {hook!r} (no SAE with latent statistics there); use unit 'raw'")
-                unit_vec = torch.nn.functional.normalize(torch.tensor(iv.vector, dtype=torch.float64), dim=0)
-                vec = (unit_vec * (float(iv.strength) * units.resid_norm[hook])).float()
-            plan.vector_edits.append(VectorEdit(hook, vec, _positions(iv.positions)))
+                raise PlanError(loc + ["vector"], f"vector has {len(iv.vector)} values; hook point {hook_point!r} has d_in {width}")
+            vec = units.vector(hook_point, torch.tensor(iv.vector, dtype=torch.float64), iv.strength, iv.unit)
+            plan.vector_edits.append(VectorEdit(hook_point, vec, _positions(iv.positions)))
+        except LatentRangeError as e:
+            raise PlanError(loc + ["latent"], str(e)) from None
+        except UnitError as e:
+            raise PlanError(loc + [e.field], str(e)) from None
     return plan

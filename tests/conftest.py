@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def lm():
-    from saesteer.steering.lm import load_model
+    from saesteer.sae.lm import load_model
 
     torch.manual_seed(0)
     return load_model()

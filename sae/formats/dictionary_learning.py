@@ -31,7 +31,7 @@ import torch
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
+from ._common import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
 
 CONFIG = "config.json"
 WEIGHTS = "ae.pt"
@@ -48,7 +48,7 @@ def _k_of(tensors: dict, trainer: dict, where) -> int | None:
 
 def load_dictionary_learning(
     path: str | os.PathLike,
-    hook: str | None = None,
+    hook_point: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
@@ -60,7 +60,7 @@ def load_dictionary_learning(
 
     Args:
         path: the ``trainer_i`` folder (or a file in it).
-        hook: hook point (default ``blocks.{trainer.layer}.hook_resid_post``, as SAELens does).
+        hook_point: hook point (default ``blocks.{trainer.layer}.hook_resid_post``, as SAELens does).
         device: where to put the parameters.
         dtype: parameter dtype (default: the stored dtype of ``encoder.weight``).
 
@@ -136,7 +136,7 @@ def load_dictionary_learning(
         k=k,
         apply_b_dec_to_input=True,
         input_scale=1.0,
-        hook_name=hook or (f"blocks.{int(layer)}.hook_resid_post" if layer is not None else ""),
+        hook_point=hook_point or (f"blocks.{int(layer)}.hook_resid_post" if layer is not None else ""),
         model_name=str(trainer.get("lm_name") or ""),
         metadata={
             "source_format": "dictionary_learning",

@@ -24,7 +24,7 @@ import torch
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _build_sae, _check_tensors, _f64, _resolve_dtype
+from ._common import _build_sae, _check_tensors, _f64, _resolve_dtype
 
 PARAMS = "params.npz"
 _REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)")
@@ -67,7 +67,7 @@ def _width_matches(width: tuple[str, str], d_sae: int) -> bool:
 
 def load_gemma_scope(
     path: str | os.PathLike,
-    hook: str | None = None,
+    hook_point: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
@@ -78,7 +78,7 @@ def load_gemma_scope(
 
     Args:
         path: the ``params.npz`` file or the folder holding it.
-        hook: hook point. Default, from the path: ``layer_L`` -> ``blocks.L.hook_resid_post``
+        hook_point: hook point. Default, from the path: ``layer_L`` -> ``blocks.L.hook_resid_post``
             (``blocks.L.hook_mlp_out`` under a ``gemma-scope-*-mlp`` folder,
             ``blocks.L.attn.hook_z`` under ``-att``, where the SAE reads z flattened over heads);
             empty for ``embedding/`` SAEs (they read Gemma's embeddings after its sqrt(d_model)
@@ -116,16 +116,16 @@ def load_gemma_scope(
         raise SAEFormatError(
             f"{npz}: folder width_{''.join(info['width'])} disagrees with the tensors' d_sae={d_sae}"
         )
-    if hook is None:
+    if hook_point is None:
         site = info.get("site", "res")
         if info.get("embedding") or "layer" not in info:
-            hook = ""
+            hook_point = ""
         elif site == "mlp":
-            hook = f"blocks.{info['layer']}.hook_mlp_out"
+            hook_point = f"blocks.{info['layer']}.hook_mlp_out"
         elif site == "att":
-            hook = f"blocks.{info['layer']}.attn.hook_z"
+            hook_point = f"blocks.{info['layer']}.attn.hook_z"
         else:
-            hook = f"blocks.{info['layer']}.hook_resid_post"
+            hook_point = f"blocks.{info['layer']}.hook_resid_post"
     stored = torch.from_numpy(np.ascontiguousarray(arrays["W_enc"][:1, :1])).dtype
     meta = {"source_format": "gemma_scope", "source_path": str(npz)}
     meta.update({k: v for k, v in info.items() if k in ("layer", "average_l0", "site", "embedding")})
@@ -137,7 +137,7 @@ def load_gemma_scope(
         d_sae=int(d_sae),
         apply_b_dec_to_input=False,
         input_scale=1.0,
-        hook_name=hook,
+        hook_point=hook_point,
         model_name=info.get("model_name", ""),
         metadata=meta,
     )

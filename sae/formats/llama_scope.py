@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
+from ._common import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
 
 HYPERPARAMS = "hyperparams.json"
 # lm_saes ``from_config`` looks for these, in this order (the .pt variants are not supported).
@@ -85,7 +85,7 @@ def _dataset_norms(hp: dict, tensors: dict[str, torch.Tensor], where: Path) -> t
 
 def load_llama_scope(
     path: str | os.PathLike,
-    hook: str | None = None,
+    hook_point: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
@@ -97,7 +97,7 @@ def load_llama_scope(
 
     Args:
         path: the folder holding ``hyperparams.json`` and ``checkpoints/final.safetensors``.
-        hook: hook point (default: ``hook_point_in``, e.g. ``blocks.15.hook_resid_post``).
+        hook_point: hook point (default: ``hook_point_in``, e.g. ``blocks.15.hook_resid_post``).
         device: where to put the parameters.
         dtype: parameter dtype (default: the stored one, bfloat16 for the release); the folding
             is computed in float64 and rounded once.
@@ -209,7 +209,7 @@ def load_llama_scope(
         k=top_k if arch == "topk" else None,
         apply_b_dec_to_input=bool(use_dec_bias and hp["apply_decoder_bias_to_pre_encoder"]),
         input_scale=1.0,
-        hook_name=hook or hook_in,
+        hook_point=hook_point or hook_in,
         model_name=str(hp.get("model_name") or ("meta-llama/Llama-3.1-8B" if d_model == 4096 else "")),
         metadata={
             "source_format": "llama_scope",

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
+from ._common import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -56,7 +56,7 @@ _HOOKS = [
 
 
 def hook_from_hookpoint(name: str) -> str:
-    """TransformerLens hook name for a sparsify hook-point folder name.
+    """TransformerLens hook_point name for a sparsify hook-point folder name.
 
     ``layers.N`` / ``h.N`` (a decoder block's output) -> ``blocks.N.hook_resid_post``;
     ``layers.N.mlp`` -> ``blocks.N.hook_mlp_out``; ``layers.N.self_attn`` / ``h.N.attn`` ->
@@ -93,7 +93,7 @@ def _hookpoint_folder(root: Path, hookpoint: str | None) -> Path:
 def load_sparsify(
     path: str | os.PathLike,
     hookpoint: str | None = None,
-    hook: str | None = None,
+    hook_point: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
@@ -106,7 +106,7 @@ def load_sparsify(
         path: a hook-point folder (``cfg.json`` + ``sae.safetensors``), or the run folder holding
             several (then ``hookpoint`` picks one unless there is only one).
         hookpoint: sub-folder name, e.g. ``layers.10`` or ``embed_tokens``.
-        hook: hook point to record (default: from the folder name, ``layers.N`` ->
+        hook_point: hook point to record (default: from the folder name, ``layers.N`` ->
             ``blocks.N.hook_resid_post``, ``embed_tokens`` -> ``hook_embed``).
         device: where to put the parameters.
         dtype: parameter dtype (default: the stored dtype of ``encoder.weight``).
@@ -168,7 +168,7 @@ def load_sparsify(
         k=k,
         apply_b_dec_to_input=not transcode,
         input_scale=1.0,
-        hook_name=hook or hook_from_hookpoint(folder.name),
+        hook_point=hook_point or hook_from_hookpoint(folder.name),
         model_name=model_name,
         metadata={
             "source_format": "sparsify",

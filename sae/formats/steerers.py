@@ -23,7 +23,7 @@ import torch
 
 from ..io import SAEFormatError
 from ..model import SAE, SAEConfig
-from . import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
+from ._common import _as_dir, _build_sae, _check_tensors, _f64, _read_json, _require_keys, _resolve_dtype, _torch_load
 
 CONFIG = "config.json"
 WEIGHTS = "state_dict.pth"
@@ -33,7 +33,7 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 def load_steerers(
     path: str | os.PathLike,
-    hook: str | None = None,
+    hook_point: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
@@ -44,7 +44,7 @@ def load_steerers(
 
     Args:
         path: the checkpoint folder (``.../final``) or a file in it.
-        hook: hook point (default ``text_encoder.text_model.encoder.layers.9``, the output of
+        hook_point: hook point (default ``text_encoder.text_model.encoder.layers.9``, the output of
             SD 1.4's CLIP text-encoder layer 9, and then model ``CompVis/stable-diffusion-v1-4``).
         device: where to put the parameters.
         dtype: parameter dtype (default: the stored dtype of ``encoder.weight``).
@@ -84,8 +84,8 @@ def load_steerers(
         k=k,
         apply_b_dec_to_input=True,
         input_scale=1.0,
-        hook_name=hook or DEFAULT_HOOK,
-        model_name="" if hook else DEFAULT_MODEL,
+        hook_point=hook_point or DEFAULT_HOOK,
+        model_name="" if hook_point else DEFAULT_MODEL,
         metadata={
             "source_format": "steerers",
             "source_path": str(root),

@@ -22,8 +22,6 @@ from safetensors.torch import save_file
 
 from saesteer.sae.formats import (
     FORMATS,
-    add_convert_args,
-    convert_cli,
     detect_format,
     load_any,
     load_dictionary_learning,
@@ -32,6 +30,7 @@ from saesteer.sae.formats import (
     load_sparsify,
     load_steerers,
 )
+from saesteer.sae.formats.convert import add_convert_args, convert_cli
 from saesteer.sae.io import SAEFormatError, load_sae, save_sae
 
 D, F, K, N = 16, 48, 6, 64
@@ -337,7 +336,7 @@ def assert_matches(sae, case: Case) -> None:
 def test_loader_matches_format_reference(case_id, tmp_path):
     case = build(case_id, tmp_path)
     sae = case.loader(case.path, dtype=torch.float32)
-    assert sae.cfg.hook_name == case.hook
+    assert sae.cfg.hook_point == case.hook
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (D, F)
     assert sae.cfg.input_scale == 1.0 and not sae.W_enc.requires_grad
     assert_matches(sae, case)
@@ -398,12 +397,12 @@ def test_sparsify_run_folder_and_hook_names(tmp_path):
     with pytest.raises(SAEFormatError, match="several hook points"):
         load_sparsify(root)
     emb = load_sparsify(root, hookpoint="embed_tokens")
-    assert emb.cfg.hook_name == "hook_embed" and emb.cfg.model_name == "EleutherAI/pythia-70m"
+    assert emb.cfg.hook_point == "hook_embed" and emb.cfg.model_name == "EleutherAI/pythia-70m"
     assert detect_format(root) == "sparsify"
-    sae = load_any(root, hook="layers.3")
-    assert sae.cfg.hook_name == "blocks.3.hook_resid_post"
+    sae = load_any(root, hook_point="layers.3")
+    assert sae.cfg.hook_point == "blocks.3.hook_resid_post"
     assert_matches(sae, case)
-    assert load_any(case.path, hook="blocks.4.hook_resid_post").cfg.hook_name == "blocks.4.hook_resid_post"
+    assert load_any(case.path, hook_point="blocks.4.hook_resid_post").cfg.hook_point == "blocks.4.hook_resid_post"
 
 
 def test_gemma_scope_path_and_file(tmp_path):
@@ -412,7 +411,7 @@ def test_gemma_scope_path_and_file(tmp_path):
     assert sae.cfg.model_name == "google/gemma-2-2b" and sae.cfg.metadata["average_l0"] == 9
     assert sae.cfg.architecture == "jumprelu" and not sae.cfg.apply_b_dec_to_input
     assert_matches(sae, case)
-    assert load_gemma_scope(case.path, hook="blocks.7.hook_mlp_out").cfg.hook_name == "blocks.7.hook_mlp_out"
+    assert load_gemma_scope(case.path, hook_point="blocks.7.hook_mlp_out").cfg.hook_point == "blocks.7.hook_mlp_out"
     assert detect_format(case.path / "params.npz") == "gemma_scope"
 
 
@@ -434,7 +433,7 @@ def test_round_trip_through_our_format(case_id, tmp_path):
     case = build(case_id, tmp_path / "src")
     sae = case.loader(case.path, dtype=torch.float32)
     back = load_sae(save_sae(sae, tmp_path / "ours"))
-    assert (back.cfg.architecture, back.cfg.k, back.cfg.hook_name) == (sae.cfg.architecture, sae.cfg.k, sae.cfg.hook_name)
+    assert (back.cfg.architecture, back.cfg.k, back.cfg.hook_point) == (sae.cfg.architecture, sae.cfg.k, sae.cfg.hook_point)
     assert back.cfg.apply_b_dec_to_input == sae.cfg.apply_b_dec_to_input
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         if name == "threshold" and sae.cfg.architecture not in ("jumprelu", "batchtopk"):
@@ -448,10 +447,10 @@ def test_detect_format_and_load_any(fmt, tmp_path):
     case = BUILDERS[fmt](tmp_path)
     assert detect_format(case.path) == fmt
     sae = load_any(case.path, dtype=torch.float32)
-    assert sae.cfg.hook_name == case.hook
+    assert sae.cfg.hook_point == case.hook
     assert_matches(sae, case)
     assert_matches(load_any(case.path, format=fmt, dtype="float32"), case)
-    assert load_any(case.path, hook="blocks.1.hook_resid_post").cfg.hook_name == "blocks.1.hook_resid_post"
+    assert load_any(case.path, hook_point="blocks.1.hook_resid_post").cfg.hook_point == "blocks.1.hook_resid_post"
 
 
 def test_detect_and_load_any_on_our_format(tmp_path):
@@ -466,18 +465,18 @@ def test_convert_cli(tmp_path, capsys):
     case = build("llama_scope-transcoder", tmp_path / "src")
     parser = add_convert_args(argparse.ArgumentParser(prog="saesteer convert"))
     args = parser.parse_args([str(case.path), "--out", str(tmp_path / "f32"), "--dtype", "float32"])
-    assert args.format == "auto" and args.hook is None
+    assert args.format == "auto" and args.hook_point is None
     assert convert_cli(args) == 0
     assert "jumprelu" in capsys.readouterr().out
     back = load_sae(tmp_path / "f32")
-    assert back.cfg.hook_name == "blocks.8.ln2.hook_normalized" and back.dtype == torch.float32
+    assert back.cfg.hook_point == "blocks.8.ln2.hook_normalized" and back.dtype == torch.float32
     assert_matches(back, case)
     # half precision on disk: one rounding of the float64-folded weights
     args = parser.parse_args([str(case.path), "--format", "llama_scope", "--out", str(tmp_path / "f16"),
                               "--dtype", "float16", "--hook", "blocks.8.hook_mlp_in"])
     assert convert_cli(args) == 0
     half = load_sae(tmp_path / "f16")
-    assert half.dtype == torch.float16 and half.cfg.hook_name == "blocks.8.hook_mlp_in"
+    assert half.dtype == torch.float16 and half.cfg.hook_point == "blocks.8.hook_mlp_in"
     half = load_sae(tmp_path / "f16", dtype=torch.float32)
     assert torch.allclose(half.W_dec, back.W_dec, rtol=1e-3, atol=1e-4)
     # refused source: exit status 2, reason on stderr

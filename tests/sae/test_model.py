@@ -79,14 +79,14 @@ def test_fold_input_scale_keeps_numerics(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_roundtrip_saelens_layout(arch, tmp_path):
     sae = random_sae(arch, scale=0.5)
-    sae.cfg.hook_name = "blocks.3.hook_resid_post"
+    sae.cfg.hook_point = "blocks.3.hook_resid_post"
     out = save_sae(sae, tmp_path / "ckpt")
     doc = json.loads((out / "cfg.json").read_text())
     expected_arch = {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
     assert doc["architecture"] == expected_arch
     assert doc["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     back = load_sae(out)
-    assert back.cfg.architecture == arch and back.cfg.hook_name == "blocks.3.hook_resid_post"
+    assert back.cfg.architecture == arch and back.cfg.hook_point == "blocks.3.hook_resid_post"
     x = torch.randn(6, sae.cfg.d_in)
     assert torch.allclose(back(x), sae(x), rtol=1e-4, atol=1e-5)
 

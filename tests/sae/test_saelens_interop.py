@@ -27,7 +27,7 @@ def test_saelens_loads_our_checkpoints_with_our_numerics(arch, tmp_path):
     save_sae(ours, tmp_path / arch)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch), device="cpu")
     # read as a SAELens >= 6 config, so the hook point survives (add_sae attaches by it)
-    assert theirs.cfg.metadata.hook_name == ours.cfg.hook_name
+    assert theirs.cfg.metadata.hook_name == ours.cfg.hook_point
     x = torch.randn(32, ours.cfg.d_in, generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad():
         z_o, z_t = ours.encode(x), theirs.encode(x)

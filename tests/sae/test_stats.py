@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from saesteer.sae.activations import hook_activations, sink_mask, token_windows
-from saesteer.sae.stats import compute_latent_stats, latent_record, load_latent_stats, save_latent_stats, search_latents
+from saesteer.sae.evaluate import compute_latent_stats
+from saesteer.sae.stats import latent_record, load_latent_stats, save_latent_stats, search_latents
 from saesteer.server.config import default_sae_spec
 
 TEXTS = [
@@ -24,14 +25,14 @@ def test_stats_match_direct_computation(lm, default_sae, tmp_path):
     stats = compute_latent_stats(model, tok, default_sae, TEXTS, n_tokens=10_000, context_size=32, batch_size=4,
                                  top_contexts=3, progress=False)
     windows = list(token_windows(TEXTS, tok, 32))
-    acts = hook_activations(model, default_sae.cfg.hook_name, torch.tensor(windows))
+    acts = hook_activations(model, default_sae.cfg.hook_point, torch.tensor(windows))
     x = acts[sink_mask(acts)].float()
     z = default_sae.encode(x)
     assert stats.n_tokens == x.shape[0]
     fires = (z > 0).float()
     torch.testing.assert_close(stats.frequency, fires.mean(0))
     mean = (z.sum(0) / fires.sum(0).clamp(min=1)) * (fires.sum(0) > 0)
-    torch.testing.assert_close(stats.mean_activation, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.typical_activation, mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats.max_activation, z.max(0).values)
     assert abs(stats.resid_norm_mean - float(x.norm(dim=-1).mean())) < 1e-3 * stats.resid_norm_mean
     # each latent's best context is its maximum, and it marks the activating token
@@ -41,18 +42,18 @@ def test_stats_match_direct_computation(lm, default_sae, tmp_path):
     assert f"«{best['token']}»" in best["text"]
     assert all(a["activation"] >= b["activation"] for a, b in zip(stats.contexts[lat], stats.contexts[lat][1:]))
     # the unit of latent strengths
-    assert stats.typical_activation(lat) == float(stats.mean_activation[lat])
+    assert stats.typical(lat) == float(stats.typical_activation[lat])
     never = int((stats.frequency == 0).nonzero()[0]) if bool((stats.frequency == 0).any()) else None
     if never is not None:
         try:
-            stats.typical_activation(never)
+            stats.typical(never)
             raise AssertionError("a latent that never fires has no typical activation")
         except ValueError as e:
             assert "never fired" in str(e)
 
     save_latent_stats(stats, tmp_path)
     back = load_latent_stats(tmp_path, contexts=True)
-    torch.testing.assert_close(back.mean_activation, stats.mean_activation)
+    torch.testing.assert_close(back.typical_activation, stats.typical_activation)
     assert back.n_tokens == stats.n_tokens and back.resid_norm_mean == stats.resid_norm_mean
     assert back.contexts[lat] == stats.contexts[lat]
     assert load_latent_stats(tmp_path / "nowhere") is None
@@ -64,13 +65,13 @@ def test_default_sae_ships_its_statistics(default_sae):
     assert stats.frequency.shape == (default_sae.cfg.d_sae,)
     # BatchTopK at k 32: the mean L0 on held-out text is the sum of the frequencies
     assert 25 < float(stats.frequency.sum()) < 40
-    assert stats.meta["hook_name"] == default_sae.cfg.hook_name
+    assert stats.meta["hook_point"] == default_sae.cfg.hook_point
 
 
 def test_search_and_show_latents_by_their_contexts():
     stats = load_latent_stats(default_sae_spec(), contexts=True)
     rec = latent_record(stats, 3656)
-    assert rec["typical_activation"] == float(stats.mean_activation[3656]) and len(rec["contexts"]) == 5
+    assert rec["typical_activation"] == float(stats.typical_activation[3656]) and len(rec["contexts"]) == 5
     found = search_latents(stats, "func", top=5)
     assert found and all(r["matches"] > 0 for r in found)
     assert [r["matches"] for r in found] == sorted((r["matches"] for r in found), reverse=True)

@@ -159,7 +159,7 @@ def test_config_file_round_trip_gives_the_same_configs(tmp_path):
     from saesteer.sae.train import RunConfig, load_config, write_config
 
     cfg = TrainConfig(architecture="topk", d_sae=123, k=7, lr=3.5e-4, adam_betas=(0.8, 0.99), aux_coef=1 / 32, seed=9)
-    run = RunConfig(hook="blocks.3.hook_resid_post", acts="a.safetensors", ce_tokens=0, out_dtype="bfloat16")
+    run = RunConfig(hook_point="blocks.3.hook_resid_post", acts="a.safetensors", ce_tokens=0, out_dtype="bfloat16")
     path = write_config(tmp_path / "run.yaml", cfg, run)
     cfg2, run2 = load_config(path)
     assert cfg2 == cfg and isinstance(cfg2.adam_betas, tuple)
@@ -199,7 +199,7 @@ def test_cli_flags_override_the_config_file(tmp_path):
                                    "aux_coef=0", "--dtype", "bfloat16", "--train-dtype", "bfloat16", "--out", "b"])
     cfg, run = load_config(p, cli_overrides(a))
     assert (cfg.d_sae, cfg.k, cfg.lr, cfg.batch_size, cfg.aux_coef, cfg.dtype) == (64, 8, 0.001, 512, 0.0, "bfloat16")
-    assert (run.hook, run.out_dtype, run.out, run.resume) == ("blocks.1.hook_resid_post", "bfloat16", "b", False)
+    assert (run.hook_point, run.out_dtype, run.out, run.resume) == ("blocks.1.hook_resid_post", "bfloat16", "b", False)
     a = build_parser().parse_args(["train", "--config", str(p), "--set", "k=16", "--k", "2"])
     assert load_config(p, cli_overrides(a))[0].k == 2  # named flags win over --set
 

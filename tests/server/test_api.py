@@ -171,7 +171,7 @@ def test_strength_units_resolve_from_the_saes_statistics(client):
     from saesteer.server.config import default_sae_spec
 
     stats = load_latent_stats(default_sae_spec())
-    typical = float(stats.mean_activation[3656])
+    typical = float(stats.typical_activation[3656])
 
     def tokens(iv):
         r = client.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 10, "interventions": [iv]})

@@ -14,7 +14,8 @@ from saesteer.sae.io import save_sae
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.server.app import build_server
 from saesteer.server.config import ServerSettings, add_serve_args, settings_from_args
-from saesteer.server.registry import SAEBudgetError, SAEPool, SAESpec, sae_nbytes
+from saesteer.sae.sources import SAESpec
+from saesteer.steering.pool import SAEBudgetError, SAEPool, sae_nbytes
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit, build_plan
@@ -28,7 +29,7 @@ N = 4 * (2 * D_IN * D_SAE + 2 * D_SAE + D_IN)  # float32 W_enc, W_dec, b_enc, th
 def random_sae(seed: int, hook: str, d_in: int = D_IN) -> SAE:
     """A JumpReLU SAE with random weights and unit decoder rows."""
     g = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig("jumprelu", d_in, D_SAE, hook_name=hook, model_name="test"))
+    sae = SAE(SAEConfig("jumprelu", d_in, D_SAE, hook_point=hook, model_name="test"))
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, D_SAE, generator=g) * 0.05)
         sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
@@ -57,7 +58,7 @@ def test_configs_up_front_and_nothing_loaded_before_use(specs):
     pool = pool_of(specs, 2.5)
     assert pool.loaded_ids() == [] and pool.resident_bytes == 0
     assert list(pool) == IDS and len(pool) == 4 and "s2" in pool and "nope" not in pool
-    assert [pool.configs[s].hook_name for s in IDS] == HOOKS
+    assert [pool.configs[s].hook_point for s in IDS] == HOOKS
     assert pool.configs["s0"].d_sae == D_SAE and pool.nbytes("s0") == N == sae_nbytes(pool.configs["s0"])
     # a request is validated from the configs alone
     plan = build_plan([LatentIntervention(op="clamp", sae="s3", latent=5, value=2.0)], pool.configs)
@@ -67,7 +68,7 @@ def test_configs_up_front_and_nothing_loaded_before_use(specs):
         pool["nope"]
     sae = pool["s1"]
     assert pool.loaded_ids() == ["s1"] and pool.loads == 1
-    assert sae.dtype == torch.float32 and sae.cfg.hook_name == HOOKS[1]
+    assert sae.dtype == torch.float32 and sae.cfg.hook_point == HOOKS[1]
     assert pool.resident_bytes == sum(t.nbytes for t in (*sae.parameters(), *sae.buffers())) == N
 
 

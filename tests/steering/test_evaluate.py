@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import default_sae_spec
-from saesteer.steering.evaluate import (
+from saesteer.steering.eval.evaluate import (
     Concept, ConceptScorer, SweepConfig, completion_nll, distinct_bigrams, load_concepts, make_plan, setup_concept, sweep,
     write_reports,
 )
@@ -45,7 +45,7 @@ NOTES_PROMPTS = ("Write one sentence about your morning.", "Tell me something in
 
 @pytest.fixture(scope="module")
 def judge():
-    from saesteer.steering.judge import SentenceJudge
+    from saesteer.steering.eval.judge import SentenceJudge
 
     return SentenceJudge()
 
@@ -84,14 +84,14 @@ def test_plans_use_meaningful_units(lm, default_sae):
     model, tok = lm
     stats = load_latent_stats(default_sae_spec())
     setup = setup_concept(model, tok, default_sae, stats, CATS)
-    assert setup.typical == pytest.approx(float(stats.mean_activation[setup.latent]))
-    clamp = make_plan("latent_clamp", 3.0, setup, "s", default_sae.cfg.hook_name)
+    assert setup.typical == pytest.approx(float(stats.typical_activation[setup.latent]))
+    clamp = make_plan("latent_clamp", 3.0, setup, "s", default_sae.cfg.hook_point)
     assert clamp.latent_edits[0].value == pytest.approx(3.0 * setup.typical)
-    vec = make_plan("mean_diff", 0.5, setup, "s", default_sae.cfg.hook_name)
+    vec = make_plan("mean_diff", 0.5, setup, "s", default_sae.cfg.hook_point)
     assert float(vec.vector_edits[0].vector.norm()) == pytest.approx(0.5 * stats.resid_norm_mean, rel=1e-5)
-    assert not make_plan("decoder", 0.0, setup, "s", default_sae.cfg.hook_name)
+    assert not make_plan("decoder", 0.0, setup, "s", default_sae.cfg.hook_point)
     with pytest.raises(ValueError, match="unknown method"):
-        make_plan("nope", 1.0, setup, "s", default_sae.cfg.hook_name)
+        make_plan("nope", 1.0, setup, "s", default_sae.cfg.hook_point)
 
 
 def test_sweep_finds_a_strength_where_the_concept_appears(lm, default_sae, judge, tmp_path):

@@ -71,12 +71,12 @@ def test_idle_hook_is_transparent(setup):
 def test_clamp_sets_latent_and_residual_matches_float64_reference(setup):
     model, tok, sid, sae = setup
     ids = chat(tok, PROMPTS[1])
-    clean = {"hook": sae.cfg.hook_name}
+    clean = {"hook": sae.cfg.hook_point}
     forward(model, ids, capture=clean)
     x = clean["out"][0]  # [T, d_in]
     lat, value = 123, 17.5
     steer = Steerer(model, {sid: sae})
-    cap = {"hook": sae.cfg.hook_name}
+    cap = {"hook": sae.cfg.hook_point}
     forward(model, ids, steer, [InterventionPlan(latent_edits=[LatentEdit(sid, lat, "clamp", value, "all")])], capture=cap)
     # float64 reference: x + (v - z) * W_dec[lat] at positions >= 1; position 0 (sink) untouched
     x64 = x.double()
@@ -95,12 +95,12 @@ def test_clamp_sets_latent_and_residual_matches_float64_reference(setup):
 def test_ablate_removes_a_firing_latent(setup):
     model, tok, sid, sae = setup
     ids = chat(tok, PROMPTS[2])
-    clean = {"hook": sae.cfg.hook_name}
+    clean = {"hook": sae.cfg.hook_point}
     plain_logits = forward(model, ids, capture=clean)
     x = clean["out"][0]
     lat, pos, act = fired_latent(sae, x)
     assert act > 0
-    cap = {"hook": sae.cfg.hook_name}
+    cap = {"hook": sae.cfg.hook_point}
     steer = Steerer(model, {sid: sae})
     logits = forward(model, ids, steer, [InterventionPlan(latent_edits=[LatentEdit(sid, lat, "ablate", 0.0, "all")])], capture=cap)
     removed = x - cap["out"][0]  # what the hook took out, per position
@@ -143,7 +143,7 @@ def test_heterogeneous_batch_equals_one_by_one(setup):
     plans = [
         InterventionPlan(latent_edits=[LatentEdit(sid, 123, "clamp", 30.0, "all")]),
         InterventionPlan(),
-        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_name, vec, "all")]),
+        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_point, vec, "all")]),
     ]
     specs = [GenerationSpec(chat(tok, p), max_new_tokens=10, plan=pl) for p, pl in zip(PROMPTS, plans)]
     batched = generate(model, tok, specs, steer)

@@ -1,9 +1,10 @@
-"""The SAEs a server attaches: parsing ``[ID=]PATH_OR_REPO[@HOOK]`` specs, locating and loading them.
+"""The SAEs a steering worker holds: ``SAEPool``, every config known up front, weights loaded on
+first use and, under a device-memory budget (``--sae-memory-mb``), evicted least-recently-used
+first; SAEs of the batch in progress are pinned. It is the ``steering.hooks.SAESource`` a
+serving ``Steerer`` runs on.
 
-Listing (``SAEPool.infos``) reads only ``cfg.json``, so the API process can serve
-``GET /v1/saes`` without loading weights. The inference worker holds its SAEs in an ``SAEPool``:
-every config known up front, weights loaded on first use and, under a device-memory budget
-(``--sae-memory-mb``), evicted least-recently-used first; SAEs of the batch in progress are pinned.
+Listing (``SAEPool.infos``) reads only the configs, so an API process can serve ``GET /v1/saes``
+without loading weights.
 """
 
 from __future__ import annotations
@@ -13,82 +14,22 @@ import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from saesteer_client.schema import SAEInfo
 
-from saesteer.sae.formats import detect_format, load_any
-from saesteer.sae.io import read_sae_config
+from saesteer.sae.formats import load_any
 from saesteer.sae.model import SAE, SAEConfig
+from saesteer.sae.sources import SAESpec, read_config
+from saesteer.sae.stats import load_latent_stats
 
-log = logging.getLogger("saesteer.server")
+from .plan import StrengthUnits
+
+log = logging.getLogger("saesteer.steering")
 
 MIB = 1 << 20
 """Bytes in a MiB: ``--sae-memory-mb`` counts in these."""
-
-
-@dataclass(frozen=True)
-class SAESpec:
-    """One ``--sae`` entry: ``id``, where it is (``source``), and an optional hook override."""
-
-    id: str
-    source: str
-    hook: str | None = None
-
-
-def parse_sae_spec(spec: str) -> SAESpec:
-    """Parse ``[ID=]PATH_OR_REPO[@HOOK]``; the id defaults to the folder's (or repo's) last name.
-
-    Raises:
-        ValueError: an empty source.
-    """
-    sid, _, rest = spec.rpartition("=") if "=" in spec.split("@")[0] else ("", "", spec)
-    source, _, hook = rest.partition("@")
-    if not source:
-        raise ValueError(f"SAE spec {spec!r} has no path or repo id")
-    return SAESpec(id=sid or Path(source.rstrip("/")).name, source=source, hook=hook or None)
-
-
-def locate(source: str) -> Path:
-    """A local folder as is; otherwise a Hugging Face repo id (``owner/name`` or
-    ``owner/name/sub/folder``), fetched through ``huggingface_hub`` (cache, ``HF_TOKEN``).
-
-    Raises:
-        FileNotFoundError: neither a local folder nor a reachable repo.
-    """
-    p = Path(source)
-    if p.is_dir():
-        return p
-    parts = source.split("/")
-    if len(parts) >= 2 and not source.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-        try:
-            root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
-        except Exception as e:  # offline, unknown repo, no access: say which
-            raise FileNotFoundError(f"SAE {source!r}: not a local folder, and the hub said: {e}") from e
-        return Path(root) / sub
-    raise FileNotFoundError(f"SAE {source!r}: no such folder")
-
-
-def read_config(spec: SAESpec) -> tuple[Path, SAEConfig]:
-    """Where ``spec``'s checkpoint lives and its ``SAEConfig``, hook override applied.
-
-    Our own layout is read from ``cfg.json`` alone; other formats are loaded once and their weights
-    dropped (their configs do not carry everything, e.g. Gemma Scope's d_sae is in the tensors).
-
-    Raises:
-        SAEFormatError, FileNotFoundError: a spec that does not lead to a readable checkpoint.
-    """
-    folder = locate(spec.source)
-    if detect_format(folder) == "saelens":
-        cfg = read_sae_config(folder)
-        cfg.hook_name = spec.hook or cfg.hook_name
-    else:
-        cfg = load_any(folder, hook=spec.hook).cfg
-    return folder, cfg
 
 
 def sae_nbytes(cfg: SAEConfig) -> int:
@@ -133,7 +74,7 @@ class SAEPool(Mapping[str, SAE]):
             ever evicted.
 
     Attributes:
-        configs: every SAE's config by id (hook override applied), read at construction.
+        configs: every SAE's config by id (hook_point override applied), read at construction.
         device, budget_bytes: as given (``set_device`` moves resident SAEs).
         loads, evictions, hits: counters since construction (a hit is a use of a resident SAE).
         units: ``steering.plan.StrengthUnits`` from the SAEs' saved latent statistics (for
@@ -157,7 +98,7 @@ class SAEPool(Mapping[str, SAE]):
             if s.id in self.specs:
                 raise ValueError(f"two SAEs share the id {s.id!r}; name them with ID=PATH")
             folder, cfg = read_config(s)
-            if not cfg.hook_name:
+            if not cfg.hook_point:
                 raise ValueError(f"SAE {s.id!r} names no hook point; give one as {s.source}@blocks.L.hook_resid_post")
             n = sae_nbytes(cfg)
             if budget_bytes is not None and n > budget_bytes:
@@ -172,12 +113,9 @@ class SAEPool(Mapping[str, SAE]):
         self._pins: Counter[str] = Counter()
         self.loads = self.evictions = self.hits = 0
 
-    def _strength_units(self):
+    def _strength_units(self) -> StrengthUnits:
         """Typical activations and residual norms from each SAE's saved latent statistics
         (``sae.stats``; a few floats per latent, read at construction like the configs)."""
-        from saesteer.sae.stats import load_latent_stats
-        from saesteer.steering.plan import StrengthUnits
-
         return StrengthUnits.from_stats({sid: load_latent_stats(f) for sid, f in self.folders.items()}, self.configs)
 
     # -- Mapping ----------------------------------------------------------------------------------
@@ -339,7 +277,7 @@ class SAEPool(Mapping[str, SAE]):
             out.append(
                 SAEInfo(
                     id=sid,
-                    hook_point=cfg.hook_name,
+                    hook_point=cfg.hook_point,
                     architecture=cfg.architecture,
                     d_in=cfg.d_in,
                     d_sae=cfg.d_sae,
@@ -361,7 +299,7 @@ class SAEPool(Mapping[str, SAE]):
         self._make_room(self._nbytes[sid], sid)
         import torch
 
-        sae = load_any(self.folders[sid], hook=self.specs[sid].hook).to(device=self.device, dtype=torch.float32)
+        sae = load_any(self.folders[sid], hook_point=self.specs[sid].hook_point).to(device=self.device, dtype=torch.float32)
         sae.requires_grad_(False)
         self._resident[sid] = sae
         self._resident_bytes[sid] = _tensor_bytes(sae)

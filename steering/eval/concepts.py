@@ -22,7 +22,7 @@ def max_latent_acts(model, tokenizer, sae: SAE, texts: Sequence[str]) -> torch.T
     rows = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        acts = hook_activations(model, sae.cfg.hook_name, ids)
+        acts = hook_activations(model, sae.cfg.hook_point, ids)
         keep = sink_mask(acts)[0]
         z = sae.encode(acts[0][keep]) if bool(keep.any()) else torch.zeros(1, sae.cfg.d_sae)
         rows.append(z.max(0).values.float().cpu())
