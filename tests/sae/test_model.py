@@ -69,11 +69,15 @@ def test_encode_latents_equals_full_code(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fold_input_scale_keeps_numerics(arch):
     sae = random_sae(arch, scale=0.29)
-    x = torch.randn(8, sae.cfg.d_in) * 4
-    before = sae(x)
-    sae.fold_input_scale()
+    x = torch.randn(8, sae.cfg.d_in, generator=torch.Generator().manual_seed(2)) * 4
+    with torch.no_grad():
+        before = sae(x)
+        sae.fold_input_scale()
+        after = sae(x)
     assert sae.cfg.input_scale == 1.0
-    assert torch.allclose(sae(x), before, rtol=1e-4, atol=1e-5)
+    # relative error of the whole reconstruction: folding rounds the weights once in float32, which
+    # can flip a pre-activation within rounding of zero (relu), so no elementwise tolerance holds
+    assert float((after - before).norm() / before.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ARCHS)

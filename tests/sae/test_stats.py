@@ -100,3 +100,16 @@ def test_latents_cli_shows_and_searches_without_a_model(capsys, tmp_path):
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert main(["latents", str(tmp_path), "--search", "func"]) == 2  # no statistics there: says so
     assert "saesteer stats" in capsys.readouterr().err
+
+
+def test_statistics_files_of_the_old_name_still_load(tmp_path):
+    """Files written before ``typical_activation`` had its name call it ``mean_activation``."""
+    from safetensors.torch import save_file
+
+    from saesteer.sae.stats import STATS_FILE
+
+    typical = torch.tensor([0.0, 1.5, 2.25])
+    save_file({"frequency": torch.tensor([0.0, 0.1, 0.2]), "mean_activation": typical, "max_activation": typical * 2},
+              str(tmp_path / STATS_FILE), metadata={"n_tokens": "10", "resid_norm_mean": "3.5", "hook_name": "blocks.1.hook_resid_post"})
+    stats = load_latent_stats(tmp_path)
+    assert torch.equal(stats.typical_activation, typical) and stats.typical(2) == 2.25 and stats.resid_norm_mean == 3.5

@@ -16,6 +16,8 @@ from litserve.utils import wrap_litserve_start
 from saesteer.server.app import build_server
 from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings, default_sae_spec
 
+pytestmark = pytest.mark.slow  # LitServe workers with the real model, ~20 s per server
+
 SAE = DEFAULT_SAE_NAME
 MSG = [{"role": "user", "content": "Tell me something interesting."}]
 

@@ -142,6 +142,20 @@ def test_pack_splits_a_batch_into_runs_that_fit(specs):
     assert pool.loads == 0  # packing reads sizes only
 
 
+def test_every_setting_has_a_flag_with_help():
+    """The flags are generated from ServerSettings: none can be missing or undocumented."""
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    flags = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(flags) == set(ServerSettings.model_fields)
+    for name, action in flags.items():
+        assert f"--{name.replace('_', '-')}" in action.option_strings
+        assert ServerSettings.model_fields[name].description and action.help, name
+    assert "--sae" in flags["saes"].option_strings
+    s = settings_from_args(p.parse_args(["--sae", "a=/x@blocks.1.hook_resid_post", "--sae", "b", "--request-timeout", "7"]))
+    assert s.saes == ["a=/x@blocks.1.hook_resid_post", "b"] and s.request_timeout == 7.0
+
+
 def test_settings_flag_and_environment(monkeypatch, specs):
     p = argparse.ArgumentParser()
     add_serve_args(p)
@@ -175,6 +189,7 @@ def test_steerer_checks_configs_without_loading(lm, specs, tmp_path):
     assert narrow.loads == 0
 
 
+@pytest.mark.slow
 def test_tiny_budget_steers_exactly_like_everything_loaded(lm, specs):
     model, tok = lm
     pool = pool_of(specs, 2.5)  # at most two of the four SAEs resident

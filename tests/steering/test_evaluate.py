@@ -94,6 +94,7 @@ def test_plans_use_meaningful_units(lm, default_sae):
         make_plan("nope", 1.0, setup, "s", default_sae.cfg.hook_point)
 
 
+@pytest.mark.slow
 def test_sweep_finds_a_strength_where_the_concept_appears(lm, default_sae, judge, tmp_path):
     """The notes' known-good steer: a mean-difference vector for cats at block 10 (the default SAE's
     hook), with the benchmark's cat sentences; the useful range is narrow (about 0.5 x the residual norm)."""

@@ -201,3 +201,30 @@ def test_bfloat16_model_steers_like_float32(setup):
     plain_tokens = generate(m16, tok, [GenerationSpec(ids, 12)])[0].tokens
     assert fast == full
     assert fast[:5] == fp32[:5] and fast != plain_tokens  # the same code-like opening as in float32
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_an_exception_inside_steer_leaves_no_hook_attached(setup):
+    """A failure mid-batch (here raised inside the block, after the hooks are registered) removes
+    every hook, so the next request runs on the plain model."""
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    plain = forward(model, ids)
+    steerer = Steerer(model, {sid: sae})
+    plans = [InterventionPlan(
+        latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all")],
+        vector_edits=[VectorEdit("blocks.3.hook_resid_pre", sae.W_dec[7].detach() * 4, "all")],
+    )]
+    before = _hook_count(model)
+    pos = StepPositions(abs_pos=torch.arange(len(ids)).unsqueeze(0), prompt_len=torch.tensor([len(ids)]))
+    with pytest.raises(RuntimeError, match="mid-batch failure"):
+        with steerer.steer(plans, pos):
+            assert _hook_count(model) == before + 2  # one at block 10's output, one at block 3's input
+            steered = model(input_ids=torch.tensor([ids]), use_cache=False).logits
+            assert not torch.equal(steered, plain)
+            raise RuntimeError("mid-batch failure")
+    assert _hook_count(model) == before
+    assert torch.equal(forward(model, ids), plain)
