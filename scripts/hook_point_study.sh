@@ -10,13 +10,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.cache/hook_study}
 BLOCKS=${BLOCKS:-"6 8 10"}
 mkdir -p "$OUT/train" "$OUT/val"
-HOOKS=(); for L in $BLOCKS; do HOOKS+=(--hook "blocks.$L.hook_resid_post"); done
+HOOKS=(); for L in $BLOCKS; do HOOKS+=(--hook-point "blocks.$L.hook_resid_post"); done
 [ -f "$OUT/train/.done" ] || { saesteer collect "${HOOKS[@]}" --data ../shared/corpus --split train --n-tokens 1000000 --out "$OUT/train" && touch "$OUT/train/.done"; }
 [ -f "$OUT/val/.done" ] || { saesteer collect "${HOOKS[@]}" --data ../shared/corpus --split validation --n-tokens 60000 --out "$OUT/val" && touch "$OUT/val/.done"; }
 for L in $BLOCKS; do
   H=blocks.$L.hook_resid_post
   SAE=$OUT/sae_l$L
-  [ -f "$SAE/cfg.json" ] || saesteer train --hook $H --acts "$OUT/train/$H.safetensors" --val-acts "$OUT/val/$H.safetensors" \
+  [ -f "$SAE/cfg.json" ] || saesteer train --hook-point $H --acts "$OUT/train/$H.safetensors" --val-acts "$OUT/val/$H.safetensors" \
       --architecture batchtopk --d-sae 4608 --k 32 --n-tokens 1500000 --lr 7e-4 --seed 0 --out "$SAE"
   [ -f "$SAE/latent_stats.safetensors" ] || saesteer stats "$SAE" --n-tokens 50000
   # the five concepts whose latent is found by contrast (the sixth names a latent of the default SAE)
