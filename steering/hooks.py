@@ -26,8 +26,8 @@ import torch
 
 from saesteer.sae.model import SAE, SAEConfig
 
-from saesteer.sae.lm import hook_point_width, hook_point_widths, resolve_hook_point
-from .plan import OPS, InterventionPlan
+from saesteer.sae.lm import hook_point_order, hook_point_width, hook_point_widths, resolve_hook_point
+from .plan import OPS, InterventionPlan, When
 
 _KIND = {"all": 0, "prompt": 1, "generated": 2}
 _EXPLICIT = 3
@@ -47,10 +47,72 @@ class StepPositions:
     prompt_len: torch.Tensor
 
 
+class _Conditions:
+    """The ``when`` conditions of a batch: each distinct (row, ``When``) pair is one condition k,
+    read at its SAE's hook point at every forward (from x before any edit there).
+
+    ``record`` fills, for the forward in progress, ``hold`` [batch, seq, K] bool: where condition k
+    holds (its row only, never at the sink or on padding; for ``once``, from its first firing on,
+    remembered across the decode steps of one ``steer`` block in ``fired`` [K]).
+    """
+
+    def __init__(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]):
+        self.index: dict[tuple[int, When], int] = {}
+        per_sae: dict[str, list[tuple[int, int, When]]] = {}
+        for row, plan in enumerate(plans):
+            for e in (*plan.latent_edits, *plan.vector_edits):
+                if e.when is not None and (row, e.when) not in self.index:
+                    k = self.index[(row, e.when)] = len(self.index)
+                    per_sae.setdefault(e.when.sae_id, []).append((k, row, e.when))
+        self.by_hook: dict[str, list] = {}
+        for sid, conds in per_sae.items():
+            sae = saes[sid]
+            dev = sae.device
+            ks, rows, ws = zip(*conds)
+            self.by_hook.setdefault(sae.cfg.hook_point, []).append((
+                sae,
+                torch.tensor(ks, dtype=torch.long, device=dev),
+                torch.tensor(rows, dtype=torch.long, device=dev),
+                torch.tensor([w.latent for w in ws], dtype=torch.long, device=dev),
+                torch.tensor([w.above for w in ws], dtype=sae.dtype, device=dev),
+                torch.tensor([w.once for w in ws], dtype=torch.bool, device=dev),
+            ))
+        self.fired = torch.zeros(len(self.index), dtype=torch.bool)
+        self.hold: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def record(self, hook_point: str, x: torch.Tensor, pos: StepPositions) -> None:
+        """Read the conditions at ``hook_point`` from its activation x [batch, seq, d_in]."""
+        if hook_point not in self.by_hook:
+            return
+        B, T = x.shape[:2]
+        if self.hold is None or self.hold.shape[:2] != (B, T):  # a new forward (new seq length)
+            self.hold = torch.zeros((B, T, len(self)), dtype=torch.bool, device=x.device)
+        for sae, ks, rows, latents, above, once in self.by_hook[hook_point]:
+            z = sae.encode_latents(x, latents)  # [B, T, Kh]
+            row_match = (torch.arange(B, device=x.device).view(-1, 1) == rows.view(1, -1)).unsqueeze(1)
+            hold = (z > above) & (pos.abs_pos >= 1).unsqueeze(-1) & row_match
+            fired = self.fired.to(x.device)[ks]
+            ever = (hold.to(torch.int8).cummax(dim=1).values.bool() | fired.view(1, 1, -1)) & row_match
+            self.fired[ks.cpu()] = (fired | hold.any(dim=(0, 1))).cpu()
+            self.hold[..., ks] = torch.where(once.view(1, 1, -1), ever, hold)
+
+    def mask(self, cond: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """[batch, seq, columns] bool: where the condition of each column (``cond`` [columns],
+        a condition index or -1 for none) holds in the forward in progress."""
+        free = (cond < 0).view(1, 1, -1)
+        if self.hold is None:
+            return free.expand(batch, seq, -1)
+        return free | self.hold[..., cond.clamp(min=0)]
+
+
 class _Columns:
     """Batched edit columns for one group (one SAE, or the raw vectors) at one hook point."""
 
-    def __init__(self, rows: list[int], specs: list, device: torch.device):
+    def __init__(self, rows: list[int], specs: list, device: torch.device, cond: list[int] | None = None):
+        self.cond = torch.tensor(cond if cond is not None else [-1] * len(rows), dtype=torch.long, device=device)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.kind = torch.tensor(
             [_KIND[p] if isinstance(p, str) else _EXPLICIT for p in specs], dtype=torch.long, device=device
@@ -62,8 +124,9 @@ class _Columns:
                 explicit[j, : len(p)] = torch.tensor(p, dtype=torch.long)
         self.explicit = explicit.to(device)
 
-    def mask(self, pos: StepPositions, batch: int) -> torch.Tensor:
-        """[batch, seq, columns] bool: where each column's edit applies."""
+    def mask(self, pos: StepPositions, batch: int, conds: _Conditions | None = None) -> torch.Tensor:
+        """[batch, seq, columns] bool: where each column's edit applies (its row, its positions,
+        and where its condition holds)."""
         p = pos.abs_pos.unsqueeze(-1)  # [B, T, 1]
         plen = pos.prompt_len.view(-1, 1, 1)
         by_kind = torch.stack(
@@ -77,14 +140,17 @@ class _Columns:
         kind = self.kind.view(1, 1, 1, -1).expand(1, *by_kind.shape[1:])
         m = by_kind.gather(0, kind).squeeze(0)
         row_match = torch.arange(batch, device=self.rows.device).view(-1, 1) == self.rows.view(1, -1)
-        return m & row_match.unsqueeze(1)
+        m = m & row_match.unsqueeze(1)
+        if conds is not None and len(conds) and bool((self.cond >= 0).any()):
+            m = m & conds.mask(self.cond, batch, m.shape[1])
+        return m
 
 
 class _SAEGroup:
-    def __init__(self, sae: SAE, rows, latents, ops, values, specs):
+    def __init__(self, sae: SAE, rows, latents, ops, values, specs, cond=None):
         dev = sae.device
         self.sae = sae
-        self.cols = _Columns(rows, specs, dev)
+        self.cols = _Columns(rows, specs, dev, cond)
         self.latents = torch.tensor(latents, dtype=torch.long, device=dev)
         self.ops = torch.tensor(ops, dtype=torch.long, device=dev)
         self.values = torch.tensor(values, dtype=sae.dtype, device=dev)
@@ -98,8 +164,8 @@ class _SAEGroup:
             torch.where(self.ops == OPS["scale"], z * v, torch.where(self.ops == OPS["add"], z + v, torch.zeros_like(z))),
         )
 
-    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool) -> torch.Tensor:
-        mask = self.cols.mask(pos, x.shape[0]).to(self.sae.dtype)
+    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool, conds: _Conditions | None = None) -> torch.Tensor:
+        mask = self.cols.mask(pos, x.shape[0], conds).to(self.sae.dtype)
         if not full:
             z = self.sae.encode_latents(x, self.latents)  # [B, T, E]
             dz = (self.edited(z) - z) * mask
@@ -118,12 +184,12 @@ class _SAEGroup:
 
 
 class _VectorGroup:
-    def __init__(self, rows, vectors, specs, device, dtype):
-        self.cols = _Columns(rows, specs, device)
+    def __init__(self, rows, vectors, specs, device, dtype, cond=None):
+        self.cols = _Columns(rows, specs, device, cond)
         self.vectors = torch.stack(vectors).to(device=device, dtype=dtype)  # [V, d_in]
 
-    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool) -> torch.Tensor:
-        mask = self.cols.mask(pos, x.shape[0]).to(x.dtype)
+    def delta(self, x: torch.Tensor, pos: StepPositions, full: bool, conds: _Conditions | None = None) -> torch.Tensor:
+        mask = self.cols.mask(pos, x.shape[0], conds).to(x.dtype)
         return mask @ self.vectors.to(x.dtype)
 
 
@@ -183,23 +249,26 @@ class Steerer:
             if cfg.d_in != width:
                 raise ValueError(f"SAE {sid!r}: d_in {cfg.d_in} differs from the model's width {width} at {cfg.hook_point}")
 
-    def _groups(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]) -> dict[str, list]:
+    def _groups(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE], conds: _Conditions) -> dict[str, list]:
+        def cond(row, e):
+            return -1 if e.when is None else conds.index[(row, e.when)]
+
         per_sae: dict[str, list] = {}
         per_vec: dict[str, list] = {}
         for row, plan in enumerate(plans):
             for e in plan.latent_edits:
-                per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions))
+                per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions, cond(row, e)))
             for v in plan.vector_edits:
-                per_vec.setdefault(v.hook_point, []).append((row, v.vector, v.positions))
+                per_vec.setdefault(v.hook_point, []).append((row, v.vector, v.positions, cond(row, v)))
         groups: dict[str, list] = {}
         for sid, cols in per_sae.items():
             sae = saes[sid]
-            rows, lat, ops, vals, specs = map(list, zip(*cols))
-            groups.setdefault(sae.cfg.hook_point, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs))
+            rows, lat, ops, vals, specs, cnd = map(list, zip(*cols))
+            groups.setdefault(sae.cfg.hook_point, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs, cnd))
         p = next(self.model.parameters())
         for hook_point, cols in per_vec.items():
-            rows, vecs, specs = map(list, zip(*cols))
-            groups.setdefault(hook_point, []).append(_VectorGroup(rows, vecs, specs, p.device, torch.float32))
+            rows, vecs, specs, cnd = map(list, zip(*cols))
+            groups.setdefault(hook_point, []).append(_VectorGroup(rows, vecs, specs, p.device, torch.float32, cnd))
         return groups
 
     @contextmanager
@@ -217,13 +286,18 @@ class Steerer:
         handles = []
         with self.saes.use(ids) as saes:
             try:
-                for hook_point, groups in self._groups(plans, saes).items():
+                conds = _Conditions(plans, saes)
+                by_point = self._groups(plans, saes, conds)
+                for hook_point in sorted({*by_point, *conds.by_hook}, key=hook_point_order):
                     hp = resolve_hook_point(self.model, hook_point)
 
-                    def apply(x, groups=groups):
+                    def apply(x, groups=by_point.get(hook_point, []), name=hook_point):
+                        conds.record(name, x, positions)  # conditions read before any edit here
+                        if not groups:
+                            return None
                         out = x
                         for g in groups:
-                            out = out + g.delta(x, positions, self.full)
+                            out = out + g.delta(x, positions, self.full, conds)
                         return out
 
                     handles.append(hp.attach(apply))

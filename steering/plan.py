@@ -11,8 +11,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saesteer_client.schema import ErrorItem, LatentIntervention, VectorIntervention
+from saesteer_client.schema import Condition, ErrorItem, LatentIntervention, VectorIntervention
 
+from saesteer.sae.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 
 OPS = {"clamp": 0, "ablate": 1, "scale": 2, "add": 3}
@@ -33,15 +34,27 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class When:
+    """A resolved condition: the edit applies where latent ``latent`` of SAE ``sae_id`` exceeds
+    ``above`` (raw units); ``once``: from the first such token on (``Condition.mode="once_fired"``)."""
+
+    sae_id: str
+    latent: int
+    above: float
+    once: bool = False
+
+
+@dataclass(frozen=True)
 class LatentEdit:
     """One edit of one latent: ``op`` in ``OPS``; ``value`` (0 for ablate); ``positions``
-    ``"all" | "prompt" | "generated"`` or a tuple of token indices."""
+    ``"all" | "prompt" | "generated"`` or a tuple of token indices; ``when``: an optional condition."""
 
     sae_id: str
     latent: int
     op: str
     value: float
     positions: str | tuple[int, ...]
+    when: When | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class VectorEdit:
     hook_point: str
     vector: torch.Tensor
     positions: str | tuple[int, ...]
+    when: When | None = None
 
 
 @dataclass
@@ -64,8 +78,10 @@ class InterventionPlan:
         return bool(self.latent_edits or self.vector_edits)
 
     def sae_ids(self) -> set[str]:
-        """Ids of the SAEs whose weights applying this plan needs (raw vectors need none)."""
-        return {e.sae_id for e in self.latent_edits}
+        """Ids of the SAEs whose weights applying this plan needs (raw vectors need none, their
+        conditions do)."""
+        edits = [*self.latent_edits, *self.vector_edits]
+        return {e.sae_id for e in self.latent_edits} | {e.when.sae_id for e in edits if e.when is not None}
 
 
 def _positions(p) -> str | tuple[int, ...]:
@@ -183,7 +199,8 @@ def build_plan(
             if isinstance(iv, LatentIntervention):
                 check_latent(iv.latent, configs[iv.sae].d_sae, iv.sae)
                 value = units.latent_value(iv.sae, iv.latent, float(iv.value or 0.0), iv.unit)
-                plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions)))
+                when = _resolve_when(iv.when, configs[iv.sae].hook_point, configs, units, loc)
+                plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions), when))
                 continue
             hook_point = iv.hook if iv.hook is not None else configs[iv.sae].hook_point
             width = widths.get(hook_point)
@@ -192,9 +209,41 @@ def build_plan(
             if len(iv.vector) != width:
                 raise PlanError(loc + ["vector"], f"vector has {len(iv.vector)} values; hook point {hook_point!r} has d_in {width}")
             vec = units.vector(hook_point, torch.tensor(iv.vector, dtype=torch.float64), iv.strength, iv.unit)
-            plan.vector_edits.append(VectorEdit(hook_point, vec, _positions(iv.positions)))
+            when = _resolve_when(iv.when, hook_point, configs, units, loc)
+            plan.vector_edits.append(VectorEdit(hook_point, vec, _positions(iv.positions), when))
         except LatentRangeError as e:
             raise PlanError(loc + ["latent"], str(e)) from None
         except UnitError as e:
             raise PlanError(loc + [e.field], str(e)) from None
     return plan
+
+
+def _resolve_when(cond: Condition | None, edit_hook_point: str, configs: Mapping[str, SAEConfig],
+                  units: StrengthUnits, loc: list) -> When | None:
+    """The ``when`` of an intervention at ``edit_hook_point``, checked and in raw units.
+
+    Raises:
+        PlanError: an unknown SAE, a latent out of range, an unresolvable unit, or a condition
+            whose hook point comes after the edit's (``loc`` names the field under ``when``).
+    """
+    if cond is None:
+        return None
+    at = loc + ["when"]
+    if cond.sae not in configs:
+        raise PlanError(at + ["sae"], f"unknown SAE {cond.sae!r}; loaded SAEs: {', '.join(sorted(configs)) or 'none'}")
+    cond_hook = configs[cond.sae].hook_point
+    try:
+        later = hook_point_order(cond_hook) > hook_point_order(edit_hook_point)
+    except HookPointError as e:
+        raise PlanError(at + ["sae"], str(e)) from None
+    if later:
+        raise PlanError(at + ["sae"], f"the condition is read at {cond_hook!r}, after the edit at {edit_hook_point!r}; "
+                                      "use an SAE at the same or an earlier hook point")
+    try:
+        check_latent(cond.latent, configs[cond.sae].d_sae, cond.sae)
+        above = units.latent_value(cond.sae, cond.latent, float(cond.above), cond.unit)
+    except LatentRangeError as e:
+        raise PlanError(at + ["latent"], str(e)) from None
+    except UnitError as e:
+        raise PlanError(at + [e.field], str(e)) from None
+    return When(cond.sae, cond.latent, above, once=cond.mode == "once_fired")

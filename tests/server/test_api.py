@@ -159,6 +159,15 @@ def _err(r):
      '"unit"', "no residual norm is known"),
     ({"messages": MSG, "interventions": [{"op": "add_vector", "sae": SAE, "vector": [0.0] * 576, "unit": "resid_norm"}]},
      '"interventions"', "zero vector"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 1, "value": 2, "when": {"sae": "nope", "latent": 3}}]},
+     '"when", "sae"', "unknown SAE"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 1, "value": 2, "when": {"sae": SAE, "latent": 5000}}]},
+     '"when", "latent"', "out of range"),
+    ({"messages": MSG, "interventions": [{"op": "add_vector", "hook": "blocks.3.hook_resid_pre", "vector": [1.0] * 576,
+                                          "when": {"sae": SAE, "latent": 3}}]},
+     '"when", "sae"', "after the edit"),
+    ({"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 1, "value": 2, "when": {"sae": SAE, "latent": 3, "mode": "always"}}]},
+     '"mode"', "token"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
     status, detail = _err(client.post("/v1/generate", json=body))

@@ -228,3 +228,86 @@ def test_an_exception_inside_steer_leaves_no_hook_attached(setup):
             raise RuntimeError("mid-batch failure")
     assert _hook_count(model) == before
     assert torch.equal(forward(model, ids), plain)
+
+
+def _conditional_setup(setup):
+    model, tok, sid, sae = setup
+    ids = chat(tok, "Write a Python function that adds two numbers, then tell me about cats.")
+    clean = {"hook": sae.cfg.hook_point}
+    forward(model, ids, capture=clean)
+    z = sae.encode(clean["out"][0])  # [T, d_sae]
+    z[0] = 0
+    # a condition latent that fires on some tokens but not most (frequency between 10 % and 50 %)
+    fires = (z > 0).float().mean(0)
+    cond = int(((fires > 0.1) & (fires < 0.5)).nonzero()[0])
+    holds = z[:, cond] > 0
+    holds[0] = False
+    return model, ids, sid, sae, clean, cond, holds
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_a_conditional_intervention_changes_only_the_tokens_where_its_condition_holds(setup, once):
+    """``when``: the hook's output equals the unconditional steer where the condition holds (from its
+    first firing on, with once_fired) and the plain model's everywhere else, exactly."""
+    from saesteer.steering.plan import When
+
+    model, ids, sid, sae, clean, cond, holds = _conditional_setup(setup)
+    if once:
+        holds = holds.int().cummax(0).values.bool()
+    assert 0 < int(holds.sum()) < len(ids) - 1
+    steerer = Steerer(model, {sid: sae})
+    edit = LatentEdit(sid, 3656, "clamp", 12.0, "all")
+    always = {"hook": sae.cfg.hook_point}
+    forward(model, ids, steerer, [InterventionPlan(latent_edits=[edit])], capture=always)
+    when = When(sid, cond, 0.0, once=once)
+    got = {"hook": sae.cfg.hook_point}
+    forward(model, ids, steerer, [InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all", when)])], capture=got)
+    out, ref_on, ref_off = got["out"][0], always["out"][0], clean["out"][0]
+    assert torch.equal(out[~holds], ref_off[~holds])
+    assert torch.equal(out[holds], ref_on[holds])
+    assert not torch.equal(ref_on[holds], ref_off[holds])  # the edit does something there
+
+
+def test_a_condition_read_earlier_steers_a_later_hook_point(setup):
+    """A vector edit at block 12 conditioned on a block-10 latent: every position before the
+    condition first holds is the plain model's (causality), and the steer takes effect after."""
+    from saesteer.steering.plan import When
+
+    model, ids, sid, sae, clean, cond, holds = _conditional_setup(setup)
+    first = int(holds.nonzero()[0])
+    steerer = Steerer(model, {sid: sae})
+    vec = VectorEdit("blocks.12.hook_resid_post", sae.W_dec[7].detach() * 8, "all", When(sid, cond, 0.0, once=True))
+    plain = forward(model, ids)
+    steered = forward(model, ids, steerer, [InterventionPlan(vector_edits=[vec])])
+    assert torch.equal(steered[0, :first], plain[0, :first])
+    assert not torch.allclose(steered[0, first:], plain[0, first:])
+
+
+def test_a_condition_that_never_holds_generates_the_unsteered_tokens(setup):
+    from saesteer.steering.plan import When
+
+    model, tok, sid, sae = setup
+    steerer = Steerer(model, {sid: sae})
+    prompts = [chat(tok, p) for p in PROMPTS[:2]]
+    never = When(sid, 3656, 1e6)
+    plans = [InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all", never)]), InterventionPlan()]
+    got = generate(model, tok, [GenerationSpec(p, 12, plan=pl) for p, pl in zip(prompts, plans)], steerer)
+    plain = generate(model, tok, [GenerationSpec(p, 12) for p in prompts])
+    assert [g.tokens for g in got] == [p.tokens for p in plain]
+
+
+def test_once_fired_holds_across_decode_steps(setup):
+    """A once_fired condition that fires in the prompt keeps steering every generated token (the
+    state carries over the KV-cached decode steps): the same tokens as the edit given explicitly on
+    every position from the first firing on."""
+    from saesteer.steering.plan import When
+
+    model, ids, sid, sae, clean, cond, holds = _conditional_setup(setup)
+    tok = setup[1]
+    first, n = int(holds.nonzero()[0]), 12
+    steerer = Steerer(model, {sid: sae})
+    once = LatentEdit(sid, 3656, "clamp", 12.0, "all", When(sid, cond, 0.0, once=True))
+    explicit = LatentEdit(sid, 3656, "clamp", 12.0, tuple(range(first, len(ids) + n)))
+    a, b = (generate(model, tok, [GenerationSpec(ids, n, plan=InterventionPlan(latent_edits=[e]))], steerer)[0] for e in (once, explicit))
+    plain = generate(model, tok, [GenerationSpec(ids, n)])[0]
+    assert a.tokens == b.tokens != plain.tokens

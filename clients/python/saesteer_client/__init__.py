@@ -1,8 +1,9 @@
 """saesteer client SDK: the wire schema and HTTP clients (httpx + pydantic only)."""
 
-from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, scale
+from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, scale, when
 from .schema import (
     Completion,
+    Condition,
     GenerateRequest,
     GenerateResponse,
     LatentInfo,
@@ -13,8 +14,8 @@ from .schema import (
 )
 
 __all__ = [
-    "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale",
-    "Completion", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
+    "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale", "when",
+    "Completion", "Condition", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention",
 ]
 __version__ = "0.1.0"

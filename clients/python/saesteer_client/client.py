@@ -15,6 +15,7 @@ import httpx
 
 from .schema import (
     ChatMessage,
+    Condition,
     GenerateRequest,
     GenerateResponse,
     Intervention,
@@ -39,33 +40,39 @@ class SaesteerError(RuntimeError):
         super().__init__(f"HTTP {status_code}: {msg}")
 
 
-def clamp(sae: str, latent: int, value: float, positions="all", unit: str = "raw") -> LatentIntervention:
+def when(sae: str, latent: int, above: float = 0.0, unit: str = "raw", mode: str = "token") -> Condition:
+    """A condition for an intervention's ``when=``: latent ``latent`` of ``sae`` above ``above``
+    (``mode="once_fired"``: from its first firing on). Every helper below takes ``when=``."""
+    return Condition(sae=sae, latent=latent, above=above, unit=unit, mode=mode)
+
+
+def clamp(sae: str, latent: int, value: float, positions="all", unit: str = "raw", when=None) -> LatentIntervention:
     """Set ``latent`` of ``sae`` to ``value`` (``unit="typical"``: ``value`` x its typical activation)."""
-    return LatentIntervention(op="clamp", sae=sae, latent=latent, value=value, positions=positions, unit=unit)
+    return LatentIntervention(op="clamp", sae=sae, latent=latent, value=value, positions=positions, unit=unit, when=when)
 
 
-def ablate(sae: str, latent: int, positions="all") -> LatentIntervention:
+def ablate(sae: str, latent: int, positions="all", when=None) -> LatentIntervention:
     """Set ``latent`` of ``sae`` to 0."""
-    return LatentIntervention(op="ablate", sae=sae, latent=latent, positions=positions)
+    return LatentIntervention(op="ablate", sae=sae, latent=latent, positions=positions, when=when)
 
 
-def scale(sae: str, latent: int, factor: float, positions="all") -> LatentIntervention:
+def scale(sae: str, latent: int, factor: float, positions="all", when=None) -> LatentIntervention:
     """Multiply ``latent`` of ``sae`` by ``factor``."""
-    return LatentIntervention(op="scale", sae=sae, latent=latent, value=factor, positions=positions)
+    return LatentIntervention(op="scale", sae=sae, latent=latent, value=factor, positions=positions, when=when)
 
 
-def add(sae: str, latent: int, amount: float, positions="all", unit: str = "raw") -> LatentIntervention:
+def add(sae: str, latent: int, amount: float, positions="all", unit: str = "raw", when=None) -> LatentIntervention:
     """Add ``amount`` to ``latent`` of ``sae`` (adds its decoder direction times ``amount``;
     ``unit="typical"``: ``amount`` x the latent's typical activation)."""
-    return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions, unit=unit)
+    return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions, unit=unit, when=when)
 
 
 def add_vector(vector: Sequence[float], strength: float = 1.0, *, hook: str | None = None, sae: str | None = None,
-               positions="all", unit: str = "raw") -> VectorIntervention:
+               positions="all", unit: str = "raw", when=None) -> VectorIntervention:
     """Add ``strength * vector`` (d_in floats) at ``hook`` or at ``sae``'s hook point
     (``unit="resid_norm"``: the unit vector times ``strength`` x the mean residual norm there)."""
     return VectorIntervention(op="add_vector", vector=list(vector), strength=strength, hook=hook, sae=sae,
-                              positions=positions, unit=unit)
+                              positions=positions, unit=unit, when=when)
 
 
 def _request(prompt, messages, interventions, kw) -> dict:

@@ -32,6 +32,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Condition(_Strict):
+    """``when``: apply an intervention only where an SAE latent fires above a threshold.
+
+    The condition is read at each token from the activation the model computes anyway (its SAE's
+    hook point, before any edit there), so an edit costs nothing where the concept is absent. The
+    condition's hook point must be the edit's or an earlier one (later ones are not computed yet
+    when the edit applies). ``mode``: ``token`` applies on exactly the tokens where the latent is
+    above ``above``; ``once_fired`` applies from the first such token on, for the rest of the
+    sequence. The attention sink (position 0) never fires a condition.
+    """
+
+    sae: str = Field(min_length=1, description="id of a loaded SAE whose latent is the condition")
+    latent: int = Field(ge=0, description="latent index, 0 <= latent < d_sae")
+    above: FiniteFloat = Field(0.0, ge=0.0, description="the latent must exceed this activation")
+    unit: Literal["raw", "typical"] = Field("raw", description="above in raw units or in multiples of the typical activation")
+    mode: Literal["token", "once_fired"] = Field("token", description="only where it fires, or from its first firing on")
+
+
 class LatentIntervention(_Strict):
     """An edit of one SAE latent inside the forward pass.
 
@@ -51,6 +69,7 @@ class LatentIntervention(_Strict):
     value: FiniteFloat | None = Field(None, description="clamp target, scale factor or added amount; omitted for ablate")
     unit: Literal["raw", "typical"] = Field("raw", description="value in raw latent units or in multiples of the typical activation")
     positions: Positions = "all"
+    when: Condition | None = Field(None, description="apply only where this latent fires (see Condition)")
 
     @model_validator(mode="after")
     def _value_matches_op(self):
@@ -79,6 +98,7 @@ class VectorIntervention(_Strict):
     hook: str | None = Field(None, description="hook point, e.g. blocks.10.hook_resid_post")
     sae: str | None = Field(None, description="use this SAE's hook point")
     positions: Positions = "all"
+    when: Condition | None = Field(None, description="apply only where this latent fires (see Condition)")
 
     @model_validator(mode="after")
     def _one_target(self):
