@@ -47,8 +47,8 @@ class Prepared:
     plan: object  # steering.plan.InterventionPlan
 
 
-class GenerateAPI(ls.LitAPI):
-    """Steered generation on a transformers causal LM with SAEs attached.
+class ModelAPI(ls.LitAPI):
+    """A LitAPI whose workers hold the model and the SAE pool (``setup``) and render prompts.
 
     Args:
         settings: the server settings (model, SAEs, limits); picklable.
@@ -57,7 +57,7 @@ class GenerateAPI(ls.LitAPI):
     """
 
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
-        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, api_path="/v1/generate", **kwargs)
+        super().__init__(**kwargs)
         self.settings = settings
         self.saes = saes
 
@@ -76,9 +76,43 @@ class GenerateAPI(ls.LitAPI):
         self.steerer = Steerer(self.model, self.saes)  # checks hook points from the configs
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
+    def render(self, request, extra_tokens: int, extra_field: str) -> list[int] | Rejected:
+        """The token ids of ``request``'s ``prompt`` or ``messages`` (chat template, assistant turn
+        opened), or why they cannot be served: no tokens, over ``max_prompt_tokens``, or with
+        ``extra_tokens`` more (named by ``extra_field``) over ``max_total_tokens`` or the model's
+        context."""
+        from saesteer.steering.generate import render_prompt
+
+        messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
+        try:
+            ids = render_prompt(self.tokenizer, request.prompt, messages)
+        except Exception as e:  # a template that refuses these messages (e.g. role order)
+            return Rejected.field(422, ["body", "messages"], f"chat template failed: {e}")
+        field = "prompt" if request.prompt is not None else "messages"
+        s = self.settings
+        if not ids:
+            return Rejected.field(422, ["body", field], "prompt renders to no tokens")
+        if len(ids) > s.max_prompt_tokens:
+            return Rejected.field(422, ["body", field], f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}", "too_many_tokens")
+        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
+        if len(ids) + extra_tokens > limit:
+            return Rejected.field(
+                422, ["body", extra_field],
+                f"prompt ({len(ids)} tokens) + {extra_field} ({extra_tokens}) exceeds {limit}", "too_many_tokens",
+            )
+        return ids
+
+
+class GenerateAPI(ModelAPI):
+    """Steered generation on a transformers causal LM with SAEs attached (``POST /v1/generate``);
+    arguments as ``ModelAPI``."""
+
+    def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
+        super().__init__(settings, saes, max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
+                         api_path="/v1/generate", **kwargs)
+
     # -- per request -----------------------------------------------------------------------------
     def decode_request(self, request: GenerateRequest) -> Prepared | Rejected:
-        from saesteer.steering.generate import render_prompt
         from saesteer.steering.plan import PlanError, build_plan
 
         try:
@@ -93,23 +127,9 @@ class GenerateAPI(ls.LitAPI):
                 f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
                 "sae_memory",
             )
-        messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
-        try:
-            ids = render_prompt(self.tokenizer, request.prompt, messages)
-        except Exception as e:  # a template that refuses these messages (e.g. role order)
-            return Rejected.field(422, ["body", "messages"], f"chat template failed: {e}")
-        field = "prompt" if request.prompt is not None else "messages"
-        s = self.settings
-        if not ids:
-            return Rejected.field(422, ["body", field], "prompt renders to no tokens")
-        if len(ids) > s.max_prompt_tokens:
-            return Rejected.field(422, ["body", field], f"prompt is {len(ids)} tokens; the limit is {s.max_prompt_tokens}", "too_many_tokens")
-        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
-        if len(ids) + request.max_new_tokens > limit:
-            return Rejected.field(
-                422, ["body", "max_new_tokens"],
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds {limit}", "too_many_tokens",
-            )
+        ids = self.render(request, request.max_new_tokens, "max_new_tokens")
+        if isinstance(ids, Rejected):
+            return ids
         return Prepared(request, ids, plan)
 
     def batch(self, inputs):

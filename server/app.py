@@ -1,6 +1,7 @@
 """Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
 
-Routes: ``POST /v1/generate`` (``GenerateAPI``), ``GET /v1/saes`` (metadata read at start in the
+Routes: ``POST /v1/generate`` (``GenerateAPI``), ``POST /v1/features`` (``FeaturesAPI``, unless
+``features`` is off), ``GET /v1/saes`` (metadata read at start in the
 API process; which SAEs a worker holds resident is not listed, that lives in the worker),
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
 SAE's folder on first use, the last few SAEs' kept),
@@ -27,6 +28,7 @@ from saesteer.sae.stats import latent_record, load_latent_stats
 from saesteer.steering.pool import SAEPool
 
 from .api import GenerateAPI
+from .features_api import FeaturesAPI
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
 
@@ -69,10 +71,15 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     middlewares = []
     if settings.api_key is not None:
         middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
+    apis = [GenerateAPI(settings, pool)]
+    workers = {"/v1/generate": settings.workers}
+    if settings.features:
+        apis.append(FeaturesAPI(settings, pool))
+        workers["/v1/features"] = 1
     server = ls.LitServer(
-        GenerateAPI(settings, pool),
+        apis,
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
-        workers_per_device=settings.workers,
+        workers_per_device=workers,
         timeout=settings.request_timeout,
         max_payload_size=settings.max_payload_bytes,
         middlewares=middlewares,

@@ -51,6 +51,8 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
     workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
+    features: bool = Field(True, description="serve POST /v1/features (latents per token) from a worker of its own, "
+                           "which holds a second copy of the model")
     sae_memory_mb: float | None = Field(
         None,
         gt=0,

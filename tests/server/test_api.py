@@ -64,7 +64,7 @@ BUDGET_MB = 20.4
 
 @pytest.fixture(scope="module")
 def budget_client(tmp_path_factory):
-    with serve(settings_for(tmp_path_factory.mktemp("gemma"), sae_memory_mb=BUDGET_MB)) as c:
+    with serve(settings_for(tmp_path_factory.mktemp("gemma"), sae_memory_mb=BUDGET_MB, features=False)) as c:
         yield c
 
 
@@ -251,3 +251,47 @@ def test_sae_memory_budget_loads_on_demand_with_the_same_tokens(client, budget_c
     for r, b in zip(got, bodies):
         assert r.status_code == 200, r.text
         assert r.json() == client.post("/v1/generate", json=b).json()
+
+
+def test_features_equal_encoding_the_hook_activation_directly(client, lm, default_sae):
+    """POST /v1/features reads what SAE.encode gives on the hook point's activation, token by token
+    (sinks flagged and read as zero), with the completion's tokens after the prompt's."""
+    from saesteer.sae.activations import hook_activations, sink_mask
+    from saesteer.steering.generate import render_prompt
+
+    model, tok = lm
+    completion = "Cats purr when they are happy."
+    prompt = render_prompt(tok, messages=MSG)
+    ids = prompt + tok(completion, add_special_tokens=False)["input_ids"]
+    acts = hook_activations(model, default_sae.cfg.hook_point, torch.tensor([ids]))
+    keep = sink_mask(acts)[0]
+    z = default_sae.encode(acts[0]).double()
+    z[~keep] = 0
+    traced = z.max(0).values.topk(2).indices.tolist() + [3656]  # two that fire here, one that may not
+    body = {"messages": MSG, "completion": completion, "sae": SAE, "top_k": 5, "latents": traced}
+    r = client.post("/v1/features", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["prompt_tokens"] == len(prompt) and [t["token_id"] for t in got["tokens"]] == ids
+    assert [t["sink"] for t in got["tokens"]] == (~keep).tolist() and got["tokens"][0]["sink"]
+    traces = torch.tensor([lt["activations"] for lt in got["latents"]], dtype=torch.float64)
+    ref = z[:, traced].T
+    assert float(ref.norm()) > 0 and float((traces - ref).norm() / ref.norm()) < 1e-5
+    for t, row in zip(got["tokens"], z):
+        vals, idx = row.topk(5)
+        want = [(int(i), float(v)) for i, v in zip(idx, vals) if v > 0]
+        assert [x["latent"] for x in t["top"]] == [i for i, _ in want]
+        assert all(abs(x["activation"] - v) <= 1e-4 * max(1.0, v) for x, (_, v) in zip(t["top"], want))
+
+
+@pytest.mark.parametrize("body,field,reason", [
+    ({"prompt": "hi", "sae": "nope"}, '"sae"', "unknown SAE"),
+    ({"prompt": "hi", "sae": SAE, "latents": [1, 4608]}, '"latents", 1', "out of range"),
+    ({"prompt": "hi", "messages": MSG, "sae": SAE}, '"body"', "exactly one of prompt or messages"),
+    ({"prompt": "hi", "sae": SAE, "top_k": 65}, '"top_k"', "less than or equal"),
+    ({"prompt": "hi", "sae": SAE, "completion": "word " * 400}, '"completion"', "exceeds 300"),
+])
+def test_features_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
+    status, detail = _err(client.post("/v1/features", json=body))
+    assert status == 422
+    assert field in detail and reason in detail, detail

@@ -4,6 +4,8 @@ from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector,
 from .schema import (
     Completion,
     Condition,
+    FeaturesRequest,
+    FeaturesResponse,
     GenerateRequest,
     GenerateResponse,
     LatentInfo,
@@ -15,7 +17,7 @@ from .schema import (
 
 __all__ = [
     "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale", "when",
-    "Completion", "Condition", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
+    "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention",
 ]
 __version__ = "0.1.0"

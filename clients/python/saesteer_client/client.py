@@ -16,6 +16,8 @@ import httpx
 from .schema import (
     ChatMessage,
     Condition,
+    FeaturesRequest,
+    FeaturesResponse,
     GenerateRequest,
     GenerateResponse,
     Intervention,
@@ -81,6 +83,11 @@ def _request(prompt, messages, interventions, kw) -> dict:
     return req.model_dump(mode="json", exclude_none=True)
 
 
+def _features_request(sae, prompt, messages, kw) -> dict:
+    msgs = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages] if messages is not None else None
+    return FeaturesRequest(sae=sae, prompt=prompt, messages=msgs, **kw).model_dump(mode="json", exclude_none=True)
+
+
 def _check(r: httpx.Response) -> httpx.Response:
     if r.status_code >= 400:
         try:
@@ -114,6 +121,13 @@ class Client:
         temperature, top_p, seed, stop, compare)."""
         r = _check(self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
         return GenerateResponse.model_validate(r.json())
+
+    def features(self, sae: str, prompt: str | None = None, *, messages: list | None = None, **kw) -> FeaturesResponse:
+        """``POST /v1/features``: ``sae``'s top latents at every token of the prompt (or messages),
+        and given latents' activations; ``kw`` are ``FeaturesRequest`` fields (completion, top_k,
+        latents)."""
+        r = _check(self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
+        return FeaturesResponse.model_validate(r.json())
 
     def saes(self) -> list[SAEInfo]:
         """``GET /v1/saes``: the SAEs the server has attached."""
@@ -156,6 +170,10 @@ class AsyncClient:
                        interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
         r = _check(await self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
         return GenerateResponse.model_validate(r.json())
+
+    async def features(self, sae: str, prompt: str | None = None, *, messages: list | None = None, **kw) -> FeaturesResponse:
+        r = _check(await self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
+        return FeaturesResponse.model_validate(r.json())
 
     async def saes(self) -> list[SAEInfo]:
         return SAEList.model_validate(_check(await self._http.get("/v1/saes")).json()).saes

@@ -175,6 +175,63 @@ class GenerateResponse(Completion):
     unsteered: Completion | None = Field(None, description="with compare: the completion without interventions")
 
 
+class FeaturesRequest(_Strict):
+    """``POST /v1/features``: what an SAE reads at every token of a prompt (and a completion).
+
+    The text is ``prompt`` (raw) or ``messages`` (chat template, assistant turn opened), followed by
+    ``completion`` if given; it is run through the model up to the SAE's hook point (no generation).
+    """
+
+    prompt: str | None = Field(None, max_length=100_000, description="raw prompt text (no chat template)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256, description="chat messages")
+    completion: str | None = Field(None, max_length=100_000, description="text appended after the rendered prompt")
+    sae: str = Field(min_length=1, description="id of a loaded SAE (see GET /v1/saes)")
+    top_k: int = Field(8, ge=0, le=64, description="latents reported per token, largest activation first")
+    latents: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=256, description="latents whose activation is reported at every token"
+    )
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        return self
+
+
+class LatentActivation(BaseModel):
+    latent: int
+    activation: float
+
+
+class TokenFeatures(BaseModel):
+    """One token: its position in the text, id and text, and its top latents (firing ones only,
+    largest first). ``sink``: an attention-sink position (position 0, or a massive-activation
+    token), outside what the SAE was trained on; its latents are not reported."""
+
+    position: int
+    token_id: int
+    token: str
+    sink: bool = False
+    top: list[LatentActivation] = Field(default_factory=list)
+
+
+class LatentTrace(BaseModel):
+    """A requested latent's activation at every token (0 where it does not fire; 0 at sinks)."""
+
+    latent: int
+    activations: list[float]
+
+
+class FeaturesResponse(BaseModel):
+    sae: str
+    hook_point: str
+    prompt_tokens: int = Field(description="tokens of the rendered prompt; the completion's follow")
+    tokens: list[TokenFeatures]
+    latents: list[LatentTrace] = Field(default_factory=list)
+
+
 class SAEInfo(BaseModel):
     """One loaded SAE, as listed by ``GET /v1/saes``."""
 

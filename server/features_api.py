@@ -1,0 +1,75 @@
+"""``POST /v1/features``: an SAE's latents at every token of a prompt (and completion), read in a
+worker of its own (``FeaturesAPI``: LitServe gives each API its own processes, so this one holds its
+own copy of the model; it never waits behind a long generation). The read-out is
+``steering.readout.read_latents``.
+"""
+
+# No `from __future__ import annotations`: LitServe reads decode_request's real annotation.
+from dataclasses import dataclass
+
+from saesteer_client.schema import FeaturesRequest, FeaturesResponse, LatentActivation, LatentTrace, TokenFeatures
+
+from saesteer.sae.model import LatentRangeError, check_latent
+
+from .api import ModelAPI, Rejected
+from .config import ServerSettings
+from .errors import error_response
+
+
+@dataclass
+class _Job:
+    request: FeaturesRequest
+    input_ids: list[int]
+    prompt_tokens: int
+
+
+class FeaturesAPI(ModelAPI):
+    """The read-out endpoint; arguments as ``ModelAPI``. One request at a time per worker (a
+    read-out is one forward pass up to the hook point)."""
+
+    def __init__(self, settings: ServerSettings, saes, **kwargs):
+        super().__init__(settings, saes, max_batch_size=1, api_path="/v1/features", **kwargs)
+
+    def decode_request(self, request: FeaturesRequest) -> _Job | Rejected:
+        at = ["body"]
+        if request.sae not in self.saes.configs:
+            return Rejected.field(422, at + ["sae"], f"unknown SAE {request.sae!r}; loaded SAEs: {', '.join(sorted(self.saes.configs))}")
+        d_sae = self.saes.configs[request.sae].d_sae
+        for i, lat in enumerate(request.latents):
+            try:
+                check_latent(lat, d_sae, request.sae)
+            except LatentRangeError as e:
+                return Rejected.field(422, at + ["latents", i], str(e))
+        extra = self.tokenizer(request.completion, add_special_tokens=False)["input_ids"] if request.completion else []
+        ids = self.render(request, len(extra), "completion")
+        if isinstance(ids, Rejected):
+            return ids
+        if not self.saes.fits([request.sae]):
+            return Rejected.field(422, at + ["sae"], f"SAE {request.sae!r} does not fit this server's SAE memory budget", "sae_memory")
+        return _Job(request, ids + extra, len(ids))
+
+    def predict(self, job):
+        from saesteer.steering.readout import read_latents
+
+        if isinstance(job, Rejected):
+            return job
+        r = job.request
+        with self.saes.use([r.sae]) as saes:
+            out = read_latents(self.model, saes[r.sae], job.input_ids, r.top_k, r.latents)
+        tokens = []
+        for t, tid in enumerate(job.input_ids):
+            sink = bool(out.sink[t])
+            top = [] if sink else [
+                LatentActivation(latent=int(i), activation=float(v))
+                for i, v in zip(out.top_latents[t].tolist(), out.top_values[t].tolist()) if v > 0
+            ]
+            tokens.append(TokenFeatures(position=t, token_id=tid, token=self.tokenizer.decode([tid]), sink=sink, top=top))
+        return FeaturesResponse(
+            sae=r.sae, hook_point=self.saes.configs[r.sae].hook_point, prompt_tokens=job.prompt_tokens, tokens=tokens,
+            latents=[LatentTrace(latent=lat, activations=out.traces[j].tolist()) for j, lat in enumerate(r.latents)],
+        )
+
+    def encode_response(self, output) -> FeaturesResponse:
+        if isinstance(output, Rejected):
+            return error_response(output.status, output.detail)
+        return output
