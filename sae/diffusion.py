@@ -1,0 +1,176 @@
+"""Text-to-image pipelines whose text encoder SAEs attach to: loading them, their hook points, the
+CLIP tokenizer we ship, and the small pixel-space pipeline the project trains (``ShapesPipeline``).
+
+Hook points on a CLIP text encoder use the LLM names (``saesteer.sae.lm``): ``blocks.L.hook_resid_post``
+is the output of ``encoder.layers[L]`` (``text_model.encoder.layers[L]`` before transformers 5.24),
+so the ``Steerer`` and the SAE math run unchanged. Concept Steerers (Kim & Ghadiyaram, 2025) hook
+SD 1.4's ``text_encoder.text_model.encoder.layers.9``, i.e. ``blocks.9.hook_resid_post``; their
+spelling is accepted (``normalize_hook_point``).
+
+The CLIP tokenizer of SD 1.x is built offline from the BPE merges that ``open-clip-torch`` ships
+(``bpe_simple_vocab_16e6.txt.gz``, MIT), following CLIP's ``simple_tokenizer``: 256 byte symbols,
+the same with ``</w>``, one symbol per merge (48,894), then ``<|startoftext|>`` (49406) and
+``<|endoftext|>`` (49407); 49,408 tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import torch
+
+DIFFUSION_HOOK_ALIASES = re.compile(r"^text_encoder\.(?:text_model\.)?encoder\.layers\.(\d+)$")
+CLIP_VOCAB_SIZE = 49408
+
+
+def normalize_hook_point(name: str) -> str:
+    """``text_encoder.[text_model.]encoder.layers.L`` (Concept Steerers' spelling) ->
+    ``blocks.L.hook_resid_post``; other names unchanged."""
+    m = DIFFUSION_HOOK_ALIASES.match(name)
+    return f"blocks.{m.group(1)}.hook_resid_post" if m else name
+
+
+def is_diffusion_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (it has ``model_index.json``)."""
+    return (Path(path) / "model_index.json").is_file()
+
+
+# -- the CLIP tokenizer, offline -----------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map of the 256 byte values onto printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def write_clip_tokenizer_files(folder: str | Path, bpe_path: str | Path | None = None) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of SD 1.x's CLIP tokenizer into ``folder`` (for
+    ``transformers.CLIPTokenizer``), from the BPE file ``open-clip-torch`` ships.
+
+    Raises:
+        FileNotFoundError: no ``bpe_path`` and ``open-clip-torch`` is not installed
+            (``pip install --no-deps open-clip-torch``).
+    """
+    if bpe_path is None:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the CLIP vocabulary needs open-clip-torch: pip install --no-deps open-clip-torch")
+        bpe_path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out
+
+
+def clip_tokenizer(folder: str | Path | None = None, max_length: int = 77):
+    """SD 1.x's ``CLIPTokenizer`` (from ``folder``, or built into a cache folder from the shipped
+    BPE file); ``model_max_length`` ``max_length``, padding with ``<|endoftext|>`` as SD does."""
+    from transformers import CLIPTokenizer
+
+    if folder is None or not (Path(folder) / "vocab.json").is_file():
+        import os
+
+        cache = Path(os.environ.get("SAESTEER_CACHE") or Path.home() / ".cache" / "saesteer") / "clip-tokenizer"
+        folder = folder or cache
+        if not (Path(folder) / "vocab.json").is_file():
+            write_clip_tokenizer_files(folder)
+    return CLIPTokenizer(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"),
+                         model_max_length=max_length, pad_token="<|endoftext|>")
+
+
+# -- the small pixel-space pipeline ----------------------------------------------------------------
+
+
+def _pipeline_base():
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
+
+
+class ShapesPipeline(_pipeline_base()):
+    """A pixel-space text-to-image pipeline (no VAE): CLIP text encoder -> UNet2DConditionModel on
+    RGB images in [-1, 1], DDIM sampling with classifier-free guidance. Called like
+    ``StableDiffusionPipeline``, with ``prompt``/``negative_prompt`` or precomputed
+    ``prompt_embeds``/``negative_prompt_embeds`` [batch, tokens, d_text] (what steering passes).
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [len(prompts), model_max_length, d_text] (the encoder's last hidden state)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                 height: int | None = None, width: int | None = None, generator=None, num_images_per_prompt: int = 1,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "pil"):
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.encode(prompts)
+        if negative_prompt_embeds is None:
+            neg = negative_prompt or ""
+            neg = [neg] * prompt_embeds.shape[0] if isinstance(neg, str) else list(neg)
+            negative_prompt_embeds = self.encode(neg)
+        cond = prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+        uncond = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+        size = self.unet.config.sample_size
+        h, w = height or size, width or size
+        x = torch.randn((cond.shape[0], self.unet.config.in_channels, h, w), generator=generator,
+                        device="cpu", dtype=self.unet.dtype).to(self.device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        x = x * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            inp = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps = self.unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            e_u, e_c = eps.chunk(2)
+            x = self.scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+        img = (x / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return ImagePipelineOutput(images=img)
+        arr = (img.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+        return ImagePipelineOutput(images=self.numpy_to_pil(arr))
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a local folder or hub id: our ``ShapesPipeline`` when its
+    ``model_index.json`` names it, else ``StableDiffusionPipeline`` (SD 1.x/2.x). The safety checker
+    is not loaded (steering is the safety mechanism here); progress bars are off.
+
+    Raises:
+        FileNotFoundError, OSError: no such folder and no reachable hub repo.
+    """
+    from diffusers import DiffusionPipeline
+
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "ShapesPipeline":
+        pipe = ShapesPipeline.from_pretrained(model, dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.text_encoder.eval().requires_grad_(False)
+    return pipe

@@ -1,0 +1,90 @@
+"""The text-to-image groundwork (issue 16): SD 1.x's CLIP tokenizer built offline, the small
+pixel-space pipeline (built, saved, loaded, sampled), steering hooks on a CLIP text encoder, and the
+synthetic shapes with their pixel reader. Tiny random weights: these test plumbing, not quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from saesteer.sae.diffusion import ShapesPipeline, clip_tokenizer, load_pipeline, normalize_hook_point
+from saesteer.sae.lm import resolve_hook_point
+from saesteer.sae.model import SAE, SAEConfig
+from saesteer.steering.eval.shapes import COLOURS, SHAPES, read_image, render, sample
+from saesteer.steering.hooks import Steerer, StepPositions
+from saesteer.steering.plan import InterventionPlan, LatentEdit
+
+
+def test_clip_tokenizer_matches_sd1():
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_concept_steerers_hook_spelling_maps_onto_ours():
+    assert normalize_hook_point("text_encoder.text_model.encoder.layers.9") == "blocks.9.hook_resid_post"
+    assert normalize_hook_point("text_encoder.encoder.layers.3") == "blocks.3.hook_resid_post"
+    assert normalize_hook_point("blocks.2.hook_resid_post") == "blocks.2.hook_resid_post"
+
+
+def test_the_pixel_reader_reads_rendered_shapes():
+    rng = np.random.default_rng(0)
+    specs = [sample(rng) for _ in range(120)]
+    reads = [read_image(render(s)) for s in specs]
+    assert sum(r["colour"] == s.colour for r, s in zip(reads, specs)) == len(specs)
+    assert sum(r["shape"] == s.shape for r, s in zip(reads, specs)) >= 0.95 * len(specs)
+    assert {s.colour for s in specs} == set(COLOURS) and {s.shape for s in specs} == set(SHAPES)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(max_length=16)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    pipe = ShapesPipeline(unet=unet, text_encoder=text, tokenizer=tok, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
+    folder = tmp_path_factory.mktemp("pipe")
+    pipe.save_pretrained(folder)
+    return load_pipeline(str(folder))
+
+
+def test_the_pipeline_round_trips_and_samples_the_requested_size(tiny_pipe):
+    assert type(tiny_pipe).__name__ == "ShapesPipeline"
+    a = tiny_pipe(prompt=["a red circle on a white background"], num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    b = tiny_pipe(prompt=["a red circle on a white background"], num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    assert a[0].size == (16, 16) and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_steering_hooks_run_on_the_text_encoder(tiny_pipe):
+    """Layer 9 of the CLIP text encoder is ``blocks.9.hook_resid_post``: an idle hook leaves the text
+    embeddings bit-identical (the error term), a clamp changes them from position 1 on."""
+    enc = tiny_pipe.text_encoder
+    assert resolve_hook_point(enc, "blocks.9.hook_resid_post").module is enc.encoder.layers[9]
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig("topk", 32, 64, k=4, hook_point="blocks.9.hook_resid_post"))
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = tiny_pipe.tokenizer(["a blue star on a black background"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    plain = enc(ids)[0]
+    steerer = Steerer(enc, {"s": sae})
+    pos = StepPositions(abs_pos=torch.arange(16).unsqueeze(0), prompt_len=torch.tensor([16]))
+    idle = InterventionPlan(latent_edits=[LatentEdit("s", 5, "scale", 1.0, "all")])
+    with torch.no_grad(), steerer.steer([idle], pos):
+        same = enc(ids)[0]
+    assert torch.equal(same, plain)
+    clamp = InterventionPlan(latent_edits=[LatentEdit("s", 5, "clamp", 20.0, "all")])
+    with torch.no_grad(), steerer.steer([clamp], pos):
+        steered = enc(ids)[0]
+    assert torch.equal(steered[:, 0], plain[:, 0]) and not torch.allclose(steered[:, 1:], plain[:, 1:])
