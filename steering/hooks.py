@@ -102,7 +102,9 @@ class _SAEGroup:
         mask = self.cols.mask(pos, x.shape[0]).to(self.sae.dtype)
         if not full:
             z = self.sae.encode_latents(x, self.latents)  # [B, T, E]
-            dz = (self.edited(z) - z) * mask
+            # where, not "* mask": a column's inf (an edit that overflowed) times another row's
+            # 0 would be NaN in that row; this way a non-finite edit stays in its own row
+            dz = torch.where(mask.bool(), self.edited(z) - z, torch.zeros((), dtype=z.dtype, device=z.device))
             return (dz @ self.directions).to(x.dtype)
         # eager twin: whole code, edits scattered into it, full decode, error term kept
         z = self.sae.encode(x)  # [B, T, d_sae]
@@ -121,10 +123,21 @@ class _VectorGroup:
     def __init__(self, rows, vectors, specs, device, dtype):
         self.cols = _Columns(rows, specs, device)
         self.vectors = torch.stack(vectors).to(device=device, dtype=dtype)  # [V, d_in]
+        self._cast: dict[torch.dtype, tuple] = {}
 
     def delta(self, x: torch.Tensor, pos: StepPositions, full: bool) -> torch.Tensor:
-        mask = self.cols.mask(pos, x.shape[0]).to(x.dtype)
-        return mask @ self.vectors.to(x.dtype)
+        mask = self.cols.mask(pos, x.shape[0])  # [B, T, V] bool
+        if x.dtype not in self._cast:  # once per dtype, not per step
+            vec = self.vectors.to(x.dtype)  # may overflow in a half dtype
+            finite = torch.isfinite(vec).all(-1)  # [V]
+            self._cast[x.dtype] = (vec, finite, bool(finite.all()))
+        vec, finite, all_finite = self._cast[x.dtype]
+        if all_finite:
+            return mask.to(x.dtype) @ vec
+        # a non-finite vector reaches its own rows only (as NaN), never others through 0 x inf
+        out = mask.to(x.dtype) @ torch.where(finite.unsqueeze(-1), vec, torch.zeros((), dtype=vec.dtype, device=vec.device))
+        poisoned = (mask & ~finite).any(-1, keepdim=True)  # [B, T, 1]
+        return torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
 class Steerer:

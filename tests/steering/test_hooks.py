@@ -201,3 +201,41 @@ def test_bfloat16_model_steers_like_float32(setup):
     plain_tokens = generate(m16, tok, [GenerationSpec(ids, 12)])[0].tokens
     assert fast == full
     assert fast[:5] == fp32[:5] and fast != plain_tokens  # the same code-like opening as in float32
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_non_finite_edit_stays_in_its_row(setup, full):
+    """A latent value or vector that is inf in float32 (as 1e39 or 1e308 become) makes its own row
+    end with an error and leaves the other rows' tokens exactly what they are alone; before the
+    hooks used ``torch.where``, inf x 0 in the batched product turned every row to NaN."""
+    from saesteer.steering.generate import NON_FINITE
+
+    model, tok, sid, sae = setup
+    steer = Steerer(model, {sid: sae}, full=full)
+    inf_vec = torch.zeros(sae.cfg.d_in)
+    inf_vec[3] = float("inf")
+    plans = [
+        InterventionPlan(latent_edits=[LatentEdit(sid, 123, "clamp", 30.0, "all")]),
+        InterventionPlan(latent_edits=[LatentEdit(sid, 5, "clamp", float("inf"), "all")]),
+        InterventionPlan(),
+        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_name, inf_vec, (2, 3))]),
+        InterventionPlan(latent_edits=[LatentEdit(sid, 9, "scale", 1e39, "all")]),  # inf once float32
+    ]
+    prompts = PROMPTS + PROMPTS[:2]
+    specs = [GenerationSpec(chat(tok, p), max_new_tokens=6, plan=pl) for p, pl in zip(prompts, plans)]
+    batched = generate(model, tok, specs, steer)
+    for b in (1, 3, 4):
+        assert batched[b].finish_reason == "error" and batched[b].error == NON_FINITE, b
+    for b in (0, 2):
+        alone = generate(model, tok, [specs[b]], steer)[0]
+        assert batched[b].error is None and batched[b].tokens == alone.tokens and len(alone.tokens) == 6
+
+
+def test_tiny_top_p_samples_the_top_token(setup):
+    """top_p smaller than float32 resolves (1e-300 rounds to 0) keeps the most likely token instead
+    of sampling from all-zero probabilities."""
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    greedy = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5)])[0].tokens
+    tiny = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5, temperature=0.7, top_p=1e-300, seed=1)])[0]
+    assert tiny.error is None and tiny.tokens == greedy
