@@ -31,6 +31,7 @@ from .plan import OPS, InterventionPlan
 
 _KIND = {"all": 0, "prompt": 1, "generated": 2}
 _EXPLICIT = 3
+_NO_POSITION = 2**62  # pads explicit position lists: larger than any token index
 
 
 @dataclass
@@ -55,12 +56,16 @@ class _Columns:
         self.kind = torch.tensor(
             [_KIND[p] if isinstance(p, str) else _EXPLICIT for p in specs], dtype=torch.long, device=device
         )
+        # explicit positions: each column's sorted list, padded at the end with a sentinel no
+        # position reaches; membership is a searchsorted per column, O(batch x seq x columns)
+        # memory however long the lists (a broadcast comparison was batch x seq x columns x width)
         width = max([len(p) for p in specs if not isinstance(p, str)] or [1])
-        explicit = torch.full((len(specs), width), -1, dtype=torch.long)
+        explicit = torch.full((len(specs), width), _NO_POSITION, dtype=torch.long)
         for j, p in enumerate(specs):
             if not isinstance(p, str):
-                explicit[j, : len(p)] = torch.tensor(p, dtype=torch.long)
+                explicit[j, : len(p)] = torch.tensor(sorted(p), dtype=torch.long)
         self.explicit = explicit.to(device)
+        self.any_explicit = any(not isinstance(p, str) for p in specs)
 
     def mask(self, pos: StepPositions, batch: int) -> torch.Tensor:
         """[batch, seq, columns] bool: where each column's edit applies."""
@@ -71,13 +76,24 @@ class _Columns:
                 p >= 1,
                 (p >= 1) & (p < plen),
                 p >= plen,
-                (p.unsqueeze(-1) == self.explicit.view(1, 1, *self.explicit.shape)).any(-1),
+                self._explicit_member(pos.abs_pos),
             )
         )  # [4, B, T, C]
         kind = self.kind.view(1, 1, 1, -1).expand(1, *by_kind.shape[1:])
         m = by_kind.gather(0, kind).squeeze(0)
         row_match = torch.arange(batch, device=self.rows.device).view(-1, 1) == self.rows.view(1, -1)
         return m & row_match.unsqueeze(1)
+
+    def _explicit_member(self, abs_pos: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, columns] bool: the position is in the column's explicit list."""
+        B, T = abs_pos.shape
+        C, W = self.explicit.shape
+        if not self.any_explicit:
+            return torch.zeros((B, T, C), dtype=torch.bool, device=abs_pos.device)
+        q = abs_pos.reshape(1, B * T).expand(C, B * T).contiguous()
+        idx = torch.searchsorted(self.explicit, q).clamp_(max=W - 1)  # [C, B*T]
+        hit = self.explicit.gather(1, idx) == q
+        return hit.t().reshape(B, T, C)
 
 
 class _SAEGroup:

@@ -239,3 +239,34 @@ def test_tiny_top_p_samples_the_top_token(setup):
     greedy = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5)])[0].tokens
     tiny = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5, temperature=0.7, top_p=1e-300, seed=1)])[0]
     assert tiny.error is None and tiny.tokens == greedy
+
+
+def test_explicit_positions_mask_equals_the_broadcast_comparison():
+    """The searchsorted membership gives the mask of the old [batch, seq, columns, width]
+    comparison, for lists of any length and order, mixed with named position kinds."""
+    from saesteer.steering.hooks import _Columns
+
+    g = torch.Generator().manual_seed(0)
+    specs = ["all", (5,), tuple(torch.randint(0, 40, (30,), generator=g).tolist()), "prompt", (39, 0, 7, 7),
+             "generated", tuple(range(0, 40, 3))]
+    rows = [0, 1, 1, 2, 0, 2, 1]
+    cols = _Columns(rows, specs, torch.device("cpu"))
+    lens = torch.tensor([12, 20, 7])
+    hits = None
+    for abs_pos in [torch.arange(24).unsqueeze(0) - (24 - lens).unsqueeze(1),  # prefill, left padded
+                    (lens + 13).view(3, 1)]:  # a decode step
+        pos = StepPositions(abs_pos=abs_pos, prompt_len=lens)
+        got = cols.mask(pos, 3)
+        p = abs_pos.unsqueeze(-1)
+        width = max(len(s) for s in specs if not isinstance(s, str))
+        # the old 4-D comparison (its pad value -1 also matched left padding, whose positions are
+        # negative; padding is masked out of attention, so the new code leaves it alone)
+        pad = -(10**6)
+        padded = torch.tensor([list(s) + [pad] * (width - len(s)) if not isinstance(s, str) else [pad] * width for s in specs])
+        member = (p.unsqueeze(-1) == padded.view(1, 1, *padded.shape)).any(-1)
+        named = {"all": p >= 1, "prompt": (p >= 1) & (p < lens.view(-1, 1, 1)), "generated": p >= lens.view(-1, 1, 1)}
+        want = torch.stack([named[s].squeeze(-1) if isinstance(s, str) else member[..., j] for j, s in enumerate(specs)], -1)
+        want &= (torch.arange(3).view(-1, 1) == torch.tensor(rows).view(1, -1)).unsqueeze(1)
+        assert torch.equal(got, want)
+        hits = got.flatten(0, 1).any(0) if hits is None else hits | got.flatten(0, 1).any(0)
+    assert hits.all()  # every column applies somewhere: the comparison is not vacuous
