@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from saesteer_client.schema import Completion, GenerateRequest, GenerateResponse, Usage
 
 from .config import ServerSettings
+from .middleware import short
 from .registry import SAEPool
 
 log = logging.getLogger("saesteer.server")
@@ -200,7 +201,8 @@ class GenerateAPI(ls.LitAPI):
 
     def encode_response(self, output) -> GenerateResponse:
         if isinstance(output, Rejected):
-            return JSONResponse(status_code=output.status, content={"detail": output.detail})
+            detail = [{**d, "msg": short(d.get("msg", ""))} for d in output.detail]
+            return JSONResponse(status_code=output.status, content={"detail": detail})
         steered, plain = output["steered"], output.get("unsteered")
         return GenerateResponse(
             text=steered.text,

@@ -202,6 +202,31 @@ def test_oversized_body_is_413(client):
     r = client.post("/v1/generate", json={"prompt": "x" * 300_000})
     assert r.status_code == 413
 
+    def chunks():  # no Content-Length: the limit must count what arrives
+        yield b'{"prompt": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "200000 bytes" in r.text
+    small = client.post("/v1/generate", content=iter([b'{"prompt": "Hello", ', b'"max_new_tokens": 2}']),
+                        headers={"content-type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
+def test_errors_never_echo_a_huge_input_whole(client):
+    huge = "s" * 100_000
+    body = {"messages": MSG, "interventions": [{"op": "clamp", "sae": huge, "latent": 1, "value": 1.0}]}
+    status, detail = _err(client.post("/v1/generate", json=body))
+    assert status == 422 and '"sae"' in detail and len(detail) < 2000
+    r = client.get(f"/v1/saes/{'q' * 50_000}/latents/1")
+    assert r.status_code == 404 and len(r.text) < 2000
+    long_hook = {"messages": MSG, "interventions": [{"op": "add_vector", "hook": "h" * 200, "vector": [1.0] * 576}]}
+    status, detail = _err(client.post("/v1/generate", json=long_hook))  # within the schema, refused in the worker
+    assert status == 422 and '"hook"' in detail and "not available" in detail
+
 
 def test_worker_survives_bad_requests(client):
     for _ in range(3):

@@ -61,7 +61,7 @@ class LatentIntervention(_Strict):
     """
 
     op: Literal["clamp", "ablate", "scale", "add"] = Field(description="what to do to the latent")
-    sae: str = Field(min_length=1, description="id of a loaded SAE (see GET /v1/saes)")
+    sae: str = Field(min_length=1, max_length=256, description="id of a loaded SAE (see GET /v1/saes)")
     latent: int = Field(ge=0, description="latent index, 0 <= latent < d_sae")
     value: BoundedFloat | None = Field(
         None, description=f"clamp target, scale factor or added amount, |value| <= {MAX_ABS_VALUE:g}; omitted for ablate")
@@ -92,8 +92,8 @@ class VectorIntervention(_Strict):
     vector: list[BoundedFloat] = Field(min_length=1, max_length=65536, description=f"d_in floats, each |x| <= {MAX_ABS_VALUE:g}")
     strength: BoundedFloat = Field(1.0, description=f"|strength| <= {MAX_ABS_VALUE:g}; the server also bounds the added vector's norm")
     unit: Literal["raw", "resid_norm"] = Field("raw", description="strength as a plain factor or as a multiple of the residual norm")
-    hook: str | None = Field(None, description="hook point, e.g. blocks.10.hook_resid_post")
-    sae: str | None = Field(None, description="use this SAE's hook point")
+    hook: str | None = Field(None, max_length=256, description="hook point, e.g. blocks.10.hook_resid_post")
+    sae: str | None = Field(None, max_length=256, description="use this SAE's hook point")
     positions: Positions = "all"
 
     @model_validator(mode="after")
