@@ -113,10 +113,22 @@ class GenerateAPI(ModelAPI):
 
     # -- per request -----------------------------------------------------------------------------
     def decode_request(self, request: GenerateRequest) -> Prepared | Rejected:
+        """Check ``request`` against the loaded model; never raises (an unexpected error becomes
+        this request's 500, not its batch's)."""
+        try:
+            return self._decode(request)
+        except Exception as e:
+            log.error("decode_request failed: %s: %s", type(e).__name__, e, exc_info=e)
+            return Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
+
+    def _decode(self, request: GenerateRequest) -> Prepared | Rejected:
         from saesteer.steering.plan import PlanError, build_plan
 
+        s = self.settings
+        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
         try:
-            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units)
+            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
+                              max_position=limit)
         except PlanError as e:
             return Rejected(422, [e.item])
         if not self.saes.fits(plan.sae_ids()):
@@ -136,12 +148,37 @@ class GenerateAPI(ModelAPI):
         return inputs
 
     def predict(self, items):
+        """Generate for a batch; never raises. Each item becomes its output dict or a ``Rejected``:
+        if the batch fails, its rows are retried one by one, so an exception (or non-finite
+        logits) ends only the row that causes it."""
         if not isinstance(items, list):  # LitServe's unbatched loop (max_batch_size=1)
             return self.predict([items])[0]
-        from saesteer.steering.generate import GenerationSpec, generate
+        ready = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
+        try:
+            return self._generate(items, ready)
+        except Exception as e:
+            if len(ready) <= 1:
+                return [self._failed(it, e) if isinstance(it, Prepared) else it for it in items]
+            log.warning("batch of %d failed (%s: %s); retrying its rows one by one", len(ready), type(e).__name__, e)
+        outputs: list = list(items)
+        for i in ready:
+            try:
+                outputs[i] = self._generate(items, [i])[i]
+            except Exception as e:
+                outputs[i] = self._failed(items[i], e)
+        return outputs
+
+    @staticmethod
+    def _failed(item: Prepared, e: Exception) -> Rejected:
+        log.error("request failed in generation: %s: %s", type(e).__name__, e, exc_info=e)
+        return Rejected.field(500, ["body"], f"generation failed ({type(e).__name__}); other requests were not affected",
+                              "internal_error")
+
+    def _generate(self, items: list, ready: list[int]) -> list:
+        """Outputs for ``items`` where the rows ``ready`` are generated and the rest passed through."""
+        from saesteer.steering.generate import NON_FINITE, GenerationSpec, generate
         from saesteer.steering.plan import InterventionPlan
 
-        ready = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
         outputs: list = list(items)
         # under a memory budget, a batch whose SAEs do not fit together runs as several sub-batches
         # (a row's tokens do not depend on its neighbours); without one this is a single run
@@ -163,6 +200,12 @@ class GenerateAPI(ModelAPI):
             for (i, role), res in zip(owners, results):
                 per.setdefault(i, {})[role] = res
             for i, d in per.items():
+                bad = d["steered"].error or (d.get("unsteered") and d["unsteered"].error)
+                if bad == NON_FINITE and items[i].request.interventions:
+                    d = Rejected.field(422, ["body", "interventions"],
+                                       "these interventions drove the model's activations to inf/NaN; use smaller values", "non_finite")
+                elif bad:
+                    d = Rejected.field(500, ["body"], f"generation failed ({bad})", "internal_error")
                 outputs[i] = d
         return outputs
 

@@ -6,7 +6,8 @@ API process; which SAEs a worker holds resident is not listed, that lives in the
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
 SAE's folder on first use, the last few SAEs' kept),
 ``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
-``Authorization: Bearer <key>``; bodies over ``max_payload_bytes`` get 413.
+``Authorization: Bearer <key>`` (``/docs`` and ``/openapi.json`` too, and the OpenAPI schema
+declares the scheme); bodies over ``max_payload_bytes`` get 413, chunked or not.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from .api import GenerateAPI
 from .features_api import FeaturesAPI
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
+from .middleware import BodyLimitMiddleware, short
 
 log = logging.getLogger("saesteer.server")
-OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health"})
 
 
 class BearerAuthMiddleware(BaseHTTPMiddleware):
@@ -54,8 +56,29 @@ class BearerAuthMiddleware(BaseHTTPMiddleware):
 async def validation_error(_request, exc: RequestValidationError) -> JSONResponse:
     """422 with ``loc``/``msg``/``type`` per error; the offending input is not echoed (it may be
     NaN, which JSON cannot carry, or megabytes long)."""
-    detail = [ErrorItem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", ""))) for e in exc.errors()]
+    detail = [ErrorItem(loc=[short(x, 100) if isinstance(x, str) else x for x in e.get("loc", ())], msg=str(e.get("msg", "")),
+                        type=str(e.get("type", ""))) for e in exc.errors()]
     return error_response(422, detail)
+
+
+def declare_bearer(app) -> None:
+    """Make the app's OpenAPI schema declare the bearer scheme on every route but the open ones."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "the server's API key"}}
+            schema["security"] = [{"bearerAuth": []}]
+            for path, ops in schema.get("paths", {}).items():
+                if path in OPEN_PATHS:
+                    for op in ops.values():
+                        op["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def build_server(settings: ServerSettings) -> ls.LitServer:
@@ -68,7 +91,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     specs = [parse_sae_spec(s) for s in settings.saes]
     pool = SAEPool(specs, budget_bytes=settings.sae_memory_bytes)  # configs only: no weights here
     listing = SAEList(saes=pool.infos())
-    middlewares = []
+    middlewares = [(BodyLimitMiddleware, {"max_bytes": settings.max_payload_bytes})]
     if settings.api_key is not None:
         middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
     apis = [GenerateAPI(settings, pool)]
@@ -81,7 +104,6 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
         workers_per_device=workers,
         timeout=settings.request_timeout,
-        max_payload_size=settings.max_payload_bytes,
         middlewares=middlewares,
         restart_workers=True,
     )
@@ -95,7 +117,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
 
     def latent_info(sae_id: str, latent: int):  # sync: FastAPI runs it in a thread (file reads)
         if sae_id not in pool.configs:
-            return field_error(404, ["path", "sae_id"], f"unknown SAE {sae_id!r}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
+            return field_error(404, ["path", "sae_id"], f"unknown SAE {short(repr(sae_id), 100)}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
         try:
             check_latent(latent, pool.configs[sae_id].d_sae, sae_id)
         except LatentRangeError as e:
@@ -106,6 +128,8 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         return LatentInfo(sae=sae_id, **latent_record(stats, latent))
 
     server.app.add_exception_handler(RequestValidationError, validation_error)
+    if settings.api_key is not None:
+        declare_bearer(server.app)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server

@@ -8,10 +8,17 @@ from collections.abc import Mapping, Sequence
 from saesteer_client.schema import ErrorItem, ErrorResponse
 from starlette.responses import JSONResponse
 
+from .middleware import short
+
 
 def error_response(status: int, detail: Sequence[ErrorItem] | str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """A JSON ``ErrorResponse`` with HTTP ``status``; ``detail`` the field errors, or one sentence."""
-    body = ErrorResponse(detail=detail if isinstance(detail, str) else list(detail))
+    """A JSON ``ErrorResponse`` with HTTP ``status``; ``detail`` the field errors, or one sentence.
+    Messages are cut at ``middleware.MAX_MESSAGE_CHARS`` (an error never echoes a huge input)."""
+    if isinstance(detail, str):
+        detail = short(detail)
+    else:
+        detail = [item.model_copy(update={"msg": short(item.msg)}) for item in detail]
+    body = ErrorResponse(detail=detail)
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
 
 

@@ -33,10 +33,18 @@ class GenerationSpec:
 
 @dataclass
 class GenerationResult:
+    """One row's output. ``finish_reason``: "stop" (EOS or a stop string), "length", or "error"
+    (the row ended early; ``error`` says why, e.g. ``NON_FINITE``)."""
+
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str
     prompt_tokens: int
+    error: str | None = None
+
+
+NON_FINITE = "non_finite"
+"""``GenerationResult.error`` of a row whose logits became inf or NaN (its steering overflowed)."""
 
 
 def render_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -50,13 +58,18 @@ def render_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | N
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None) -> int:
+def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None) -> int | None:
+    """The next token of one row from its finite logits [vocab]; None if sampling probabilities
+    come out non-finite."""
     if spec.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / spec.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return None
     if spec.top_p < 1.0:
         p_sorted, idx = probs.sort(descending=True)
         keep = p_sorted.cumsum(0) - p_sorted < spec.top_p
+        keep[0] = True  # the most likely token always stays, whatever the rounding of a tiny top_p
         probs = torch.zeros_like(probs).scatter_(0, idx[keep], p_sorted[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
@@ -72,7 +85,9 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
         steerer: applies the rows' plans; None (or all plans empty) generates unsteered.
 
     Returns:
-        One ``GenerationResult`` per row, in order.
+        One ``GenerationResult`` per row, in order. A row whose logits become non-finite (an
+        overflowing steer) ends at once with ``finish_reason="error"``, ``error=NON_FINITE``;
+        the other rows go on unchanged (the hooks keep each row's numbers in its row).
     """
     dev = next(model.parameters()).device
     B = len(specs)
@@ -90,6 +105,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     eos = tokenizer.eos_token_id
     out_tokens: list[list[int]] = [[] for _ in specs]
     finish: list[str | None] = [None] * B
+    errors: list[str | None] = [None] * B
     stop_texts: list[str | None] = [None] * B  # text cut at a stop string
     plans = [s.plan for s in specs]
     steering = steerer is not None and any(plans)
@@ -107,10 +123,14 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
                 input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True
             ).logits[:, -1]
             nxt = torch.full((B,), pad, dtype=torch.long)
+            finite = torch.isfinite(logits).all(-1).tolist()  # one device sync per step
             for b, s in enumerate(specs):
                 if finish[b] is not None:
                     continue
-                tok = _sample(logits[b], s, gens[b])
+                tok = _sample(logits[b], s, gens[b]) if finite[b] else None
+                if tok is None:
+                    finish[b], errors[b] = "error", NON_FINITE
+                    continue
                 nxt[b] = tok
                 out_tokens[b].append(tok)
                 if tok == eos:
@@ -137,6 +157,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
         text = stop_texts[b]
         if text is None:
             text = tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True)
-        results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length", prompt_tokens=len(s.input_ids)))
+        results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length",
+                                        prompt_tokens=len(s.input_ids), error=errors[b]))
     return results
 

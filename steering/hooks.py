@@ -31,6 +31,7 @@ from .plan import OPS, InterventionPlan, When
 
 _KIND = {"all": 0, "prompt": 1, "generated": 2}
 _EXPLICIT = 3
+_NO_POSITION = 2**62  # pads explicit position lists: larger than any token index
 
 
 @dataclass
@@ -117,12 +118,16 @@ class _Columns:
         self.kind = torch.tensor(
             [_KIND[p] if isinstance(p, str) else _EXPLICIT for p in specs], dtype=torch.long, device=device
         )
+        # explicit positions: each column's sorted list, padded at the end with a sentinel no
+        # position reaches; membership is a searchsorted per column, O(batch x seq x columns)
+        # memory however long the lists (a broadcast comparison was batch x seq x columns x width)
         width = max([len(p) for p in specs if not isinstance(p, str)] or [1])
-        explicit = torch.full((len(specs), width), -1, dtype=torch.long)
+        explicit = torch.full((len(specs), width), _NO_POSITION, dtype=torch.long)
         for j, p in enumerate(specs):
             if not isinstance(p, str):
-                explicit[j, : len(p)] = torch.tensor(p, dtype=torch.long)
+                explicit[j, : len(p)] = torch.tensor(sorted(p), dtype=torch.long)
         self.explicit = explicit.to(device)
+        self.any_explicit = any(not isinstance(p, str) for p in specs)
 
     def mask(self, pos: StepPositions, batch: int, conds: _Conditions | None = None) -> torch.Tensor:
         """[batch, seq, columns] bool: where each column's edit applies (its row, its positions,
@@ -134,7 +139,7 @@ class _Columns:
                 p >= 1,
                 (p >= 1) & (p < plen),
                 p >= plen,
-                (p.unsqueeze(-1) == self.explicit.view(1, 1, *self.explicit.shape)).any(-1),
+                self._explicit_member(pos.abs_pos),
             )
         )  # [4, B, T, C]
         kind = self.kind.view(1, 1, 1, -1).expand(1, *by_kind.shape[1:])
@@ -144,6 +149,17 @@ class _Columns:
         if conds is not None and len(conds) and bool((self.cond >= 0).any()):
             m = m & conds.mask(self.cond, batch, m.shape[1])
         return m
+
+    def _explicit_member(self, abs_pos: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, columns] bool: the position is in the column's explicit list."""
+        B, T = abs_pos.shape
+        C, W = self.explicit.shape
+        if not self.any_explicit:
+            return torch.zeros((B, T, C), dtype=torch.bool, device=abs_pos.device)
+        q = abs_pos.reshape(1, B * T).expand(C, B * T).contiguous()
+        idx = torch.searchsorted(self.explicit, q).clamp_(max=W - 1)  # [C, B*T]
+        hit = self.explicit.gather(1, idx) == q
+        return hit.t().reshape(B, T, C)
 
 
 class _SAEGroup:
@@ -168,7 +184,9 @@ class _SAEGroup:
         mask = self.cols.mask(pos, x.shape[0], conds).to(self.sae.dtype)
         if not full:
             z = self.sae.encode_latents(x, self.latents)  # [B, T, E]
-            dz = (self.edited(z) - z) * mask
+            # where, not "* mask": a column's inf (an edit that overflowed) times another row's
+            # 0 would be NaN in that row; this way a non-finite edit stays in its own row
+            dz = torch.where(mask.bool(), self.edited(z) - z, torch.zeros((), dtype=z.dtype, device=z.device))
             return (dz @ self.directions).to(x.dtype)
         # eager twin: whole code, edits scattered into it, full decode, error term kept
         z = self.sae.encode(x)  # [B, T, d_sae]
@@ -187,10 +205,21 @@ class _VectorGroup:
     def __init__(self, rows, vectors, specs, device, dtype, cond=None):
         self.cols = _Columns(rows, specs, device, cond)
         self.vectors = torch.stack(vectors).to(device=device, dtype=dtype)  # [V, d_in]
+        self._cast: dict[torch.dtype, tuple] = {}
 
     def delta(self, x: torch.Tensor, pos: StepPositions, full: bool, conds: _Conditions | None = None) -> torch.Tensor:
-        mask = self.cols.mask(pos, x.shape[0], conds).to(x.dtype)
-        return mask @ self.vectors.to(x.dtype)
+        mask = self.cols.mask(pos, x.shape[0], conds)  # [B, T, V] bool
+        if x.dtype not in self._cast:  # once per dtype, not per step
+            vec = self.vectors.to(x.dtype)  # may overflow in a half dtype
+            finite = torch.isfinite(vec).all(-1)  # [V]
+            self._cast[x.dtype] = (vec, finite, bool(finite.all()))
+        vec, finite, all_finite = self._cast[x.dtype]
+        if all_finite:
+            return mask.to(x.dtype) @ vec
+        # a non-finite vector reaches its own rows only (as NaN), never others through 0 x inf
+        out = mask.to(x.dtype) @ torch.where(finite.unsqueeze(-1), vec, torch.zeros((), dtype=vec.dtype, device=vec.device))
+        poisoned = (mask & ~finite).any(-1, keepdim=True)  # [B, T, 1]
+        return torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
 @runtime_checkable

@@ -11,13 +11,22 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saesteer_client.schema import Condition, ErrorItem, LatentIntervention, VectorIntervention
+from saesteer_client.schema import MAX_ABS_VALUE, Condition, ErrorItem, LatentIntervention, VectorIntervention
 
 from saesteer.sae.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 
 OPS = {"clamp": 0, "ablate": 1, "scale": 2, "add": 3}
 """Op codes used in the batched hook tensors."""
+
+MAX_RESOLVED_VALUE = MAX_ABS_VALUE
+"""Largest |value| of a latent edit once its unit is resolved (value x typical activation): the
+wire schema's bound on raw values holds for every unit."""
+MAX_VECTOR_NORM_RESID = 100.0
+"""Largest L2 norm of an added vector (strength applied), in mean residual norms at its hook point
+where an SAE's statistics say what that norm is; steering stops being useful near 1."""
+MAX_VECTOR_NORM = 1e6
+"""Largest L2 norm of an added vector where the residual norm at the hook point is not known."""
 
 
 class PlanError(ValueError):
@@ -167,6 +176,7 @@ def build_plan(
     configs: Mapping[str, SAEConfig],
     hook_widths: dict[str, int] | None = None,
     units: StrengthUnits | None = None,
+    max_position: int | None = None,
 ) -> InterventionPlan:
     """Check interventions against the SAEs' configs and resolve them into a plan (no weights are
     needed: ``Steerer.configs`` or ``SAEPool.configs`` validate a request before any SAE loads).
@@ -179,11 +189,16 @@ def build_plan(
         units: typical activations and residual norms that resolve ``unit="typical"`` (value x the
             latent's typical activation) and ``unit="resid_norm"`` (unit vector x strength x the
             mean residual norm); None: only raw units are accepted.
+        max_position: explicit token positions must be below this (the server's token limit);
+            None: no limit beyond the wire schema's.
 
     Raises:
         PlanError: unknown SAE id, latent out of range, unknown hook point, a vector of the
-            wrong length, or a unit this server cannot resolve (no statistics for that SAE or
-            hook point, a latent that never fired); ``loc`` names the field.
+            wrong length, a unit this server cannot resolve (no statistics for that SAE or
+            hook point, a latent that never fired), a resolved value above
+            ``MAX_RESOLVED_VALUE``, a vector whose norm exceeds ``MAX_VECTOR_NORM_RESID``
+            residual norms (or ``MAX_VECTOR_NORM`` where that norm is unknown), or a position at
+            or past ``max_position``; ``loc`` names the field.
     """
     units = units or StrengthUnits()
     plan = InterventionPlan()
@@ -192,6 +207,10 @@ def build_plan(
         widths.setdefault(cfg.hook_point, cfg.d_in)
     for i, iv in enumerate(interventions):
         loc = ["body", "interventions", i]
+        if max_position is not None and not isinstance(iv.positions, str):
+            far = max(iv.positions)
+            if far >= max_position:
+                raise PlanError(loc + ["positions"], f"position {far} is past the token limit ({max_position} tokens)")
         if iv.sae is not None and iv.sae not in configs:
             known = ", ".join(sorted(configs)) or "none"
             raise PlanError(loc + ["sae"], f"unknown SAE {iv.sae!r}; loaded SAEs: {known}")
@@ -199,6 +218,8 @@ def build_plan(
             if isinstance(iv, LatentIntervention):
                 check_latent(iv.latent, configs[iv.sae].d_sae, iv.sae)
                 value = units.latent_value(iv.sae, iv.latent, float(iv.value or 0.0), iv.unit)
+                if not abs(value) <= MAX_RESOLVED_VALUE:  # also catches inf and nan
+                    raise PlanError(loc + ["value"], f"value resolves to {value:.3g} latent units; the limit is {MAX_RESOLVED_VALUE:g}")
                 when = _resolve_when(iv.when, configs[iv.sae].hook_point, configs, units, loc)
                 plan.latent_edits.append(LatentEdit(iv.sae, iv.latent, iv.op, value, _positions(iv.positions), when))
                 continue
@@ -209,6 +230,12 @@ def build_plan(
             if len(iv.vector) != width:
                 raise PlanError(loc + ["vector"], f"vector has {len(iv.vector)} values; hook point {hook_point!r} has d_in {width}")
             vec = units.vector(hook_point, torch.tensor(iv.vector, dtype=torch.float64), iv.strength, iv.unit)
+            norm = float(vec.double().norm())
+            scale = units.resid_norm.get(hook_point)
+            limit = MAX_VECTOR_NORM_RESID * scale if scale else MAX_VECTOR_NORM
+            if not norm <= limit:  # also catches inf and nan
+                what = f"{MAX_VECTOR_NORM_RESID:g} x the mean residual norm ({scale:.3g}) at {hook_point!r}" if scale else f"{MAX_VECTOR_NORM:g}"
+                raise PlanError(loc + ["strength"], f"strength x vector has norm {norm:.3g}; the limit is {what}")
             when = _resolve_when(iv.when, hook_point, configs, units, loc)
             plan.vector_edits.append(VectorEdit(hook_point, vec, _positions(iv.positions), when))
         except LatentRangeError as e:

@@ -78,6 +78,19 @@ def test_sdk_raises_with_the_field_named(server_url):
         assert e.value.detail[0]["loc"][-1] == "latent"
 
 
+def test_docs_are_behind_the_key_and_declare_it(server_url):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(server_url + path).status_code == 401, path
+    r = httpx.get(server_url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    schema = r.json()
+    assert schema["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "the server's API key"}
+    assert schema["security"] == [{"bearerAuth": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert httpx.get(server_url + "/docs", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
 def test_auth_is_required(server_url):
     assert httpx.get(server_url + "/health").status_code == 200
     assert httpx.get(server_url + "/v1/saes").status_code == 401

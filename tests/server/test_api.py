@@ -213,6 +213,31 @@ def test_oversized_body_is_413(client):
     r = client.post("/v1/generate", json={"prompt": "x" * 300_000})
     assert r.status_code == 413
 
+    def chunks():  # no Content-Length: the limit must count what arrives
+        yield b'{"prompt": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "200000 bytes" in r.text
+    small = client.post("/v1/generate", content=iter([b'{"prompt": "Hello", ', b'"max_new_tokens": 2}']),
+                        headers={"content-type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
+def test_errors_never_echo_a_huge_input_whole(client):
+    huge = "s" * 100_000
+    body = {"messages": MSG, "interventions": [{"op": "clamp", "sae": huge, "latent": 1, "value": 1.0}]}
+    status, detail = _err(client.post("/v1/generate", json=body))
+    assert status == 422 and '"sae"' in detail and len(detail) < 2000
+    r = client.get(f"/v1/saes/{'q' * 50_000}/latents/1")
+    assert r.status_code == 404 and len(r.text) < 2000
+    long_hook = {"messages": MSG, "interventions": [{"op": "add_vector", "hook": "h" * 200, "vector": [1.0] * 576}]}
+    status, detail = _err(client.post("/v1/generate", json=long_hook))  # within the schema, refused in the worker
+    assert status == 422 and '"hook"' in detail and "not available" in detail
+
 
 def test_worker_survives_bad_requests(client):
     for _ in range(3):
@@ -295,3 +320,68 @@ def test_features_bad_input_is_a_4xx_naming_the_field(client, body, field, reaso
     status, detail = _err(client.post("/v1/features", json=body))
     assert status == 422
     assert field in detail and reason in detail, detail
+
+
+GOOD = [
+    {"messages": [{"role": "user", "content": c}], "max_new_tokens": 4, **extra}
+    for c, extra in [
+        ("Tell me something interesting.", {}),
+        ("Describe a place you like.", {"interventions": [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 12.0}]}),
+        ("Write one sentence about your morning.", {"compare": True,
+                                                    "interventions": [{"op": "add", "sae": SAE, "latent": 123, "value": 60.0}]}),
+        ("Name a colour.", {"temperature": 0.8, "top_p": 0.9, "seed": 3}),
+        ("What is two plus two?", {"interventions": [{"op": "ablate", "sae": SAE, "latent": 10, "positions": [1, 2, 3]}]}),
+        ("Say hello.", {"interventions": [{"op": "add_vector", "sae": SAE, "vector": [0.01] * 576, "strength": 50.0}]}),
+        ("Give me a fruit.", {"compare": True, "interventions": [{"op": "scale", "sae": SAE, "latent": 77, "value": 3.0}]}),
+    ]
+]
+
+
+def _iv(**kw):
+    return {"messages": MSG, "max_new_tokens": 4, "interventions": [kw]}
+
+
+POISON = {
+    "clamp 1e308": (_iv(op="clamp", sae=SAE, latent=5, value=1e308), '"value"'),
+    "clamp 1e39": (_iv(op="clamp", sae=SAE, latent=5, value=1e39), '"value"'),
+    "scale 1e39": (_iv(op="scale", sae=SAE, latent=5, value=1e39), '"value"'),
+    "add 1e39": (_iv(op="add", sae=SAE, latent=5, value=-1e39), '"value"'),
+    "vector element 1e308": (_iv(op="add_vector", sae=SAE, vector=[1e308] + [0.0] * 575), '"vector"'),
+    "strength 1e308": (_iv(op="add_vector", sae=SAE, vector=[1.0] * 576, strength=1e308), '"strength"'),
+    "typical 1e39": (_iv(op="clamp", sae=SAE, latent=3656, value=1e39, unit="typical"), '"value"'),
+    # within the wire bounds, refused in the worker, in the same batch as the good ones
+    "typical 1e5 x typical": (_iv(op="clamp", sae=SAE, latent=3656, value=1e5, unit="typical"), '"value"'),
+    "vector norm": (_iv(op="add_vector", sae=SAE, vector=[1e5] * 576, strength=1e5), '"strength"'),
+    "resid_norm strength": (_iv(op="add_vector", sae=SAE, vector=[1.0] * 576, strength=1e5, unit="resid_norm"), '"strength"'),
+    "position 1e20": (_iv(op="clamp", sae=SAE, latent=5, value=1.0, positions=[10**20]), '"positions"'),
+    "position past the limit": (_iv(op="clamp", sae=SAE, latent=5, value=1.0, positions=[1, 5000]), '"positions"'),
+    "temperature 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 1e-300}, '"temperature"'),
+    "top_p 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 0.5, "top_p": 1e-300}, '"top_p"'),
+}
+
+
+@pytest.fixture(scope="module")
+def sequential_answers(client):
+    out = []
+    for b in GOOD:
+        r = client.post("/v1/generate", json=b)
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out
+
+
+@pytest.mark.parametrize("name", list(POISON))
+def test_a_poisoned_request_spoils_no_other(client, sequential_answers, name):
+    """Issue 12: each poisoned request, sent together with 7 good ones, gets a 4xx naming its field,
+    and the good ones get exactly their sequential answers (not NaN tokens, not a batch-wide 500)."""
+    bad, field = POISON[name]
+    bodies = GOOD[:3] + [bad] + GOOD[3:]
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        got = list(ex.map(lambda b: client.post("/v1/generate", json=b), bodies))
+    status, detail = _err(got[3])
+    assert status == 422 and field in detail, detail
+    rest = got[:3] + got[4:]
+    for r, want in zip(rest, sequential_answers):
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == want["tokens"]
+        assert (r.json()["unsteered"] or {}).get("tokens") == (want["unsteered"] or {}).get("tokens")

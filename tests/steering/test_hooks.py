@@ -311,3 +311,72 @@ def test_once_fired_holds_across_decode_steps(setup):
     a, b = (generate(model, tok, [GenerationSpec(ids, n, plan=InterventionPlan(latent_edits=[e]))], steerer)[0] for e in (once, explicit))
     plain = generate(model, tok, [GenerationSpec(ids, n)])[0]
     assert a.tokens == b.tokens != plain.tokens
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_non_finite_edit_stays_in_its_row(setup, full):
+    """A latent value or vector that is inf in float32 (as 1e39 or 1e308 become) makes its own row
+    end with an error and leaves the other rows' tokens exactly what they are alone; before the
+    hooks used ``torch.where``, inf x 0 in the batched product turned every row to NaN."""
+    from saesteer.steering.generate import NON_FINITE
+
+    model, tok, sid, sae = setup
+    steer = Steerer(model, {sid: sae}, full=full)
+    inf_vec = torch.zeros(sae.cfg.d_in)
+    inf_vec[3] = float("inf")
+    plans = [
+        InterventionPlan(latent_edits=[LatentEdit(sid, 123, "clamp", 30.0, "all")]),
+        InterventionPlan(latent_edits=[LatentEdit(sid, 5, "clamp", float("inf"), "all")]),
+        InterventionPlan(),
+        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_point, inf_vec, (2, 3))]),
+        InterventionPlan(latent_edits=[LatentEdit(sid, 9, "scale", 1e39, "all")]),  # inf once float32
+    ]
+    prompts = PROMPTS + PROMPTS[:2]
+    specs = [GenerationSpec(chat(tok, p), max_new_tokens=6, plan=pl) for p, pl in zip(prompts, plans)]
+    batched = generate(model, tok, specs, steer)
+    for b in (1, 3, 4):
+        assert batched[b].finish_reason == "error" and batched[b].error == NON_FINITE, b
+    for b in (0, 2):
+        alone = generate(model, tok, [specs[b]], steer)[0]
+        assert batched[b].error is None and batched[b].tokens == alone.tokens and len(alone.tokens) == 6
+
+
+def test_tiny_top_p_samples_the_top_token(setup):
+    """top_p smaller than float32 resolves (1e-300 rounds to 0) keeps the most likely token instead
+    of sampling from all-zero probabilities."""
+    model, tok, sid, sae = setup
+    ids = chat(tok, PROMPTS[0])
+    greedy = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5)])[0].tokens
+    tiny = generate(model, tok, [GenerationSpec(ids, max_new_tokens=5, temperature=0.7, top_p=1e-300, seed=1)])[0]
+    assert tiny.error is None and tiny.tokens == greedy
+
+
+def test_explicit_positions_mask_equals_the_broadcast_comparison():
+    """The searchsorted membership gives the mask of the old [batch, seq, columns, width]
+    comparison, for lists of any length and order, mixed with named position kinds."""
+    from saesteer.steering.hooks import _Columns
+
+    g = torch.Generator().manual_seed(0)
+    specs = ["all", (5,), tuple(torch.randint(0, 40, (30,), generator=g).tolist()), "prompt", (39, 0, 7, 7),
+             "generated", tuple(range(0, 40, 3))]
+    rows = [0, 1, 1, 2, 0, 2, 1]
+    cols = _Columns(rows, specs, torch.device("cpu"))
+    lens = torch.tensor([12, 20, 7])
+    hits = None
+    for abs_pos in [torch.arange(24).unsqueeze(0) - (24 - lens).unsqueeze(1),  # prefill, left padded
+                    (lens + 13).view(3, 1)]:  # a decode step
+        pos = StepPositions(abs_pos=abs_pos, prompt_len=lens)
+        got = cols.mask(pos, 3)
+        p = abs_pos.unsqueeze(-1)
+        width = max(len(s) for s in specs if not isinstance(s, str))
+        # the old 4-D comparison (its pad value -1 also matched left padding, whose positions are
+        # negative; padding is masked out of attention, so the new code leaves it alone)
+        pad = -(10**6)
+        padded = torch.tensor([list(s) + [pad] * (width - len(s)) if not isinstance(s, str) else [pad] * width for s in specs])
+        member = (p.unsqueeze(-1) == padded.view(1, 1, *padded.shape)).any(-1)
+        named = {"all": p >= 1, "prompt": (p >= 1) & (p < lens.view(-1, 1, 1)), "generated": p >= lens.view(-1, 1, 1)}
+        want = torch.stack([named[s].squeeze(-1) if isinstance(s, str) else member[..., j] for j, s in enumerate(specs)], -1)
+        want &= (torch.arange(3).view(-1, 1) == torch.tensor(rows).view(1, -1)).unsqueeze(1)
+        assert torch.equal(got, want)
+        hits = got.flatten(0, 1).any(0) if hits is None else hits | got.flatten(0, 1).any(0)
+    assert hits.all()  # every column applies somewhere: the comparison is not vacuous

@@ -19,9 +19,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_INTERVENTIONS = 64
 MAX_POSITIONS = 512
 MAX_STOP = 8
+MAX_POSITION_INDEX = 2**20 - 1
+"""Largest token index a ``positions`` list may name; the server also refuses indices past its
+token limit (``max_total_tokens``)."""
+MAX_ABS_VALUE = 1e5
+"""Largest magnitude of a latent ``value``, a vector element or a ``strength``. Typical latent
+activations are O(1-100) and residual norms O(10-1000); anything past this is far outside what a
+steer can use, and near float32's range (3.4e38) products of such numbers overflow to inf."""
+MIN_TEMPERATURE = 1e-2
+"""Smallest non-zero temperature: below it logits / temperature overflow float32 (use 0 for greedy)."""
+MIN_TOP_P = 1e-3
+"""Smallest top_p; a smaller nucleus is the greedy token."""
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Positions = Union[Literal["all", "prompt", "generated"], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_POSITIONS)]]
+BoundedFloat = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+Positions = Union[
+    Literal["all", "prompt", "generated"],
+    Annotated[list[Annotated[int, Field(ge=0, le=MAX_POSITION_INDEX)]], Field(min_length=1, max_length=MAX_POSITIONS)],
+]
 """Where an intervention applies, by token index in the rendered prompt + completion:
 ``all`` (every position but 0), ``prompt`` (prompt positions but 0), ``generated`` (new tokens
 only), or an explicit list of indices. Position 0 is the attention sink of most LLMs and is steered
@@ -64,9 +79,10 @@ class LatentIntervention(_Strict):
     """
 
     op: Literal["clamp", "ablate", "scale", "add"] = Field(description="what to do to the latent")
-    sae: str = Field(min_length=1, description="id of a loaded SAE (see GET /v1/saes)")
+    sae: str = Field(min_length=1, max_length=256, description="id of a loaded SAE (see GET /v1/saes)")
     latent: int = Field(ge=0, description="latent index, 0 <= latent < d_sae")
-    value: FiniteFloat | None = Field(None, description="clamp target, scale factor or added amount; omitted for ablate")
+    value: BoundedFloat | None = Field(
+        None, description=f"clamp target, scale factor or added amount, |value| <= {MAX_ABS_VALUE:g}; omitted for ablate")
     unit: Literal["raw", "typical"] = Field("raw", description="value in raw latent units or in multiples of the typical activation")
     positions: Positions = "all"
     when: Condition | None = Field(None, description="apply only where this latent fires (see Condition)")
@@ -92,11 +108,11 @@ class VectorIntervention(_Strict):
     """
 
     op: Literal["add_vector"]
-    vector: list[FiniteFloat] = Field(min_length=1, max_length=65536, description="d_in floats")
-    strength: FiniteFloat = 1.0
+    vector: list[BoundedFloat] = Field(min_length=1, max_length=65536, description=f"d_in floats, each |x| <= {MAX_ABS_VALUE:g}")
+    strength: BoundedFloat = Field(1.0, description=f"|strength| <= {MAX_ABS_VALUE:g}; the server also bounds the added vector's norm")
     unit: Literal["raw", "resid_norm"] = Field("raw", description="strength as a plain factor or as a multiple of the residual norm")
-    hook: str | None = Field(None, description="hook point, e.g. blocks.10.hook_resid_post")
-    sae: str | None = Field(None, description="use this SAE's hook point")
+    hook: str | None = Field(None, max_length=256, description="hook point, e.g. blocks.10.hook_resid_post")
+    sae: str | None = Field(None, max_length=256, description="use this SAE's hook point")
     positions: Positions = "all"
     when: Condition | None = Field(None, description="apply only where this latent fires (see Condition)")
 
@@ -125,12 +141,19 @@ class GenerateRequest(_Strict):
         None, min_length=1, max_length=256, description="chat messages, rendered with the model's chat template"
     )
     max_new_tokens: int = Field(64, ge=1, le=1024)
-    temperature: FiniteFloat = Field(0.0, ge=0.0, le=5.0, description="0 means greedy")
-    top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0)
+    temperature: FiniteFloat = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
+    top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0, description="nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
     interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
     compare: bool = Field(False, description="also return the unsteered completion for the same seed")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
 
     @field_validator("prompt")
     @classmethod
