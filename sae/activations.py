@@ -28,7 +28,8 @@ from saesteer.steering.lm import resolve_hook_point
 
 def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
     """Yield documents from a ``.jsonl``/``.jsonl.gz`` file (field ``text``), a ``.txt`` file, a
-    folder of those (``shared/corpus`` gives ``{split}.jsonl.gz``), or a Hugging Face dataset id.
+    folder of those (``shared/corpus`` gives ``{split}.jsonl.gz``, a built corpus its
+    ``{split}-*.jsonl.gz`` shards), or a Hugging Face dataset id.
 
     Raises:
         FileNotFoundError: a local path that does not exist and is not a dataset id.
@@ -36,7 +37,9 @@ def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]
     p = Path(source)
     if p.is_dir():
         cand = [p / f"{split}.jsonl.gz", p / f"{split}.jsonl", p / f"{split}.txt"]
-        files = [c for c in cand if c.exists()] or sorted(q for q in p.iterdir() if q.suffix in (".txt", ".jsonl", ".gz"))
+        # shards ``{split}-NNNNN-of-NNNNN.jsonl.gz`` as ``saesteer corpus build`` writes them
+        files = [c for c in cand if c.exists()] or sorted(p.glob(f"{split}-*.jsonl*"))
+        files = files or sorted(q for q in p.iterdir() if q.suffix in (".txt", ".jsonl", ".gz"))
         for f in files:
             yield from iter_texts(f, split)
         return
