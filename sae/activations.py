@@ -7,6 +7,7 @@ windows of ``context_size`` tokens. From each window we keep every position exce
   ~100x the median by block 15 (``shared/corpus/README.md``; at block 10 it is still ordinary), and
 - any later token whose norm exceeds ``sink_factor`` times the window batch's median norm (rare
   secondary sinks),
+- the tokenizer's special tokens (chat-template markers in chat-formatted text),
 
 as SAELens keeps special tokens out. The model is run only up to the hook point.
 """
@@ -108,6 +109,14 @@ def hook_activations(model, hook_name: str | list[str], input_ids: torch.Tensor,
     return box[names[0]] if isinstance(hook_name, str) else box
 
 
+def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Boolean mask [batch, seq], True where the token is not one of the tokenizer's special tokens
+    (BOS, EOS, padding, chat-template markers such as ``<|im_start|>``), which the corpus README
+    asks to keep out of activation collection and of the reconstruction figures."""
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=input_ids.dtype)
+    return ~torch.isin(input_ids, special.to(input_ids.device))
+
+
 def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
     """Boolean mask [batch, seq] of positions to keep: not position 0, norm <= factor x median."""
     norms = acts.float().norm(dim=-1)
@@ -146,7 +155,7 @@ def collect_activations(
         nonlocal have
         ids = torch.tensor(batch)
         acts = hook_activations(model, names, ids)
-        keep = sink_mask(acts[names[0]], sink_factor)
+        keep = sink_mask(acts[names[0]], sink_factor) & special_token_mask(ids, tokenizer).to(acts[names[0]].device)
         n_new = 0
         for name in names:
             kept = acts[name][keep].to("cpu", dtype)[: n_tokens - have]
