@@ -77,6 +77,9 @@ def cmd_latents(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     import torch
 
+    if a.output_scores:
+        return _output_scores(a)
+
     from saesteer.sae.activations import iter_texts
     from saesteer.sae.formats import load_any
     from saesteer.sae.stats import compute_latent_stats, save_latent_stats
@@ -94,6 +97,27 @@ def cmd_stats(a: argparse.Namespace) -> int:
         f"{stats.n_tokens} tokens: {fired}/{sae.cfg.d_sae} latents fire; median typical activation "
         f"{float(stats.mean_activation[stats.frequency > 0].median()):.3g}; mean residual norm {stats.resid_norm_mean:.4g}"
     )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _output_scores(a: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from saesteer.sae.formats import load_any
+    from saesteer.sae.output_scores import output_scores, save_latent_output
+    from saesteer.steering.lm import load_model
+
+    sae = load_any(a.sae, dtype=torch.float32)
+    model, tok = load_model(a.model, a.gguf_file)
+    t0 = time.time()
+    out = output_scores(model, tok, sae, amplification=a.amplification, top_k=a.logit_lens_k, batch_size=a.batch_size)
+    paths = save_latent_output(out, a.out or a.sae, tok)
+    s = out.output_score
+    print(f"{sae.cfg.d_sae} latents in {time.time() - t0:.0f} s: output score median {float(s.median()):.3g}, "
+          f"max {float(s.max()):.3g}; {int((s > 0.01).sum())} latents above 0.01")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -255,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--context-size", type=int, default=128)
     st.add_argument("--top-contexts", type=int, default=5)
     st.add_argument("--out", default=None, help="folder for the files (default: the SAE folder)")
+    st.add_argument("--output-scores", action="store_true",
+                    help="instead: each latent's logit-lens top tokens and output score (Arad et al. 2025), "
+                         "saved as latent_output.safetensors and latent_top_tokens.json")
+    st.add_argument("--amplification", type=float, default=10.0, help="--output-scores: alpha, in multiples of the "
+                    "largest latent activation at the prompt's last position")
+    st.add_argument("--logit-lens-k", type=int, default=20, help="--output-scores: logit-lens tokens per latent")
+    st.add_argument("--batch-size", type=int, default=128, help="--output-scores: latents per forward pass")
     st.set_defaults(fn=cmd_stats)
 
     es = sub.add_parser("eval-steering", help="sweep steering strength: concept, fluency and relevance per method")
