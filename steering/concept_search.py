@@ -1,0 +1,214 @@
+"""Concept search: which latents, across SAEs, stand for a concept given as sentences and/or words.
+
+Issue 15, part 4. Each latent i of each searched SAE gets two scores:
+
+- **input score** (needs ``positive`` sentences): how much more it fires on sentences carrying the
+  concept than on neutral ones. For each text, a latent's activation is its largest over the text's
+  positions (position 0 and other attention sinks left out, as in collection); the score is the mean
+  over ``positive`` minus the mean over ``negative`` (default: ``NEUTRAL_SENTENCES``), divided by
+  the latent's typical activation when the SAE has statistics (so the unit is "typical
+  activations" and latents compare across SAEs), raw otherwise. (Kim & Ghadiyaram 2025's contrast;
+  Arad et al. 2025 call such latents input features.)
+- **output score**: how much the latent's decoder direction promotes the concept's tokens, by the
+  logit lens (Arad et al. 2025, Sec. 3.2): the probability mass ``sum_{c in C} softmax(W_U
+  norm_f(d_i))[c]`` on the concept tokens C. C is the first token of each word in ``words`` (as
+  written, lower-case and capitalised, with and without a leading space); without words, the
+  alphabetic tokens of at least 3 letters that occur in the positive sentences but in no negative
+  one, the 8 most frequent.
+
+Ranking: each available score becomes a robust z-score within its SAE, ``(s - median) / (1.4826 *
+MAD)``, and latents are ranked by the sum over the available scores, best first. Latents that never
+fired in the SAE's statistics are skipped (they have no typical activation to suggest a strength
+in). Every result carries a ready-to-send intervention: a clamp to ``SUGGESTED_TYPICAL`` times the
+latent's typical activation (``unit: "typical"``; the useful range on the default SAE is 2-4,
+``docs/steering_eval.md``), or, for an SAE without statistics, to that many times the latent's mean
+activation on the positive sentences in raw units.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from saesteer.sae.activations import hook_activations, sink_mask
+from saesteer.sae.model import SAE
+from saesteer.sae.output_scores import final_norm_and_unembedding
+from saesteer.sae.stats import LatentStats
+
+SUGGESTED_TYPICAL = 4.0
+MAX_DERIVED_TOKENS = 8
+NEUTRAL_SENTENCES = (
+    "The meeting was moved to Thursday afternoon.",
+    "She opened the window and sat down at the desk.",
+    "The report lists the figures for the last quarter.",
+    "He walked to the station and waited for the train.",
+    "Please fill in the form and sign at the bottom.",
+    "The building has four floors and a small car park.",
+    "They talked for an hour and then went home.",
+    "The price includes delivery within five working days.",
+)
+
+
+@dataclass
+class ConceptHit:
+    """One latent found for a concept.
+
+    Attributes:
+        sae, latent: where it is.
+        score: the ranking score (sum of robust z-scores).
+        input_score: contrast of activations (typical units where the SAE has statistics), or None
+            without positive sentences.
+        output_score: logit-lens probability mass on the concept tokens.
+        top_tokens: the ten tokens its decoder direction promotes most (logit lens).
+        value, unit: the suggested clamp strength.
+    """
+
+    sae: str
+    latent: int
+    score: float
+    input_score: float | None
+    output_score: float
+    top_tokens: list[str] = field(default_factory=list)
+    value: float = SUGGESTED_TYPICAL
+    unit: str = "typical"
+
+
+def concept_tokens(tokenizer, words: Sequence[str], positive: Sequence[str] = (), negative: Sequence[str] = ()) -> list[int]:
+    """The concept tokens C (module docstring): from ``words`` if any, else derived from the sentences.
+
+    Raises:
+        ValueError: no words and no sentences, or nothing to derive from them.
+    """
+    ids: list[int] = []
+    if words:
+        for w in words:
+            w = w.strip()
+            for form in {w, w.lower(), w[:1].upper() + w[1:]}:
+                for text in (form, " " + form):
+                    t = tokenizer(text, add_special_tokens=False)["input_ids"]
+                    if t and t[0] not in ids:
+                        ids.append(t[0])
+        return ids
+    neg = {t for s in negative for t in tokenizer(s, add_special_tokens=False)["input_ids"]}
+    counts: Counter = Counter()
+    for s in positive:
+        for t in tokenizer(s, add_special_tokens=False)["input_ids"]:
+            if t not in neg and re.fullmatch(r"[A-Za-z]{3,}", tokenizer.decode([t]).strip() or ""):
+                counts[t] += 1
+    ids = [t for t, _ in counts.most_common(MAX_DERIVED_TOKENS)]
+    if not ids:
+        raise ValueError("no concept tokens: give words, or positive sentences with words the negative ones lack")
+    return ids
+
+
+@torch.no_grad()
+def max_activations(model, tokenizer, saes: Mapping[str, SAE], texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{sae id: [len(texts), d_sae] float32}: each latent's largest activation over each text's
+    positions, sinks left out; one forward pass per text for all hook points."""
+    hooks = sorted({s.cfg.hook_point for s in saes.values()})
+    out: dict[str, list[torch.Tensor]] = {sid: [] for sid in saes}
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        acts = hook_activations(model, hooks, ids)
+        for sid, sae in saes.items():
+            a = acts[sae.cfg.hook_point]
+            keep = sink_mask(a)[0]
+            if not bool(keep.any()):
+                out[sid].append(torch.zeros(sae.cfg.d_sae))
+                continue
+            z = sae.encode(a[0][keep].to(sae.device, sae.dtype))
+            out[sid].append(z.max(0).values.float().cpu())
+    return {sid: torch.stack(rows) for sid, rows in out.items()}
+
+
+@torch.no_grad()
+def concept_output_scores(model, sae: SAE, tokens: Sequence[int], batch_size: int = 512) -> torch.Tensor:
+    """[d_sae] float32: logit-lens probability mass of ``tokens`` for every latent's decoder direction."""
+    norm, unembed = final_norm_and_unembedding(model)
+    p = next(model.parameters())
+    tok = torch.tensor(list(tokens), device=p.device)
+    out = []
+    for s in range(0, sae.cfg.d_sae, batch_size):
+        lat = torch.arange(s, min(s + batch_size, sae.cfg.d_sae), device=sae.device)
+        d = sae.decoder_directions(lat).to(p.device, p.dtype)
+        probs = torch.softmax(unembed(norm(d.unsqueeze(0))).squeeze(0).float(), -1)
+        out.append(probs[:, tok].sum(-1).cpu())
+    return torch.cat(out)
+
+
+def robust_z(x: torch.Tensor) -> torch.Tensor:
+    """``(x - median) / (1.4826 * MAD)`` (MAD: median absolute deviation; 1 where it is 0)."""
+    x = x.double()
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    return ((x - med) / (mad if mad > 0 else 1.0)).float()
+
+
+@torch.no_grad()
+def search_concepts(
+    model,
+    tokenizer,
+    saes: Mapping[str, SAE],
+    stats: Mapping[str, LatentStats | None],
+    positive: Sequence[str] = (),
+    negative: Sequence[str] = (),
+    words: Sequence[str] = (),
+    top_k: int = 10,
+    suggested: float = SUGGESTED_TYPICAL,
+) -> list[ConceptHit]:
+    """Rank the latents of ``saes`` for a concept (module docstring), best first.
+
+    Args:
+        saes: {id: SAE} to search (all on the model's hook points).
+        stats: {id: the SAE's saved statistics or None}.
+        positive, negative: sentences with and without the concept (negative defaults to
+            ``NEUTRAL_SENTENCES``); words: words naming it.
+        top_k: hits returned.
+        suggested: clamp strength suggested, in typical activations.
+
+    Raises:
+        ValueError: neither positive sentences nor words; no usable concept tokens.
+    """
+    if not positive and not words:
+        raise ValueError("give at least one positive sentence or one word")
+    negative = list(negative) or list(NEUTRAL_SENTENCES)
+    tokens = concept_tokens(tokenizer, words, positive, negative)
+    pos_acts = max_activations(model, tokenizer, saes, positive) if positive else {}
+    neg_acts = max_activations(model, tokenizer, saes, negative) if positive else {}
+    norm, unembed = final_norm_and_unembedding(model)
+    p = next(model.parameters())
+    hits: list[ConceptHit] = []
+    for sid, sae in saes.items():
+        st = stats.get(sid)
+        typical = st.typical_activation.float() if st is not None else None
+        out_score = concept_output_scores(model, sae, tokens)
+        score = robust_z(out_score)
+        in_score = None
+        if positive:
+            diff = pos_acts[sid].mean(0) - neg_acts[sid].mean(0)
+            in_score = diff / typical.clamp(min=1e-6) if typical is not None else diff
+            score = score + robust_z(in_score)
+        if typical is not None:
+            score = torch.where(typical > 0, score, torch.full_like(score, float("-inf")))
+        best = score.topk(min(top_k, sae.cfg.d_sae)).indices
+        for i in best.tolist():
+            if score[i] == float("-inf"):
+                continue
+            if typical is not None:
+                value, unit = suggested, "typical"
+            else:
+                mean_pos = float(pos_acts[sid][:, i].mean()) if positive else 0.0
+                value, unit = suggested * (mean_pos if mean_pos > 0 else 1.0), "raw"
+            hits.append(ConceptHit(sid, i, float(score[i]), None if in_score is None else float(in_score[i]),
+                                   float(out_score[i]), value=value, unit=unit))
+    hits.sort(key=lambda h: -h.score)
+    hits = hits[:top_k]
+    for h in hits:  # the logit lens of the returned latents only
+        d = saes[h.sae].decoder_directions(torch.tensor([h.latent], device=saes[h.sae].device)).to(p.device, p.dtype)
+        top = unembed(norm(d)).float()[0].topk(10).indices.tolist()
+        h.top_tokens = [tokenizer.decode([t]) for t in top]
+    return hits

@@ -1,0 +1,103 @@
+"""Concept search (steering/concept_search.py) on the real SmolLM2 with a small synthetic SAE in
+which one latent is planted: its encoder reads the concept's mean-difference direction and its
+decoder writes the concept word's unembedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saesteer.sae.activations import hook_activations, sink_mask
+from saesteer.sae.model import SAE, SAEConfig
+from saesteer.sae.stats import LatentStats
+from saesteer.steering import concept_search as S
+
+HOOK = "blocks.10.hook_resid_post"
+PLANTED = 23
+POSITIVE = ["The cat purred on my lap.", "My cat chased a mouse across the kitchen.", "Kittens and cats love to nap in the sun."]
+NEGATIVE = ["The train was late again this morning.", "I paid the electricity bill yesterday.", "The committee approved the budget."]
+
+
+def _mean_act(model, tok, texts):
+    rows = []
+    for t in texts:
+        a = hook_activations(model, HOOK, torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]))
+        rows.append(a[0][sink_mask(a)[0]].mean(0))
+    return torch.stack(rows).mean(0)
+
+
+def planted_sae(model, tok, d_sae: int = 64, seed: int = 0) -> SAE:
+    """Random unit-norm latents (ReLU, a bias that keeps them sparse) plus latent ``PLANTED``:
+    encoder along the cat-minus-neutral mean difference, decoder along the unembedding of " cat"."""
+    g = torch.Generator().manual_seed(seed)
+    d_in = model.config.hidden_size
+    sae = SAE(SAEConfig(architecture="relu", d_in=d_in, d_sae=d_sae, hook_point=HOOK, apply_b_dec_to_input=False))
+    w = torch.randn(d_sae, d_in, generator=g)
+    w = w / w.norm(dim=-1, keepdim=True)
+    diff = _mean_act(model, tok, POSITIVE) - _mean_act(model, tok, NEGATIVE)
+    cat = tok(" cat", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T)
+        sae.b_enc.fill_(-5.0)  # random latents fire on large projections, on concept and neutral text alike
+        sae.W_enc[:, PLANTED] = diff / diff.norm()
+        sae.b_enc[PLANTED] = -0.5 * float(diff.norm())
+        u = model.lm_head.weight[cat].float()
+        sae.W_dec[PLANTED] = u / u.norm()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def sae(lm):
+    model, tok = lm
+    return planted_sae(model, tok)
+
+
+def test_planted_latent_ranks_first_by_sentences_words_or_both(lm, sae):
+    model, tok = lm
+    for kw in ({"positive": POSITIVE, "negative": NEGATIVE}, {"words": ["cat"]}, {"positive": POSITIVE, "words": ["cat", "kitten"]}):
+        hits = S.search_concepts(model, tok, {"syn": sae}, {"syn": None}, top_k=5, **kw)
+        assert hits[0].sae == "syn" and hits[0].latent == PLANTED, (kw, [(h.latent, h.score) for h in hits])
+        assert hits[0].score == max(h.score for h in hits)
+        assert "cat" in [t.strip().lower() for t in hits[0].top_tokens]
+        assert (hits[0].input_score is None) == ("positive" not in kw)
+        assert hits[0].unit == "raw"  # no statistics: a raw strength
+
+
+def test_input_score_is_the_activation_contrast(lm, sae):
+    model, tok = lm
+    hits = S.search_concepts(model, tok, {"syn": sae}, {"syn": None}, positive=POSITIVE, negative=NEGATIVE, top_k=1)
+    pos = S.max_activations(model, tok, {"syn": sae}, POSITIVE)["syn"][:, PLANTED].mean()
+    neg = S.max_activations(model, tok, {"syn": sae}, NEGATIVE)["syn"][:, PLANTED].mean()
+    assert hits[0].input_score == pytest.approx(float(pos - neg), rel=1e-6)
+    assert float(pos) > 0 and hits[0].value == pytest.approx(S.SUGGESTED_TYPICAL * float(pos), rel=1e-4)
+
+
+def test_output_score_is_the_logit_lens_mass_on_concept_tokens(lm, sae):
+    model, tok = lm
+    tokens = S.concept_tokens(tok, ["cat"])
+    got = S.concept_output_scores(model, sae, tokens)
+    d = sae.W_dec[PLANTED].detach().double()
+    w = model.model.norm.weight.detach().double()
+    normed = d / torch.sqrt(d.pow(2).mean() + model.config.rms_norm_eps) * w
+    probs = torch.softmax(normed @ model.lm_head.weight.detach().double().T, -1)
+    ref = float(probs[tokens].sum())
+    assert abs(float(got[PLANTED]) - ref) <= 1e-4 * ref
+
+
+def test_with_statistics_strengths_are_typical_and_dead_latents_skipped(lm, sae):
+    model, tok = lm
+    mean = torch.ones(sae.cfg.d_sae)
+    mean[PLANTED] = 0.0  # as if it never fired on the statistics' text
+    stats = LatentStats(frequency=mean.clone(), typical_activation=mean, max_activation=mean, n_tokens=1, resid_norm_mean=1.0)
+    hits = S.search_concepts(model, tok, {"syn": sae}, {"syn": stats}, words=["cat"], top_k=5)
+    assert PLANTED not in [h.latent for h in hits]
+    assert all(h.unit == "typical" and h.value == S.SUGGESTED_TYPICAL for h in hits)
+
+
+def test_bad_input(lm, sae):
+    model, tok = lm
+    with pytest.raises(ValueError, match="positive sentence or one word"):
+        S.search_concepts(model, tok, {"syn": sae}, {"syn": None})
+    with pytest.raises(ValueError, match="no concept tokens"):
+        S.concept_tokens(tok, [], ["a b"], ["a b"])
