@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .lm import resolve_hook_point
 
 from .activations import hook_activations
 from .model import SAE
+from .stats import read_latent_files
 
 OUTPUT_FILE = "latent_output.safetensors"
 TOP_TOKENS_FILE = "latent_top_tokens.json"
@@ -272,16 +273,11 @@ def load_latent_output(folder: str | os.PathLike, top_tokens: bool = False) -> t
     Returns:
         ``(LatentOutput, {latent: [token text, ...]})``.
     """
-    folder = Path(folder)
-    path = folder / OUTPUT_FILE
-    if not path.is_file():
+    got = read_latent_files(folder, OUTPUT_FILE, TOP_TOKENS_FILE, top_tokens)
+    if got is None:
         return None
-    t = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    toks: dict[int, list[str]] = {}
-    if top_tokens and (folder / TOP_TOKENS_FILE).is_file():
-        toks = {int(k): v for k, v in json.loads((folder / TOP_TOKENS_FILE).read_text()).items()}
+    t, raw_meta, toks = got
+    meta = {k: json.loads(v) for k, v in raw_meta.items()}
     out = LatentOutput(t["output_score"], t["top_token_prob"], t["min_rank"], t["logit_lens_ids"].long(),
                        t["logit_lens_logits"], meta)
     return out, toks

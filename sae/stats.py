@@ -90,22 +90,37 @@ def save_latent_stats(stats: LatentStats, folder: str | os.PathLike) -> tuple[Pa
     return a, b
 
 
+def read_latent_files(folder: str | os.PathLike, tensors_file: str, json_file: str, with_json: bool):
+    """Per-latent files saved beside an SAE: the safetensors ``tensors_file`` (its tensors and string
+    metadata) and, with ``with_json``, ``json_file``, a JSON object keyed by latent index.
+
+    Returns:
+        ``(tensors, metadata, {latent: value})`` (the dict empty without ``with_json`` or the file),
+        or None when ``tensors_file`` is not there.
+    """
+    folder = Path(folder)
+    path = folder / tensors_file
+    if not path.is_file():
+        return None
+    t = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    side = {}
+    if with_json and (folder / json_file).is_file():
+        side = {int(k): v for k, v in json.loads((folder / json_file).read_text()).items()}
+    return t, meta, side
+
+
 def load_latent_stats(folder: str | os.PathLike, contexts: bool = False) -> LatentStats | None:
     """The statistics saved beside an SAE, or None when it has none.
 
     Args:
         contexts: also read ``latent_contexts.json`` (a few MB for thousands of latents).
     """
-    folder = Path(folder)
-    path = folder / STATS_FILE
-    if not path.is_file():
+    got = read_latent_files(folder, STATS_FILE, CONTEXTS_FILE, contexts)
+    if got is None:
         return None
-    t = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    ctx = {}
-    if contexts and (folder / CONTEXTS_FILE).is_file():
-        ctx = {int(k): v for k, v in json.loads((folder / CONTEXTS_FILE).read_text()).items()}
+    t, meta, ctx = got
     return LatentStats(
         frequency=t["frequency"],
         typical_activation=t["typical_activation"] if "typical_activation" in t else t["mean_activation"],
