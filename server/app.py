@@ -1,7 +1,8 @@
 """Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
 
 Routes: ``POST /v1/generate`` (``GenerateAPI``), ``POST /v1/features`` (``FeaturesAPI``, unless
-``features`` is off), ``GET /v1/saes`` (metadata read at start in the
+``features`` is off), or for a text-to-image model ``POST /v1/images`` (``ImagesAPI``) alone,
+``GET /v1/saes`` (metadata read at start in the
 API process; which SAEs a worker holds resident is not listed, that lives in the worker),
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
 SAE's folder on first use, the last few SAEs' kept),
@@ -30,6 +31,7 @@ from saesteer.steering.pool import SAEPool
 
 from .api import GenerateAPI
 from .features_api import FeaturesAPI
+from .images_api import ImagesAPI
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
 from .middleware import BodyLimitMiddleware, short
@@ -94,11 +96,14 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     middlewares = [(BodyLimitMiddleware, {"max_bytes": settings.max_payload_bytes})]
     if settings.api_key is not None:
         middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
-    apis = [GenerateAPI(settings, pool)]
-    workers = {"/v1/generate": settings.workers}
-    if settings.features:
-        apis.append(FeaturesAPI(settings, pool))
-        workers["/v1/features"] = 1
+    if settings.serves_images:
+        apis, workers = [ImagesAPI(settings, pool)], {"/v1/images": settings.workers}
+    else:
+        apis = [GenerateAPI(settings, pool)]
+        workers = {"/v1/generate": settings.workers}
+        if settings.features:
+            apis.append(FeaturesAPI(settings, pool))
+            workers["/v1/features"] = 1
     server = ls.LitServer(
         apis,
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",

@@ -6,6 +6,7 @@ Validated at start with errors a user can act on (``ServerSettings.model_validat
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -51,6 +52,9 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
     workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
+    family: Literal["auto", "text", "image"] = Field(
+        "auto", description="the model family: a causal LM (text) or a diffusers text-to-image pipeline (image); "
+        "auto: image when --model is a folder with model_index.json")
     features: bool = Field(True, description="serve POST /v1/features (latents per token) from a worker of its own, "
                            "which holds a second copy of the model")
     sae_memory_mb: float | None = Field(
@@ -60,6 +64,13 @@ class ServerSettings(BaseSettings):
         "on first use and the least recently used are evicted to stay within it. None: every SAE "
         "loads at start and stays",
     )
+
+    @property
+    def serves_images(self) -> bool:
+        """Whether this server hosts a text-to-image pipeline (``family``, or detected from ``model``)."""
+        if self.family != "auto":
+            return self.family == "image"
+        return self.model is not None and (Path(self.model) / "model_index.json").is_file()
 
     @property
     def sae_memory_bytes(self) -> int | None:

@@ -163,10 +163,12 @@ class _Columns:
 
 
 class _SAEGroup:
-    def __init__(self, sae: SAE, rows, latents, ops, values, specs, cond=None):
+    def __init__(self, sae: SAE, rows, latents, ops, values, specs, cond=None, sign=None):
         dev = sae.device
         self.sae = sae
         self.cols = _Columns(rows, specs, dev, cond)
+        self.sign = torch.tensor(sign if sign is not None else [1.0] * len(rows), dtype=sae.dtype, device=dev)
+        self.signed = bool((self.sign != 1).any())
         self.latents = torch.tensor(latents, dtype=torch.long, device=dev)
         self.ops = torch.tensor(ops, dtype=torch.long, device=dev)
         self.values = torch.tensor(values, dtype=sae.dtype, device=dev)
@@ -187,11 +189,13 @@ class _SAEGroup:
             # where, not "* mask": a column's inf (an edit that overflowed) times another row's
             # 0 would be NaN in that row; this way a non-finite edit stays in its own row
             dz = torch.where(mask.bool(), self.edited(z) - z, torch.zeros((), dtype=z.dtype, device=z.device))
+            if self.signed:
+                dz = dz * self.sign
             return (dz @ self.directions).to(x.dtype)
         # eager twin: whole code, edits scattered into it, full decode, error term kept
         z = self.sae.encode(x)  # [B, T, d_sae]
         sel = z[..., self.latents]
-        upd = torch.where(mask.bool(), self.edited(sel), sel)
+        upd = torch.where(mask.bool(), sel + self.sign * (self.edited(sel) - sel) if self.signed else self.edited(sel), sel)
         z_new = z.clone()
         for j in range(self.latents.numel()):  # eager reference: clarity over speed
             r = self.cols.rows[j]
@@ -286,14 +290,14 @@ class Steerer:
         per_vec: dict[str, list] = {}
         for row, plan in enumerate(plans):
             for e in plan.latent_edits:
-                per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions, cond(row, e)))
+                per_sae.setdefault(e.sae_id, []).append((row, e.latent, OPS[e.op], e.value, e.positions, cond(row, e), e.sign))
             for v in plan.vector_edits:
                 per_vec.setdefault(v.hook_point, []).append((row, v.vector, v.positions, cond(row, v)))
         groups: dict[str, list] = {}
         for sid, cols in per_sae.items():
             sae = saes[sid]
-            rows, lat, ops, vals, specs, cnd = map(list, zip(*cols))
-            groups.setdefault(sae.cfg.hook_point, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs, cnd))
+            rows, lat, ops, vals, specs, cnd, sign = map(list, zip(*cols))
+            groups.setdefault(sae.cfg.hook_point, []).append(_SAEGroup(sae, rows, lat, ops, vals, specs, cnd, sign))
         p = next(self.model.parameters())
         for hook_point, cols in per_vec.items():
             rows, vecs, specs, cnd = map(list, zip(*cols))

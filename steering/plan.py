@@ -64,6 +64,8 @@ class LatentEdit:
     value: float
     positions: str | tuple[int, ...]
     when: When | None = None
+    sign: float = 1.0
+    """+1, or -1 to subtract the edit's effect instead of adding it (``negated``)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,19 @@ class InterventionPlan:
         conditions do)."""
         edits = [*self.latent_edits, *self.vector_edits]
         return {e.sae_id for e in self.latent_edits} | {e.when.sae_id for e in edits if e.when is not None}
+
+
+def negated(plan: InterventionPlan) -> InterventionPlan:
+    """The plan whose effect on the hook point is the opposite of ``plan``'s: each latent edit's
+    ``decode(z') - decode(z)`` subtracted instead of added (``sign=-1``), each vector negated.
+    Concept Steerers (Kim & Ghadiyaram, 2025, Sec. 3) add a steer on the conditional text
+    embeddings and subtract it on the unconditional ones; this is that, for every op."""
+    from dataclasses import replace
+
+    return InterventionPlan(
+        latent_edits=[replace(e, sign=-e.sign) for e in plan.latent_edits],
+        vector_edits=[replace(v, vector=-v.vector) for v in plan.vector_edits],
+    )
 
 
 def _positions(p) -> str | tuple[int, ...]:

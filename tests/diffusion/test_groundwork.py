@@ -39,8 +39,8 @@ def test_the_pixel_reader_reads_rendered_shapes():
     assert {s.colour for s in specs} == set(COLOURS) and {s.shape for s in specs} == set(SHAPES)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
+def tiny_pipeline_folder(folder):
+    """A ShapesPipeline with tiny random weights (16x16 images, a 10-layer 32-wide text encoder)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -54,9 +54,22 @@ def tiny_pipe(tmp_path_factory):
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=8)
     pipe = ShapesPipeline(unet=unet, text_encoder=text, tokenizer=tok, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
-    folder = tmp_path_factory.mktemp("pipe")
     pipe.save_pretrained(folder)
-    return load_pipeline(str(folder))
+    return folder
+
+
+def tiny_sae(hook_point="blocks.9.hook_resid_post", d_in=32, d_sae=64, seed=0) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig("topk", d_in, d_sae, k=4, hook_point=hook_point))
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    return load_pipeline(str(tiny_pipeline_folder(tmp_path_factory.mktemp("pipe"))))
 
 
 def test_the_pipeline_round_trips_and_samples_the_requested_size(tiny_pipe):
@@ -71,11 +84,7 @@ def test_steering_hooks_run_on_the_text_encoder(tiny_pipe):
     embeddings bit-identical (the error term), a clamp changes them from position 1 on."""
     enc = tiny_pipe.text_encoder
     assert resolve_hook_point(enc, "blocks.9.hook_resid_post").module is enc.encoder.layers[9]
-    g = torch.Generator().manual_seed(0)
-    sae = SAE(SAEConfig("topk", 32, 64, k=4, hook_point="blocks.9.hook_resid_post"))
-    with torch.no_grad():
-        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    sae = tiny_sae()
     ids = tiny_pipe.tokenizer(["a blue star on a black background"], padding="max_length", max_length=16, return_tensors="pt").input_ids
     plain = enc(ids)[0]
     steerer = Steerer(enc, {"s": sae})

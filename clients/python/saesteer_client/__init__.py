@@ -6,6 +6,8 @@ from .schema import (
     Condition,
     FeaturesRequest,
     FeaturesResponse,
+    ImagesRequest,
+    ImagesResponse,
     GenerateRequest,
     GenerateResponse,
     LatentInfo,
@@ -17,7 +19,7 @@ from .schema import (
 
 __all__ = [
     "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale", "when",
-    "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
+    "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "ImagesRequest", "ImagesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,8 @@ from .schema import (
     Condition,
     FeaturesRequest,
     FeaturesResponse,
+    ImagesRequest,
+    ImagesResponse,
     GenerateRequest,
     GenerateResponse,
     Intervention,
@@ -129,6 +131,13 @@ class Client:
         r = _check(self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
         return FeaturesResponse.model_validate(r.json())
 
+    def images(self, prompt: str, *, interventions: Sequence[Intervention] | None = None, **kw) -> ImagesResponse:
+        """``POST /v1/images`` (a text-to-image server): ``kw`` are ``ImagesRequest`` fields
+        (negative_prompt, steps, guidance_scale, width, height, seed, n, branches, compare); each
+        image is a base64 PNG (``base64.b64decode(r.images[0].b64_png)``)."""
+        body = ImagesRequest(prompt=prompt, interventions=list(interventions or []), **kw).model_dump(mode="json", exclude_none=True)
+        return ImagesResponse.model_validate(_check(self._http.post("/v1/images", json=body)).json())
+
     def saes(self) -> list[SAEInfo]:
         """``GET /v1/saes``: the SAEs the server has attached."""
         return SAEList.model_validate(_check(self._http.get("/v1/saes")).json()).saes
@@ -174,6 +183,10 @@ class AsyncClient:
     async def features(self, sae: str, prompt: str | None = None, *, messages: list | None = None, **kw) -> FeaturesResponse:
         r = _check(await self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
         return FeaturesResponse.model_validate(r.json())
+
+    async def images(self, prompt: str, *, interventions: Sequence[Intervention] | None = None, **kw) -> ImagesResponse:
+        body = ImagesRequest(prompt=prompt, interventions=list(interventions or []), **kw).model_dump(mode="json", exclude_none=True)
+        return ImagesResponse.model_validate(_check(await self._http.post("/v1/images", json=body)).json())
 
     async def saes(self) -> list[SAEInfo]:
         return SAEList.model_validate(_check(await self._http.get("/v1/saes")).json()).saes

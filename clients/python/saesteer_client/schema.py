@@ -255,6 +255,36 @@ class FeaturesResponse(BaseModel):
     latents: list[LatentTrace] = Field(default_factory=list)
 
 
+class ImagesRequest(_Strict):
+    """``POST /v1/images``: a text-to-image request with interventions on the text encoder's SAEs.
+
+    ``branches``: ``both`` adds the steer on the conditional pass and subtracts it on the
+    unconditional one (Concept Steerers); ``cond`` or ``uncond`` steers that pass alone. Width,
+    height and steps default to the model's.
+    """
+
+    prompt: str = Field(min_length=1, max_length=2_000)
+    negative_prompt: str = Field("", max_length=2_000)
+    steps: int | None = Field(None, ge=1, le=100, description="denoising steps (default: the model's)")
+    guidance_scale: FiniteFloat = Field(4.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=8, le=1024, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=1024, multiple_of=8)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=8, description="images per request")
+    interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
+    branches: Literal["both", "cond", "uncond"] = "both"
+    compare: bool = Field(False, description="also return the unsteered images for the same seed")
+
+
+class Image(BaseModel):
+    b64_png: str = Field(description="a PNG, base64-encoded")
+
+
+class ImagesResponse(BaseModel):
+    images: list[Image]
+    unsteered: list[Image] | None = None
+
+
 class SAEInfo(BaseModel):
     """One loaded SAE, as listed by ``GET /v1/saes``."""
 

@@ -1,0 +1,97 @@
+"""``POST /v1/images``: steered text-to-image (``ImagesAPI``), for a server whose model is a
+diffusers pipeline (``saesteer serve --model PIPELINE_FOLDER``; one server hosts one model family).
+
+The SAEs attach to the pipeline's CLIP text encoder (``blocks.L.hook_resid_post`` is the output of
+its layer L; ``saesteer.sae.diffusion``); requests are checked against their configs exactly as text
+requests are, and the steering itself is ``steering.diffusion.generate_images``. One request at a
+time per worker (a batch of diffusion requests would need equal sizes and steps).
+"""
+
+# No `from __future__ import annotations`: LitServe reads decode_request's real annotation.
+import base64
+import io
+import logging
+from dataclasses import dataclass
+
+import litserve as ls
+from saesteer_client.schema import Image, ImagesRequest, ImagesResponse
+
+from saesteer.steering.pool import SAEPool
+
+from .api import Rejected
+from .config import ServerSettings
+from .errors import error_response
+
+log = logging.getLogger("saesteer.server")
+
+
+@dataclass
+class _Job:
+    request: ImagesRequest
+    plan: object  # steering.plan.InterventionPlan
+
+
+def _png(img) -> Image:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Image(b64_png=base64.b64encode(buf.getvalue()).decode())
+
+
+class ImagesAPI(ls.LitAPI):
+    """Steered text-to-image on a diffusers pipeline.
+
+    Args:
+        settings: the server settings (``model`` is the pipeline's folder or hub id).
+        saes: the SAE pool (their hook points on the text encoder).
+    """
+
+    def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
+        super().__init__(max_batch_size=1, api_path="/v1/images", **kwargs)
+        self.settings, self.saes = settings, saes
+
+    def setup(self, device):
+        import torch
+
+        from saesteer.sae.diffusion import load_pipeline
+        from saesteer.steering.hooks import Steerer
+
+        s = self.settings
+        dev = s.device if s.device != "cpu" else device
+        self.pipe = load_pipeline(s.model, device=dev, dtype=getattr(torch, s.dtype))
+        self.saes.set_device(dev)
+        if self.saes.budget_bytes is None:
+            self.saes.load_all()
+        self.steerer = Steerer(self.pipe.text_encoder, self.saes)
+
+    def decode_request(self, request: ImagesRequest) -> _Job | Rejected:
+        from saesteer.steering.plan import PlanError, build_plan
+
+        try:
+            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
+                              max_position=self.pipe.tokenizer.model_max_length)
+        except PlanError as e:
+            return Rejected(422, [e.item])
+        return _Job(request, plan)
+
+    def predict(self, job):
+        from saesteer.steering.diffusion import ImageSpec, generate_images
+        from saesteer.steering.plan import InterventionPlan
+
+        if isinstance(job, Rejected):
+            return job
+        r = job.request
+        base = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps or 25, guidance_scale=r.guidance_scale,
+                    width=r.width, height=r.height, seed=r.seed if r.seed is not None else 0, n=r.n, branches=r.branches)
+        try:
+            with self.saes.use(job.plan.sae_ids()):
+                steered = generate_images(self.pipe, ImageSpec(**base, plan=job.plan), self.steerer)
+            plain = generate_images(self.pipe, ImageSpec(**base, plan=InterventionPlan())) if r.compare else None
+        except Exception as e:  # never a dead worker, and the error names no internals
+            log.error("image generation failed: %s: %s", type(e).__name__, e, exc_info=e)
+            return Rejected.field(500, ["body"], f"image generation failed ({type(e).__name__})", "internal_error")
+        return ImagesResponse(images=[_png(i) for i in steered], unsteered=[_png(i) for i in plain] if plain else None)
+
+    def encode_response(self, output) -> ImagesResponse:
+        if isinstance(output, Rejected):
+            return error_response(output.status, output.detail)
+        return output

@@ -1,0 +1,87 @@
+"""POST /v1/images over HTTP, in process, on a tiny random ShapesPipeline with a tiny SAE on its
+text encoder's layer 9: PNGs of the requested size, idle steering exact, bad input 422."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from fastapi.testclient import TestClient
+from litserve.utils import wrap_litserve_start
+from PIL import Image
+
+from saesteer.sae.io import save_sae
+from saesteer.server.app import build_server
+from saesteer.server.config import ServerSettings
+
+from .test_groundwork import tiny_pipeline_folder, tiny_sae
+
+pytestmark = pytest.mark.slow  # a LitServe worker
+
+
+@contextmanager
+def serve(settings: ServerSettings):
+    server = build_server(settings)
+    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
+        deadline = time.time() + 300
+        while c.get("/health").status_code != 200:
+            assert time.time() < deadline, "the inference worker did not come up"
+            time.sleep(0.5)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    pipe = tiny_pipeline_folder(root / "pipe")
+    save_sae(tiny_sae(), root / "te9")
+    with serve(ServerSettings(model=str(pipe), saes=[f"te9={root / 'te9'}"], features=False)) as c:
+        yield c
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_png"]))))
+
+
+def test_images_of_the_requested_size_and_idle_steering_is_exact(client):
+    base = {"prompt": "a small red circle on a white background", "steps": 3, "seed": 7}
+    r = client.post("/v1/images", json={**base, "width": 24, "height": 16, "n": 2})
+    assert r.status_code == 200, r.text
+    imgs = [pixels(i) for i in r.json()["images"]]
+    assert len(imgs) == 2 and imgs[0].shape == (16, 24, 3)
+    plain = pixels(client.post("/v1/images", json=base).json()["images"][0])
+    assert plain.shape == (16, 16, 3)  # the model's default size
+    idle = client.post("/v1/images", json={**base, "interventions": [{"op": "scale", "sae": "te9", "latent": 3, "value": 1.0}]})
+    assert np.array_equal(pixels(idle.json()["images"][0]), plain)
+    steer = {**base, "compare": True, "interventions": [{"op": "clamp", "sae": "te9", "latent": 3, "value": 40.0}]}
+    got = client.post("/v1/images", json=steer).json()
+    assert np.array_equal(pixels(got["unsteered"][0]), plain)
+    assert not np.array_equal(pixels(got["images"][0]), plain)
+    one = client.post("/v1/images", json={**steer, "branches": "cond", "compare": False}).json()
+    assert not np.array_equal(pixels(one["images"][0]), pixels(got["images"][0]))  # uncond untouched differs
+
+
+@pytest.mark.parametrize("body,field,reason", [
+    ({"prompt": "x", "width": 20}, '"width"', "multiple of 8"),
+    ({"prompt": "x", "steps": 0}, '"steps"', "greater than or equal"),
+    ({"prompt": "x", "steps": 101}, '"steps"', "less than or equal"),
+    ({"prompt": "x", "n": 9}, '"n"', "less than or equal"),
+    ({"prompt": "x", "interventions": [{"op": "clamp", "sae": "smollm2-135m-res10-k32", "latent": 1, "value": 1}]}, '"sae"', "unknown SAE"),
+    ({"prompt": "x", "interventions": [{"op": "clamp", "sae": "te9", "latent": 64, "value": 1}]}, '"latent"', "out of range"),
+    ({"prompt": "x", "interventions": [{"op": "add_vector", "sae": "te9", "vector": [1.0] * 576}]}, '"vector"', "d_in 32"),
+])
+def test_bad_image_requests_are_a_422_naming_the_field(client, body, field, reason):
+    import json
+
+    r = client.post("/v1/images", json=body)
+    assert r.status_code == 422
+    detail = json.dumps(r.json()["detail"])
+    assert field in detail and reason in detail, detail
