@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
