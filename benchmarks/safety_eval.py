@@ -131,7 +131,7 @@ def main() -> None:
     report["cost_per_step"] = timing(model, sae, w, (ws, lat), top3)
     print(json.dumps(report, indent=1))
     if a.out:
-        lines = [f"# Personal-data detection in SmolLM2-135M's residual stream (block 10)", "",
+        lines = ["# Personal-data detection in SmolLM2-135M's residual stream (block 10)", "",
                  f"`python benchmarks/safety_eval.py --n {a.n}`: {a.n} Faker-generated texts (half with an email, phone "
                  f"number, street address or card number; half with near misses), {cut} for training and "
                  f"{len(order) - cut} held out ({report['test_tokens']} tokens, {report['positive_test_tokens']} of them "

@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from saesteer.sae.activations import iter_texts, load_activations
 from saesteer.sae.evaluate import ce_loss_metrics, reconstruction_metrics

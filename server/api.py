@@ -13,6 +13,7 @@ the process boundary.
 # No `from __future__ import annotations` here: LitServe reads the real annotation of
 # decode_request's `request` parameter as the FastAPI body type.
 import logging
+import time
 from dataclasses import dataclass
 
 import litserve as ls
@@ -32,6 +33,7 @@ class Rejected:
 
     status: int
     detail: list[ErrorItem]
+    fingerprint: str = ""  # server.runtime.request_fingerprint of the request
 
     @classmethod
     def field(cls, status: int, loc: list, msg: str, kind: str = "value_error") -> "Rejected":
@@ -45,6 +47,7 @@ class Prepared:
     request: GenerateRequest
     input_ids: list[int]
     plan: object  # steering.plan.InterventionPlan
+    fingerprint: str = ""
 
 
 class ModelAPI(ls.LitAPI):
@@ -107,19 +110,36 @@ class GenerateAPI(ModelAPI):
     """Steered generation on a transformers causal LM with SAEs attached (``POST /v1/generate``);
     arguments as ``ModelAPI``."""
 
-    def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
+    def __init__(self, settings: ServerSettings, saes: SAEPool, runtime_dir: str | None = None, **kwargs):
         super().__init__(settings, saes, max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
                          api_path="/v1/generate", **kwargs)
+        self.runtime_dir = runtime_dir
+        self.status = None
+
+    def setup(self, device):
+        from .runtime import WorkerStatus
+
+        if self.runtime_dir is not None:
+            self.status = WorkerStatus(self.runtime_dir)
+            self.status.write("loading")
+        super().setup(device)
+        if self.status is not None:
+            self.status.write("idle")
 
     # -- per request -----------------------------------------------------------------------------
     def decode_request(self, request: GenerateRequest) -> Prepared | Rejected:
         """Check ``request`` against the loaded model; never raises (an unexpected error becomes
         this request's 500, not its batch's)."""
+        from .runtime import request_fingerprint
+
         try:
-            return self._decode(request)
+            out = self._decode(request)
         except Exception as e:
             log.error("decode_request failed: %s: %s", type(e).__name__, e, exc_info=e)
-            return Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
+            out = Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
+        if self.status is not None:
+            out.fingerprint = request_fingerprint(request)
+        return out
 
     def _decode(self, request: GenerateRequest) -> Prepared | Rejected:
         from saesteer.steering.plan import PlanError, build_plan
@@ -153,6 +173,15 @@ class GenerateAPI(ModelAPI):
         logits) ends only the row that causes it."""
         if not isinstance(items, list):  # LitServe's unbatched loop (max_batch_size=1)
             return self.predict([items])[0]
+        if self.status is not None:  # which requests this worker holds, should it die
+            self.status.write("busy", [it.fingerprint for it in items])
+        try:
+            return self._predict(items)
+        finally:
+            if self.status is not None:
+                self.status.write("idle")
+
+    def _predict(self, items: list) -> list:
         ready = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
         try:
             return self._generate(items, ready)
@@ -176,10 +205,11 @@ class GenerateAPI(ModelAPI):
 
     def _generate(self, items: list, ready: list[int]) -> list:
         """Outputs for ``items`` where the rows ``ready`` are generated and the rest passed through."""
-        from saesteer.steering.generate import NON_FINITE, GenerationSpec, generate
+        from saesteer.steering.generate import NON_FINITE, TIMEOUT, GenerationSpec, generate
         from saesteer.steering.plan import InterventionPlan
 
         outputs: list = list(items)
+        deadline = time.monotonic() + self.settings.generation_timeout
         # under a memory budget, a batch whose SAEs do not fit together runs as several sub-batches
         # (a row's tokens do not depend on its neighbours); without one this is a single run
         for run in self.saes.pack([items[i].plan.sae_ids() for i in ready]):
@@ -188,7 +218,7 @@ class GenerateAPI(ModelAPI):
                 r = items[i].request
                 base = dict(
                     input_ids=items[i].input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, seed=r.seed, stop=list(r.stop),
+                    top_p=r.top_p, seed=r.seed, stop=list(r.stop), deadline=deadline,
                 )
                 specs.append(GenerationSpec(**base, plan=items[i].plan))
                 owners.append((i, "steered"))
@@ -204,6 +234,10 @@ class GenerateAPI(ModelAPI):
                 if bad == NON_FINITE and items[i].request.interventions:
                     d = Rejected.field(422, ["body", "interventions"],
                                        "these interventions drove the model's activations to inf/NaN; use smaller values", "non_finite")
+                elif bad == TIMEOUT:
+                    d = Rejected.field(504, ["body", "max_new_tokens"],
+                                       f"generation took over {self.settings.generation_timeout:g} s (the server's "
+                                       "generation_timeout); ask for fewer tokens", "generation_timeout")
                 elif bad:
                     d = Rejected.field(500, ["body"], f"generation failed ({bad})", "internal_error")
                 outputs[i] = d

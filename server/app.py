@@ -6,23 +6,30 @@ Routes: ``POST /v1/generate`` (``GenerateAPI``), ``POST /v1/features`` (``Featur
 API process; which SAEs a worker holds resident is not listed, that lives in the worker),
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
 SAE's folder on first use, the last few SAEs' kept),
-``GET /health`` (LitServe's). With ``api_key`` set every route but ``/health`` needs
-``Authorization: Bearer <key>`` (``/docs`` and ``/openapi.json`` too, and the OpenAPI schema
-declares the scheme); bodies over ``max_payload_bytes`` get 413, chunked or not.
+``GET /health`` (LitServe's), ``GET /ready`` (503 while loading, draining or stuck),
+``GET /metrics`` (Prometheus; admin scope). With API keys configured (``server.auth``) every route but
+``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` with the route's scope (``/docs``
+and ``/openapi.json`` too, and the OpenAPI schema declares the scheme); bodies over
+``max_payload_bytes`` get 413, chunked or not.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
 from functools import lru_cache
 
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from saesteer_client.schema import ErrorItem, LatentInfo, SAEList
-from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from saesteer.sae.model import LatentRangeError, check_latent
 from saesteer.sae.sources import parse_sae_spec
@@ -30,29 +37,17 @@ from saesteer.sae.stats import latent_record, load_latent_stats
 from saesteer.steering.pool import SAEPool
 
 from .api import GenerateAPI
-from .features_api import FeaturesAPI
-from .images_api import ImagesAPI
+from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, RateLimitMiddleware, hash_key, load_keys_file
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
+from .features_api import FeaturesAPI
+from .gate import GenerateGate
+from .images_api import ImagesAPI
 from .middleware import BodyLimitMiddleware, short
+from .observe import Metrics, ObserveMiddleware, readiness
+from .runtime import SharedState
 
 log = logging.getLogger("saesteer.server")
-OPEN_PATHS = frozenset({"/health"})
-
-
-class BearerAuthMiddleware(BaseHTTPMiddleware):
-    """401 unless ``Authorization: Bearer <key>`` matches (constant-time compare)."""
-
-    def __init__(self, app, key: str):
-        super().__init__(app)
-        self.key = key.encode()
-
-    async def dispatch(self, request, call_next):
-        if request.url.path not in OPEN_PATHS:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.key):
-                return error_response(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
 
 async def validation_error(_request, exc: RequestValidationError) -> JSONResponse:
@@ -83,23 +78,54 @@ def declare_bearer(app) -> None:
     app.openapi = openapi
 
 
+def all_keys(settings: ServerSettings) -> list[ApiKey]:
+    """The configured API keys: ``api_keys``, ``api_keys_file``'s, and ``api_key`` (hashed, every scope).
+
+    Raises:
+        FileNotFoundError, ValueError: an unreadable or malformed keys file.
+    """
+    keys = list(settings.api_keys)
+    if settings.api_keys_file:
+        keys += load_keys_file(settings.api_keys_file)
+    if settings.api_key is not None:
+        keys.append(ApiKey(name="default", sha256=hash_key(settings.api_key.get_secret_value()), scopes=list(SCOPES)))
+    return keys
+
+
 def build_server(settings: ServerSettings) -> ls.LitServer:
     """A ready ``LitServer`` for ``settings`` (SAE metadata checked now, weights loaded in workers).
 
+    The server gets ``saesteer_state`` (``runtime.SharedState``: the runtime folder of worker
+    status files, in-flight count, draining flag), which ``serve_cli`` uses to shut down gracefully.
+
     Raises:
         ValueError, FileNotFoundError, SAEFormatError: an SAE spec that cannot be served
-            (``SAEBudgetError``, a ``ValueError``: an SAE bigger than ``sae_memory_mb``).
+            (``SAEBudgetError``, a ``ValueError``: an SAE bigger than ``sae_memory_mb``), or an
+            unreadable or malformed ``api_keys_file``.
     """
     specs = [parse_sae_spec(s) for s in settings.saes]
     pool = SAEPool(specs, budget_bytes=settings.sae_memory_bytes)  # configs only: no weights here
     listing = SAEList(saes=pool.infos())
-    middlewares = [(BodyLimitMiddleware, {"max_bytes": settings.max_payload_bytes})]
-    if settings.api_key is not None:
-        middlewares.append((BearerAuthMiddleware, {"key": settings.api_key.get_secret_value()}))
+    runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="saesteer-")
+    state = SharedState(runtime_dir)
+    # LitServe adds these in order, each around the ones before, so a request meets them last to
+    # first: request id/metrics/log, auth, the body limit (which buffers the body), rate limits
+    # (which read the key and the body), then the generate gate
+    hard_deadline = settings.request_timeout + settings.generation_timeout + 60
+    keys = all_keys(settings)
+    metrics = Metrics(state)
+    middlewares: list = [
+        (GenerateGate, {"state": state, "max_queue": settings.max_queue, "hard_deadline_s": hard_deadline}),
+        (RateLimitMiddleware, {"requests_per_minute": settings.rate_limit_requests_per_minute,
+                               "tokens_per_minute": settings.rate_limit_tokens_per_minute}),
+        (BodyLimitMiddleware, {"max_bytes": settings.max_payload_bytes}),
+        (AuthMiddleware, {"keys": keys}),
+        (ObserveMiddleware, {"metrics": metrics}),
+    ]
     if settings.serves_images:
         apis, workers = [ImagesAPI(settings, pool)], {"/v1/images": settings.workers}
     else:
-        apis = [GenerateAPI(settings, pool)]
+        apis = [GenerateAPI(settings, pool, runtime_dir=runtime_dir)]
         workers = {"/v1/generate": settings.workers}
         if settings.features:
             apis.append(FeaturesAPI(settings, pool))
@@ -132,8 +158,20 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
             return field_error(404, ["path", "sae_id"], f"SAE {sae_id!r} has no latent statistics (saesteer stats)", "not_found")
         return LatentInfo(sae=sae_id, **latent_record(stats, latent))
 
+    server.saesteer_state = state
+    stuck_after = settings.generation_timeout + 30
+
+    async def ready():
+        ok, body = readiness(state, stuck_after)
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    server.app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
+    server.app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(RequestValidationError, validation_error)
-    if settings.api_key is not None:
+    if keys:
         declare_bearer(server.app)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
@@ -152,5 +190,55 @@ def serve_cli(args) -> int:
         return 2
     print(f"saesteer: serving on http://{settings.host}:{settings.port} "
           f"(SAEs: {', '.join(parse_sae_spec(s).id for s in settings.saes)})", flush=True)
-    server.run(host=settings.host, port=settings.port, generate_client_file=False)
+    install_graceful_shutdown(server, settings.drain_timeout)
+    access = logging.getLogger("saesteer.access")  # one JSON object per line, on stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    try:
+        # one HTTP process for all workers: admission counters, rate limits and metrics are then
+        # exact; our JSON access log replaces uvicorn's
+        server.run(host=settings.host, port=settings.port, generate_client_file=False, num_api_servers=1, access_log=False)
+    finally:
+        if settings.runtime_dir is None:
+            shutil.rmtree(server.saesteer_state.runtime_dir, ignore_errors=True)
     return 0
+
+
+def install_graceful_shutdown(server: ls.LitServer, drain_timeout: float) -> None:
+    """On SIGTERM: refuse new requests with 503, wait up to ``drain_timeout`` seconds for the
+    ones in flight, then let LitServe stop the HTTP process and every inference worker.
+
+    Without this, SIGTERM kills only the main process and its children keep serving the port
+    with nobody to restart them (measured on LitServe 0.2.19).
+    """
+    state = server.saesteer_state
+    # the HTTP process has drained already when it is told to stop: a short grace for open sockets
+    server.uvicorn_graceful_timeout = 5
+
+    def drain():
+        t0 = time.monotonic()
+        while state.in_flight.value > 0 and time.monotonic() - t0 < drain_timeout:
+            time.sleep(0.1)
+        left = state.in_flight.value
+        log.warning("drained in %.1f s (%d requests still in flight); stopping", time.monotonic() - t0, left)
+        while getattr(server, "_shutdown_event", None) is None:  # SIGTERM during start-up
+            time.sleep(0.1)
+        server._shutdown_event.set()
+
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != main_pid:  # a child forked after this (LitServe's manager): die as usual
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if state.draining.value:
+            return
+        state.draining.value = 1
+        print("saesteer: SIGTERM, draining", flush=True)
+        threading.Thread(target=drain, name="saesteer-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)

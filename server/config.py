@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
+from .auth import ApiKey
+
 DEFAULT_SAE_DIR = Path(__file__).resolve().parent.parent / "sae" / "pretrained"
 DEFAULT_SAE_NAME = "smollm2-135m-res10-k32"
 
@@ -49,7 +51,16 @@ class ServerSettings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt a request may send, in tokens (422 above)")
     max_total_tokens: int = Field(4096, ge=2, description="prompt + max_new_tokens limit per request")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
-    api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    api_key: SecretStr | None = Field(None, description="one plaintext key with every scope; if set, requests need "
+                                      "'Authorization: Bearer <key>' (hashed when read; prefer api_keys_file)")
+    api_keys_file: str | None = Field(None, description="YAML or JSON file of API keys: {keys: [{name, sha256, scopes, "
+                                      "requests_per_minute, tokens_per_minute}]}, digests only")
+    api_keys: list[ApiKey] = Field(default_factory=list, description="API keys as a JSON list (SAESTEER_API_KEYS), "
+                                   "same entries as api_keys_file")
+    rate_limit_requests_per_minute: float | None = Field(None, gt=0, description="requests per minute per key (per "
+                                                         "client address without keys); None: unlimited")
+    rate_limit_tokens_per_minute: float | None = Field(None, gt=0, description="generated tokens per minute per key "
+                                                       "(max_new_tokens, twice with compare); None: unlimited")
     workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
     family: Literal["auto", "text", "image"] = Field(
@@ -57,6 +68,22 @@ class ServerSettings(BaseSettings):
         "auto: image when --model is a folder with model_index.json")
     features: bool = Field(True, description="serve POST /v1/features (latents per token) from a worker of its own, "
                            "which holds a second copy of the model")
+    generation_timeout: float = Field(
+        300.0, gt=0, description="seconds a request may spend generating, from the start of its batch; a row "
+        "still generating then ends with 504 (the other rows of its batch go on)",
+    )
+    max_queue: int = Field(
+        64, ge=1, description="generate requests in flight (queued or generating) past which new ones get 503 "
+        "with Retry-After at once",
+    )
+    drain_timeout: float = Field(
+        20.0, ge=0, description="on SIGTERM, seconds to let requests in flight finish (new ones get 503) "
+        "before every process stops",
+    )
+    runtime_dir: str | None = Field(
+        None, description="folder for the inference workers' status files (how the HTTP process learns that "
+        "a worker died holding a request); None: a new temporary folder",
+    )
     sae_memory_mb: float | None = Field(
         None,
         gt=0,
@@ -80,6 +107,11 @@ class ServerSettings(BaseSettings):
     @field_validator("sae_memory_mb", mode="before")
     @classmethod
     def _empty_budget_means_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("api_keys_file", "rate_limit_requests_per_minute", "rate_limit_tokens_per_minute", mode="before")
+    @classmethod
+    def _empty_means_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("api_key", mode="before")

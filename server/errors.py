@@ -5,23 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from saesteer_client.schema import ErrorItem, ErrorResponse
+from saesteer_client.schema import ErrorItem
 from starlette.responses import JSONResponse
 
-from .middleware import short
+from .middleware import error_body, field_item
 
 
 def error_response(status: int, detail: Sequence[ErrorItem] | str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """A JSON ``ErrorResponse`` with HTTP ``status``; ``detail`` the field errors, or one sentence.
     Messages are cut at ``middleware.MAX_MESSAGE_CHARS`` (an error never echoes a huge input)."""
-    if isinstance(detail, str):
-        detail = short(detail)
-    else:
-        detail = [item.model_copy(update={"msg": short(item.msg)}) for item in detail]
-    body = ErrorResponse(detail=detail)
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
+    return JSONResponse(error_body(detail), status_code=status, headers=dict(headers or {}))
 
 
 def field_error(status: int, loc: Sequence[str | int], msg: str, kind: str = "value_error") -> JSONResponse:
     """``error_response`` for one field: ``loc`` its location (e.g. ``["path", "latent"]``)."""
-    return error_response(status, [ErrorItem(loc=list(loc), msg=msg, type=kind)])
+    return error_response(status, [field_item(loc, msg, kind)])

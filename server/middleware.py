@@ -4,6 +4,9 @@ request before FastAPI parses it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+
+from saesteer_client.schema import ErrorItem, ErrorResponse
 
 MAX_MESSAGE_CHARS = 300
 """Error messages longer than this are cut (with the original length said), so a megabyte-long
@@ -18,7 +21,28 @@ def short(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return f"{text[:limit]}... ({len(text)} characters, cut)"
 
 
-async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+def error_body(detail: Sequence[ErrorItem] | str) -> dict:
+    """The JSON of the wire schema's ``ErrorResponse``: ``detail`` the field errors (FastAPI's
+    ``{"loc", "msg", "type"}`` layout) or one sentence about no one field; every message cut at
+    ``MAX_MESSAGE_CHARS``. Every 4xx/503 body of the server is built here."""
+    if isinstance(detail, str):
+        detail = short(detail)
+    else:
+        detail = [item.model_copy(update={"msg": short(item.msg)}) for item in detail]
+    return ErrorResponse(detail=detail).model_dump(mode="json")
+
+
+def field_item(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> ErrorItem:
+    """One ``ErrorItem``: ``loc`` the field's location (e.g. ``["header", "authorization"]``)."""
+    return ErrorItem(loc=list(loc), msg=msg, type=kind)
+
+
+async def send_error(send, status: int, detail: Sequence[ErrorItem] | str, headers: Mapping[str, str] | None = None) -> None:
+    """Answer an ASGI request with HTTP ``status`` and an ``ErrorResponse`` body (``error_body``)."""
+    await send_json(send, status, error_body(detail), headers)
+
+
+async def send_json(send, status: int, body: dict, headers: Mapping[str, str] | None = None) -> None:
     """Answer an ASGI request with a JSON body."""
     raw = json.dumps(body).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
@@ -43,14 +67,15 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = {"detail": [{"loc": ["body"], "msg": f"request body is over {self.max_bytes} bytes", "type": "too_large"}]}
+        too_large = [field_item(["body"], f"request body is over {self.max_bytes} bytes", "too_large")]
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:
                     if int(v) > self.max_bytes:
-                        return await send_json(send, 413, too_large, {"connection": "close"})
+                        scope["saesteer.reject"] = "too_large"
+                        return await send_error(send, 413, too_large, {"connection": "close"})
                 except ValueError:
-                    return await send_json(send, 400, {"detail": "bad Content-Length"})
+                    return await send_error(send, 400, [field_item(["header", "content-length"], "not an integer")])
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -59,11 +84,14 @@ class BodyLimitMiddleware:
             body = msg.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                return await send_json(send, 413, too_large, {"connection": "close"})
+                scope["saesteer.reject"] = "too_large"
+                return await send_error(send, 413, too_large, {"connection": "close"})
             chunks.append(body)
             more = msg.get("more_body", False)
         replayed = False
         whole = b"".join(chunks)
+
+        scope["saesteer.body"] = whole  # for the middlewares inside this one
 
         async def replay():
             nonlocal replayed

@@ -8,6 +8,7 @@ prefill and each generated position at its decode step.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,6 +30,7 @@ class GenerationSpec:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     plan: InterventionPlan = field(default_factory=InterventionPlan)
+    deadline: float | None = None  # time.monotonic() past which the row ends with error TIMEOUT
 
 
 @dataclass
@@ -45,6 +47,8 @@ class GenerationResult:
 
 NON_FINITE = "non_finite"
 """``GenerationResult.error`` of a row whose logits became inf or NaN (its steering overflowed)."""
+TIMEOUT = "timeout"
+"""``GenerationResult.error`` of a row still generating at its ``GenerationSpec.deadline``."""
 
 
 def render_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -87,7 +91,9 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     Returns:
         One ``GenerationResult`` per row, in order. A row whose logits become non-finite (an
         overflowing steer) ends at once with ``finish_reason="error"``, ``error=NON_FINITE``;
-        the other rows go on unchanged (the hooks keep each row's numbers in its row).
+        the other rows go on unchanged (the hooks keep each row's numbers in its row). A row
+        still unfinished at its ``deadline`` (checked before each decode step) ends with
+        ``error=TIMEOUT``.
     """
     dev = next(model.parameters()).device
     B = len(specs)
@@ -145,6 +151,11 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
                         continue
                 if len(out_tokens[b]) >= s.max_new_tokens:
                     finish[b] = "length"
+            if any(s.deadline is not None for s in specs):
+                now = time.monotonic()
+                for b, s in enumerate(specs):
+                    if finish[b] is None and s.deadline is not None and now > s.deadline:
+                        finish[b], errors[b] = "error", TIMEOUT
             if all(f is not None for f in finish):
                 break
             step_in = nxt.view(B, 1).to(dev)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import default_sae_spec

@@ -1,0 +1,210 @@
+"""API keys with scopes, and per-key rate limits (pure ASGI middlewares of the HTTP process).
+
+Keys are kept as SHA-256 hex digests only: from a file (``api_keys_file``, YAML or JSON), the
+environment (``SAESTEER_API_KEYS``, a JSON list) or, as before, one plaintext ``SAESTEER_API_KEY``
+with every scope (hashed when read). A request sends ``Authorization: Bearer <key>``:
+
+- no key or an unknown one: 401; a known key without the route's scope: 403 (JSON bodies);
+- ``/health`` and ``/ready`` are open; everything else needs a key once keys are configured.
+
+Rate limits are token buckets per key (per client address without keys): ``requests_per_minute``
+and ``tokens_per_minute`` (a generate request costs ``max_new_tokens``, twice with ``compare``);
+over either, 429 with ``Retry-After`` (whole seconds until the bucket holds enough).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .middleware import field_item, send_error
+
+Scope = Literal["generate", "images", "features", "concepts:write", "admin"]
+SCOPES: tuple[str, ...] = ("generate", "images", "features", "concepts:write", "admin")
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+class ApiKey(BaseModel):
+    """One API key as configured: its SHA-256 digest (``printf %s KEY | sha256sum``), never the key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="who holds it (logs and metrics)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    scopes: list[Scope] = Field(default_factory=lambda: ["generate", "features"], description="what the key may do")
+    requests_per_minute: float | None = Field(None, gt=0, description="None: the server's default")
+    tokens_per_minute: float | None = Field(None, gt=0, description="None: the server's default")
+
+
+def hash_key(key: str) -> str:
+    """Hex SHA-256 of a plaintext key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_keys_file(path: str) -> list[ApiKey]:
+    """Keys from a YAML or JSON file: ``{"keys": [{name, sha256, scopes, ...}, ...]}`` or a bare list.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed file or entry (pydantic's message names the field).
+    """
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: {e}") from None
+    else:
+        data = json.loads(text)
+    entries = data.get("keys", []) if isinstance(data, dict) else data
+    return [ApiKey.model_validate(e) for e in entries or []]
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a route needs; None: any valid key."""
+    if path == "/v1/generate":
+        return "generate"
+    if path.startswith("/v1/saes"):
+        return "features"
+    if path.startswith("/v1/images"):
+        return "images"
+    if path.startswith("/v1/concepts") and method not in ("GET", "HEAD"):
+        return "concepts:write"
+    if path == "/metrics":
+        return "admin"
+    return None
+
+
+def _error(kind: str, msg: str) -> list:
+    return [field_item(["header", "authorization"], msg, kind)]
+
+
+class AuthMiddleware:
+    """401/403 by API key and scope (see the module docstring); puts the matched key in
+    ``scope["saesteer.key"]``.
+
+    Args:
+        app: the ASGI app.
+        keys: the configured keys (digests only); empty: no authentication.
+    """
+
+    def __init__(self, app, keys: list[ApiKey]):
+        self.app = app
+        self.keys = [(k, bytes.fromhex(k.sha256)) for k in keys]
+
+    def match(self, token: str) -> ApiKey | None:
+        """The key whose digest matches ``token`` (every digest compared, in constant time each)."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for k, d in self.keys:
+            if hmac.compare_digest(digest, d):
+                found = k
+        return found
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        kind, _, token = header.partition(" ")
+        key = self.match(token.strip()) if kind.lower() == "bearer" and token.strip() else None
+        if key is None:
+            scope["saesteer.reject"] = "unauthorized"
+            return await send_error(send, 401, _error("unauthorized", "missing or invalid bearer token"),
+                                   {"www-authenticate": "Bearer"})
+        need = required_scope(scope.get("method", "GET"), scope["path"])
+        if need is not None and need not in key.scopes and "admin" not in key.scopes:
+            scope["saesteer.reject"] = "forbidden"
+            return await send_error(send, 403, _error("forbidden", f"key {key.name!r} lacks the scope {need!r}"))
+        scope["saesteer.key"] = key
+        await self.app(scope, receive, send)
+
+
+class _Bucket:
+    """A token bucket holding at most ``per_minute``, refilled at ``per_minute / 60`` per second."""
+
+    def __init__(self, per_minute: float):
+        self.capacity, self.rate = per_minute, per_minute / 60.0
+        self.level, self.t = per_minute, time.monotonic()
+
+    def wait_for(self, cost: float) -> float:
+        """Seconds until ``cost`` fits (0: it fits now); the bucket is not charged."""
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+        self.t = now
+        if cost > self.capacity:
+            return math.inf
+        return max(0.0, (cost - self.level) / self.rate)
+
+    def charge(self, cost: float) -> None:
+        self.level -= cost
+
+
+def generate_cost(body: bytes | None) -> int:
+    """Tokens a generate body may produce: ``max_new_tokens`` (default 64), twice with ``compare``."""
+    try:
+        d = json.loads(body or b"{}")
+        n = int(d.get("max_new_tokens", 64))
+        return max(1, n) * (2 if d.get("compare") else 1)
+    except (ValueError, TypeError, AttributeError):
+        return 1  # malformed: FastAPI refuses it, one request's worth
+
+
+class RateLimitMiddleware:
+    """429 with ``Retry-After`` past a key's requests or tokens per minute.
+
+    Args:
+        app: the ASGI app.
+        requests_per_minute, tokens_per_minute: defaults for keys without their own; None: no limit.
+    """
+
+    def __init__(self, app, requests_per_minute: float | None, tokens_per_minute: float | None):
+        self.app, self.rpm, self.tpm = app, requests_per_minute, tokens_per_minute
+        self.buckets: dict[tuple[str, str], _Bucket] = {}
+
+    def _bucket(self, who: str, kind: str, per_minute: float | None) -> _Bucket | None:
+        if per_minute is None:
+            return None
+        b = self.buckets.get((who, kind))
+        if b is None or b.capacity != per_minute:
+            b = self.buckets[(who, kind)] = _Bucket(per_minute)
+        return b
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        key: ApiKey | None = scope.get("saesteer.key")
+        who = key.name if key is not None else f"ip:{(scope.get('client') or ('?',))[0]}"
+        rpm = key.requests_per_minute if key is not None and key.requests_per_minute else self.rpm
+        tpm = key.tokens_per_minute if key is not None and key.tokens_per_minute else self.tpm
+        req_b = self._bucket(who, "requests", rpm)
+        is_gen = scope["path"] == "/v1/generate" and scope.get("method") == "POST"
+        tok_b = self._bucket(who, "tokens", tpm) if is_gen else None
+        cost = generate_cost(scope.get("saesteer.body")) if tok_b is not None else 0
+        waits = [(req_b.wait_for(1), "requests") if req_b else (0.0, ""), (tok_b.wait_for(cost), "tokens") if tok_b else (0.0, "")]
+        wait, what = max(waits)
+        if wait > 0:
+            scope["saesteer.reject"] = "rate_limited"
+            if math.isinf(wait):
+                return await send_error(send, 429, [field_item(
+                    ["body", "max_new_tokens"], f"this request's {cost} tokens exceed the {tpm:g} tokens per minute allowed",
+                    "rate_limited")])
+            limit = rpm if what == "requests" else tpm
+            return await send_error(
+                send, 429,
+                _error("rate_limited", f"over {limit:g} {what} per minute for {who!r}; retry after {math.ceil(wait)} s"),
+                {"retry-after": str(max(1, math.ceil(wait)))},
+            )
+        if req_b:
+            req_b.charge(1)
+        if tok_b:
+            tok_b.charge(cost)
+        await self.app(scope, receive, send)

@@ -1,0 +1,87 @@
+"""State shared by the server's processes: the HTTP process (uvicorn, forked from the main one),
+the main process (LitServe's manager and our signal handling) and the inference workers (spawned).
+
+LitServe 0.2.19 does not tell the HTTP process which worker holds a request, nor fail a request
+whose worker died (``shared/litserve.md``). So each worker writes a small status file into the
+runtime folder: its pid, whether it is busy, and the fingerprints of the requests it holds. The
+HTTP process reads them to end a request whose worker died with a 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+
+def request_fingerprint(request) -> str:
+    """A short hash of a ``GenerateRequest``'s canonical JSON: the same in the HTTP process (from
+    the body) and in the worker (from the unpickled model)."""
+    return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no procfs: trust kill(0)
+
+
+class WorkerStatus:
+    """The status file of one inference worker, ``<runtime_dir>/workers/<pid>.json``.
+
+    Args:
+        runtime_dir: the server's runtime folder.
+    """
+
+    def __init__(self, runtime_dir: str):
+        self.dir = Path(runtime_dir) / "workers"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pid = os.getpid()
+        self.path = self.dir / f"{self.pid}.json"
+
+    def write(self, state: str, requests: list[str] = ()) -> None:
+        """Record ``state`` ("loading", "idle" or "busy") and the fingerprints of the requests held
+        (atomically: written aside, then renamed)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "state": state, "since": time.time(), "requests": list(requests)}))
+        os.replace(tmp, self.path)
+
+
+def read_workers(runtime_dir: str) -> list[dict]:
+    """Every worker status ever written in ``runtime_dir`` (dead workers' too), with ``alive``."""
+    out = []
+    for p in (Path(runtime_dir) / "workers").glob("*.json"):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        d["alive"] = pid_alive(int(d.get("pid", -1)))
+        out.append(d)
+    return out
+
+
+class SharedState:
+    """Counters and flags shared by the main and HTTP processes (created before uvicorn forks).
+
+    Attributes:
+        runtime_dir: the folder of worker status files.
+        in_flight: generate requests admitted and not yet answered.
+        draining: set on SIGTERM: new requests get 503, in-flight ones finish.
+    """
+
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+        self.in_flight = mp.Value("i", 0)
+        self.draining = mp.Value("b", 0)

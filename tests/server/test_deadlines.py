@@ -1,0 +1,111 @@
+"""Deadlines and admission, in-process with real workers: a generation time limit, a bounded
+queue, and a request whose worker is killed mid-generation (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+from fastapi.testclient import TestClient
+from litserve.utils import wrap_litserve_start
+
+from saesteer.server.app import build_server
+from saesteer.server.config import ServerSettings
+from saesteer.server.runtime import read_workers
+
+MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+@contextmanager
+def serve_monitored(settings: ServerSettings):
+    """A TestClient of the server, with LitServe's worker monitor (restarts dead workers)."""
+    server = build_server(settings)
+    with wrap_litserve_start(server, worker_monitor=True) as s, TestClient(s.app) as c:
+        deadline = time.time() + 300
+        while c.get("/health").status_code != 200:
+            assert time.time() < deadline, "the inference worker did not come up"
+            time.sleep(0.5)
+        yield c, s
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, generation_timeout=20.0, max_queue=3,
+                              runtime_dir=str(tmp_path_factory.mktemp("runtime")))
+    with serve_monitored(settings) as (c, s):
+        yield c, s, settings
+
+
+def test_generation_time_limit_ends_the_request_with_504(served):
+    c, _, _ = served
+    t0 = time.time()
+    r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 1000})
+    took = time.time() - t0
+    assert r.status_code == 504, r.text
+    assert r.json()["detail"][0]["type"] == "generation_timeout" and "20 s" in r.json()["detail"][0]["msg"]
+    assert took < 20.0 + 30, took  # one decode step past the limit, plus prefill and the queue
+    r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
+def test_a_full_queue_answers_503_with_retry_after(served):
+    c, _, settings = served
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda _: c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 2}), range(8)))
+    codes = sorted(r.status_code for r in got)
+    assert set(codes) == {200, 503}, codes
+    assert codes.count(200) >= settings.max_queue and codes.count(503) >= 1, codes
+    full = [r for r in got if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and "queue is full" in r.text for r in full)
+
+
+def test_a_killed_workers_request_ends_with_503_and_the_server_recovers(served):
+    c, s, settings = served
+    with ThreadPoolExecutor(1) as ex:
+        t0 = time.time()
+        fut = ex.submit(c.post, "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000})
+        busy = None
+        while busy is None and time.time() - t0 < 60:
+            busy = next((w for w in read_workers(settings.runtime_dir) if w["alive"] and w["state"] == "busy"), None)
+            time.sleep(0.05)
+        assert busy is not None, "the request never reached a worker"
+        os.kill(busy["pid"], signal.SIGKILL)
+        killed = time.time()
+        r = fut.result(timeout=60)
+        ended = time.time() - killed
+    assert r.status_code == 503, r.text
+    assert "died" in r.json()["detail"] and r.headers["retry-after"] == "5"
+    assert ended < 10, ended
+    deadline = time.time() + 240  # LitServe's monitor starts a new worker, which loads the model
+    while True:
+        r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 3})
+        if r.status_code == 200:
+            break
+        assert time.time() < deadline, (r.status_code, r.text)
+        time.sleep(2)
+
+
+def test_an_identical_retry_is_not_mistaken_for_the_lost_request(tmp_path):
+    """A dead worker's status file lists the fingerprints of its batch; only requests that arrived
+    before that batch started can be in it, so a client's identical retry is served normally."""
+    import json
+    import subprocess
+    import sys
+
+    from saesteer.server.gate import GenerateGate
+    from saesteer.server.runtime import SharedState
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a pid that has exited
+    (tmp_path / "workers").mkdir()
+    since = time.time()
+    (tmp_path / "workers" / f"{pid}.json").write_text(json.dumps({"pid": pid, "state": "busy", "since": since,
+                                                                  "requests": ["abc"]}))
+    gate = GenerateGate(None, SharedState(str(tmp_path)), max_queue=4, hard_deadline_s=60)
+    assert gate._worker_died_holding("abc", since - 1.0)  # arrived before the batch: lost with it
+    assert not gate._worker_died_holding("abc", since + 1.0)  # the retry
+    assert not gate._worker_died_holding("other", since - 1.0)
