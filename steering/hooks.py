@@ -54,10 +54,13 @@ class _Conditions:
 
     ``record`` fills, for the forward in progress, ``hold`` [batch, seq, K] bool: where condition k
     holds (its row only, never at the sink or on padding; for ``once``, from its first firing on,
-    remembered across the decode steps of one ``steer`` block in ``fired`` [K]).
+    remembered across the decode steps of one ``steer`` block in ``fired`` [K], and across blocks
+    through ``memory``: one dict per row, ``When`` -> fired, read at the start and written back by
+    ``save``; the continuous-batching engine steers each decode step in a block of its own).
     """
 
-    def __init__(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]):
+    def __init__(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE],
+                 memory: Sequence[dict] | None = None):
         self.index: dict[tuple[int, When], int] = {}
         per_sae: dict[str, list[tuple[int, int, When]]] = {}
         for row, plan in enumerate(plans):
@@ -79,7 +82,15 @@ class _Conditions:
                 torch.tensor([w.once for w in ws], dtype=torch.bool, device=dev),
             ))
         self.fired = torch.zeros(len(self.index), dtype=torch.bool)
+        if memory is not None:
+            for (row, when), k in self.index.items():
+                self.fired[k] = bool(memory[row].get(when, False))
         self.hold: torch.Tensor | None = None
+
+    def save(self, memory: Sequence[dict]) -> None:
+        """Write each condition's fired flag into ``memory[row][when]``."""
+        for (row, when), k in self.index.items():
+            memory[row][when] = bool(self.fired[k])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -305,10 +316,13 @@ class Steerer:
         return groups
 
     @contextmanager
-    def steer(self, plans: Sequence[InterventionPlan], positions: StepPositions) -> Iterator[None]:
+    def steer(self, plans: Sequence[InterventionPlan], positions: StepPositions,
+              memory: Sequence[dict] | None = None) -> Iterator[None]:
         """Register the hooks for a batch whose row b follows ``plans[b]``; removed on exit.
 
         ``positions`` is read at every forward call: the generation loop updates it in place.
+        ``memory``: one dict per row carrying ``once_fired`` conditions' state into and out of this
+        block (for a caller that steers each step in a block of its own); None: within the block.
         The SAEs the plans name (and only those) are fetched, and with a pool pinned, until exit.
 
         Raises:
@@ -319,7 +333,7 @@ class Steerer:
         handles = []
         with self.saes.use(ids) as saes:
             try:
-                conds = _Conditions(plans, saes)
+                conds = _Conditions(plans, saes, memory)
                 by_point = self._groups(plans, saes, conds)
                 for hook_point in sorted({*by_point, *conds.by_hook}, key=hook_point_order):
                     hp = resolve_hook_point(self.model, hook_point)
@@ -335,6 +349,8 @@ class Steerer:
 
                     handles.append(hp.attach(apply))
                 yield
+                if memory is not None:
+                    conds.save(memory)
             finally:
                 for h in handles:
                     h.remove()

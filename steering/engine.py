@@ -1,0 +1,266 @@
+"""Continuous batching: rows join and leave the running batch at every decode step.
+
+``generate`` (static batching) runs a fixed batch to its longest row: a 16-token request behind a
+512-token one waits for it. ``ContinuousBatch`` keeps one batched KV cache instead; ``add`` runs a
+new row's prompt alone (prefill, steered by its own plan) and merges its keys and values into the
+cache, left-padded to a common length, and ``step`` decodes one token for every row. A row that
+finishes (EOS, a stop string, its length, a deadline, non-finite logits) or is cancelled leaves at
+once, and the columns no remaining row uses are trimmed. Each row keeps its own plan, sampling
+settings, seed and ``once_fired`` state, so its tokens are what it would get alone (greedy: equal
+up to float rounding of the batched matmuls, tested).
+
+Rows are steered by the same ``Steerer`` as static generation, one ``steer`` block per forward
+(the plans of the rows present), the position of each row's new token given explicitly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample
+from .hooks import Steerer, StepPositions
+
+CANCELLED = "cancelled"
+"""``RowEvent.error`` of a row removed by ``ContinuousBatch.cancel`` (its client went away)."""
+
+
+@dataclass
+class RowEvent:
+    """What one row produced at one step.
+
+    Attributes:
+        key: the row's key (given to ``ContinuousBatch.add``).
+        token: the token id sampled at this step, or None (a row that ended without one).
+        text: text newly safe to show: the decoded completion grows by it. Held back: a trailing
+            incomplete UTF-8 character, and text that may still turn out to begin a stop string.
+        finish_reason: None while the row runs; then "stop", "length" or "error".
+        error: with "error": ``NON_FINITE``, ``TIMEOUT`` or ``CANCELLED``.
+        tokens: on the last event, every token of the completion; else None.
+        full_text: on the last event, the whole completion text (cut at a stop string).
+    """
+
+    key: str
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+    tokens: list[int] | None = None
+    full_text: str | None = None
+
+
+@dataclass
+class _Row:
+    key: str
+    spec: GenerationSpec
+    gen: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    cache_len: int = 0  # tokens of this row in the KV cache (= position of its next input token)
+    shown: int = 0  # characters of the completion already sent
+    memory: dict = field(default_factory=dict)  # once_fired conditions' state
+    stop_text: str | None = None
+
+
+class ContinuousBatch:
+    """A running batch of generation rows over one model (see the module docstring).
+
+    Args:
+        model: a transformers causal LM with a ``DynamicCache``-compatible attention.
+        tokenizer: its tokenizer (``eos_token_id`` ends a row; ``pad_token_id`` fills padding).
+        steerer: applies the rows' plans; None generates unsteered.
+
+    Not thread-safe: one caller drives ``add``, ``step`` and ``cancel``.
+    """
+
+    def __init__(self, model, tokenizer, steerer: Steerer | None = None):
+        self.model, self.tokenizer, self.steerer = model, tokenizer, steerer
+        self.dev = next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.rows: list[_Row] = []
+        self.cache = None  # DynamicCache over the rows, [rows, heads, T, head_dim] per layer
+        self.attn: torch.Tensor | None = None  # [rows, T] int64, 0 on left padding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self) -> list[str]:
+        """The keys of the rows running, in batch order."""
+        return [r.key for r in self.rows]
+
+    # -- joining --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, key: str, spec: GenerationSpec) -> RowEvent:
+        """Prefill ``spec``'s prompt alone (steered by ``spec.plan``), sample its first token and,
+        unless that ends it, merge the row into the batch.
+
+        Args:
+            key: a name for the row, unique among the rows running.
+            spec: the row (prompt ids, sampling settings, seed, stop strings, plan, deadline).
+
+        Returns:
+            The row's first event (its first token; the last event too if it already ended).
+
+        Raises:
+            ValueError: ``key`` already runs, or ``spec.input_ids`` is empty.
+            Whatever the model or the steering hooks raise (the batch is left unchanged).
+        """
+        from transformers import DynamicCache
+
+        if any(r.key == key for r in self.rows):
+            raise ValueError(f"row {key!r} already runs")
+        if not spec.input_ids:
+            raise ValueError("a row needs at least one prompt token")
+        row = _Row(key, spec, torch.Generator().manual_seed(spec.seed) if spec.seed is not None else None)
+        P = len(spec.input_ids)
+        ids = torch.tensor([spec.input_ids], dtype=torch.long, device=self.dev)
+        pos = torch.arange(P, device=self.dev).unsqueeze(0)
+        cache = DynamicCache(config=self.model.config)
+        positions = StepPositions(abs_pos=pos, prompt_len=torch.tensor([P], device=self.dev))
+        with self._steer([row], positions):
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
+                                past_key_values=cache, use_cache=True).logits[0, -1]
+        row.cache_len = P
+        event = self._advance(row, logits)
+        if event.finish_reason is None:
+            self._merge(row, cache)
+        return event
+
+    def _merge(self, row: _Row, cache) -> None:
+        from transformers import DynamicCache
+
+        new = [(layer.keys, layer.values) for layer in cache.layers]
+        P = new[0][0].shape[-2]
+        if self.cache is None:
+            self.cache, self.attn, self.rows = cache, torch.ones((1, P), dtype=torch.long, device=self.dev), [row]
+            return
+        old = [(layer.keys, layer.values) for layer in self.cache.layers]
+        T = old[0][0].shape[-2]
+        L = max(T, P)
+
+        def left_pad(t: torch.Tensor, n: int) -> torch.Tensor:  # [B, H, t, D] -> [B, H, t + n, D]
+            return t if n == 0 else torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
+
+        merged = DynamicCache(config=self.model.config)
+        for i, ((ok, ov), (nk, nv)) in enumerate(zip(old, new)):
+            merged.update(torch.cat([left_pad(ok, L - T), left_pad(nk, L - P)]),
+                          torch.cat([left_pad(ov, L - T), left_pad(nv, L - P)]), i)
+        attn_new = torch.zeros((1, L), dtype=torch.long, device=self.dev)
+        attn_new[:, L - P:] = 1
+        attn_old = torch.cat([self.attn.new_zeros((self.attn.shape[0], L - T)), self.attn], dim=1)
+        self.cache, self.attn = merged, torch.cat([attn_old, attn_new])
+        self.rows.append(row)
+
+    # -- leaving --------------------------------------------------------------------------------
+    def cancel(self, key: str) -> RowEvent | None:
+        """Remove the row ``key`` now (its KV freed); its last event (``error=CANCELLED``), or
+        None if no such row runs."""
+        for row in self.rows:
+            if row.key == key:
+                self._drop({key})
+                return self._final(row, "error", CANCELLED)
+        return None
+
+    def _drop(self, keys: set[str]) -> None:
+        from transformers import DynamicCache
+
+        keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.attn = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
+        attn = self.attn.index_select(0, idx)
+        first = int(attn.any(0).to(torch.int8).argmax())  # columns before it are padding in every row left
+        cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys.index_select(0, idx)[:, :, first:], layer.values.index_select(0, idx)[:, :, first:], i)
+        self.cache, self.attn = cache, attn[:, first:]
+
+    # -- decoding -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RowEvent]:
+        """One decode step for every row: one event per row, in batch order; rows that end leave.
+
+        Raises:
+            Whatever the model or the steering hooks raise (the batch is left as before the step).
+        """
+        if not self.rows:
+            return []
+        B = len(self.rows)
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.dev)
+        pos = torch.tensor([[r.cache_len] for r in self.rows], dtype=torch.long, device=self.dev)
+        attn = torch.cat([self.attn, self.attn.new_ones((B, 1))], dim=1)
+        positions = StepPositions(abs_pos=pos, prompt_len=torch.tensor([len(r.spec.input_ids) for r in self.rows], device=self.dev))
+        lengths = [layer.keys.shape[-2] for layer in self.cache.layers]
+        try:
+            with self._steer(self.rows, positions):
+                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache,
+                                    use_cache=True).logits[:, -1]
+        except BaseException:
+            for layer, n in zip(self.cache.layers, lengths):  # undo a partial append
+                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+            raise
+        self.attn = attn
+        events = []
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for b, row in enumerate(self.rows):
+            row.cache_len += 1
+            events.append(self._advance(row, logits[b] if finite[b] else None))
+        self._drop({e.key for e in events if e.finish_reason is not None})
+        return events
+
+    def _steer(self, rows: list[_Row], positions: StepPositions):
+        from contextlib import nullcontext
+
+        plans = [r.spec.plan for r in rows]
+        if self.steerer is None or not any(plans):
+            return nullcontext()
+        return self.steerer.steer(plans, positions, memory=[r.memory for r in rows])
+
+    def _advance(self, row: _Row, logits: torch.Tensor | None) -> RowEvent:
+        """Sample ``row``'s next token from its ``logits`` [vocab] (None: non-finite) and say what
+        changed."""
+        s = row.spec
+        tok = _sample(logits, s, row.gen) if logits is not None else None
+        if tok is None:
+            return self._final(row, "error", NON_FINITE)
+        row.tokens.append(tok)
+        if tok == self.eos:
+            return self._final(row, "stop", token=tok)
+        if s.stop:
+            text = self._text(row)
+            hit = [text.find(x) for x in s.stop if x in text]
+            if hit:
+                row.stop_text = text[: min(hit)]
+                return self._final(row, "stop", token=tok)
+        if len(row.tokens) >= s.max_new_tokens:
+            return self._final(row, "length", token=tok)
+        if s.deadline is not None and time.monotonic() > s.deadline:
+            return self._final(row, "error", TIMEOUT, token=tok)
+        return RowEvent(row.key, tok, self._show(row, final=False))
+
+    def _text(self, row: _Row) -> str:
+        if row.stop_text is not None:
+            return row.stop_text
+        return self.tokenizer.decode([t for t in row.tokens if t != self.eos], skip_special_tokens=True)
+
+    def _show(self, row: _Row, final: bool) -> str:
+        text = self._text(row)
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # a character whose bytes are still arriving
+                safe = len(text.rstrip("\ufffd"))
+            if row.spec.stop:
+                safe = min(safe, len(text) - max(len(x) for x in row.spec.stop) + 1)
+        new = text[row.shown:safe] if safe > row.shown else ""
+        row.shown = max(row.shown, safe)
+        return new
+
+    def _final(self, row: _Row, reason: str, error: str | None = None, token: int | None = None) -> RowEvent:
+        text = self._show(row, final=True)
+        return RowEvent(row.key, token, text, reason, error, tokens=list(row.tokens), full_text=self._text(row))
