@@ -40,6 +40,35 @@ class Rejected:
         return cls(status, [ErrorItem(loc=loc, msg=msg, type=kind)])
 
 
+def row_failure(error: str, steered: bool, settings: ServerSettings) -> Rejected:
+    """The answer to a request one of whose rows ended with ``error`` (``steering.generate``'s
+    ``NON_FINITE``/``TIMEOUT``, the engine's ``CANCELLED``, or anything else); ``steered``: the
+    request has interventions (then non-finite logits are its own doing: 422)."""
+    from saesteer.steering.generate import NON_FINITE, TIMEOUT
+
+    if error == NON_FINITE and steered:
+        return Rejected.field(422, ["body", "interventions"],
+                              "these interventions drove the model's activations to inf/NaN; use smaller values", "non_finite")
+    if error == TIMEOUT:
+        return Rejected.field(504, ["body", "max_new_tokens"],
+                              f"generation took over {settings.generation_timeout:g} s (the server's "
+                              "generation_timeout); ask for fewer tokens", "generation_timeout")
+    return Rejected.field(500, ["body"], f"generation failed ({error})", "internal_error")
+
+
+def response_of(steered, plain=None) -> GenerateResponse:
+    """A ``GenerateResponse`` from the steered row's result and, with compare, the unsteered one's
+    (objects with ``text``, ``tokens``, ``finish_reason`` and, the steered one, ``prompt_tokens``)."""
+    return GenerateResponse(
+        text=steered.text,
+        tokens=steered.tokens,
+        finish_reason=steered.finish_reason,
+        usage=Usage(prompt_tokens=steered.prompt_tokens, completion_tokens=len(steered.tokens),
+                    total_tokens=steered.prompt_tokens + len(steered.tokens)),
+        unsteered=Completion(text=plain.text, tokens=plain.tokens, finish_reason=plain.finish_reason) if plain else None,
+    )
+
+
 @dataclass
 class Prepared:
     """A request ready to generate: its rows (steered, plus unsteered with ``compare``)."""
@@ -106,6 +135,33 @@ class ModelAPI(ls.LitAPI):
         return ids
 
 
+    def prepare(self, request) -> "Prepared | Rejected":
+        """``request`` (a ``GenerateRequest``) checked against the loaded model: its plan and prompt
+        ids, or why it cannot be served (422: plan errors, SAEs over the memory budget, too many
+        tokens). Raises only on unexpected errors."""
+        from saesteer.steering.plan import PlanError, build_plan
+
+        s = self.settings
+        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
+        try:
+            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
+                              max_position=limit)
+        except PlanError as e:
+            return Rejected(422, [e.item])
+        if not self.saes.fits(plan.sae_ids()):
+            need = sum(self.saes.nbytes(sid) for sid in plan.sae_ids()) / (1 << 20)
+            return Rejected.field(
+                422, ["body", "interventions"],
+                f"the SAEs this request names ({', '.join(sorted(plan.sae_ids()))}) need {need:.1f} MiB "
+                f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
+                "sae_memory",
+            )
+        ids = self.render(request, request.max_new_tokens, "max_new_tokens")
+        if isinstance(ids, Rejected):
+            return ids
+        return Prepared(request, ids, plan)
+
+
 class GenerateAPI(ModelAPI):
     """Steered generation on a transformers causal LM with SAEs attached (``POST /v1/generate``);
     arguments as ``ModelAPI``."""
@@ -133,36 +189,13 @@ class GenerateAPI(ModelAPI):
         from .runtime import request_fingerprint
 
         try:
-            out = self._decode(request)
+            out = self.prepare(request)
         except Exception as e:
             log.error("decode_request failed: %s: %s", type(e).__name__, e, exc_info=e)
             out = Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
         if self.status is not None:
             out.fingerprint = request_fingerprint(request)
         return out
-
-    def _decode(self, request: GenerateRequest) -> Prepared | Rejected:
-        from saesteer.steering.plan import PlanError, build_plan
-
-        s = self.settings
-        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
-        try:
-            plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
-                              max_position=limit)
-        except PlanError as e:
-            return Rejected(422, [e.item])
-        if not self.saes.fits(plan.sae_ids()):
-            need = sum(self.saes.nbytes(sid) for sid in plan.sae_ids()) / (1 << 20)
-            return Rejected.field(
-                422, ["body", "interventions"],
-                f"the SAEs this request names ({', '.join(sorted(plan.sae_ids()))}) need {need:.1f} MiB "
-                f"together; this server holds at most {self.saes.budget_bytes / (1 << 20):.1f} MiB of SAEs",
-                "sae_memory",
-            )
-        ids = self.render(request, request.max_new_tokens, "max_new_tokens")
-        if isinstance(ids, Rejected):
-            return ids
-        return Prepared(request, ids, plan)
 
     def batch(self, inputs):
         return inputs
@@ -205,7 +238,7 @@ class GenerateAPI(ModelAPI):
 
     def _generate(self, items: list, ready: list[int]) -> list:
         """Outputs for ``items`` where the rows ``ready`` are generated and the rest passed through."""
-        from saesteer.steering.generate import NON_FINITE, TIMEOUT, GenerationSpec, generate
+        from saesteer.steering.generate import GenerationSpec, generate
         from saesteer.steering.plan import InterventionPlan
 
         outputs: list = list(items)
@@ -231,16 +264,7 @@ class GenerateAPI(ModelAPI):
                 per.setdefault(i, {})[role] = res
             for i, d in per.items():
                 bad = d["steered"].error or (d.get("unsteered") and d["unsteered"].error)
-                if bad == NON_FINITE and items[i].request.interventions:
-                    d = Rejected.field(422, ["body", "interventions"],
-                                       "these interventions drove the model's activations to inf/NaN; use smaller values", "non_finite")
-                elif bad == TIMEOUT:
-                    d = Rejected.field(504, ["body", "max_new_tokens"],
-                                       f"generation took over {self.settings.generation_timeout:g} s (the server's "
-                                       "generation_timeout); ask for fewer tokens", "generation_timeout")
-                elif bad:
-                    d = Rejected.field(500, ["body"], f"generation failed ({bad})", "internal_error")
-                outputs[i] = d
+                outputs[i] = row_failure(bad, bool(items[i].request.interventions), self.settings) if bad else d
         return outputs
 
     def unbatch(self, output):
@@ -250,14 +274,4 @@ class GenerateAPI(ModelAPI):
         if isinstance(output, Rejected):
             return error_response(output.status, output.detail)
         steered, plain = output["steered"], output.get("unsteered")
-        return GenerateResponse(
-            text=steered.text,
-            tokens=steered.tokens,
-            finish_reason=steered.finish_reason,
-            usage=Usage(
-                prompt_tokens=steered.prompt_tokens,
-                completion_tokens=len(steered.tokens),
-                total_tokens=steered.prompt_tokens + len(steered.tokens),
-            ),
-            unsteered=Completion(text=plain.text, tokens=plain.tokens, finish_reason=plain.finish_reason) if plain else None,
-        )
+        return response_of(steered, plain)

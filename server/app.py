@@ -1,7 +1,9 @@
 """Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
 
 Routes: ``POST /v1/generate`` (``GenerateAPI``), ``POST /v1/features`` (``FeaturesAPI``, unless
-``features`` is off), or for a text-to-image model ``POST /v1/images`` (``ImagesAPI``) alone,
+``features`` is off), with ``streaming`` (default) ``stream: true`` on ``/v1/generate`` and the
+OpenAI-compatible ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
+(``routes``, over ``StreamAPI``'s continuous batching), or for a text-to-image model ``POST /v1/images`` (``ImagesAPI``) alone,
 ``GET /v1/saes`` (metadata read at start in the
 API process; which SAEs a worker holds resident is not listed, that lives in the worker),
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
@@ -43,6 +45,9 @@ from .errors import error_response, field_error
 from .features_api import FeaturesAPI
 from .gate import GenerateGate
 from .images_api import ImagesAPI
+from .routes import HideInternal
+from .routes import install as install_routes
+from .stream_api import STREAM_PATH, StreamAPI
 from .middleware import BodyLimitMiddleware, short
 from .observe import Metrics, ObserveMiddleware, readiness
 from .runtime import SharedState
@@ -130,6 +135,10 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         if settings.features:
             apis.append(FeaturesAPI(settings, pool))
             workers["/v1/features"] = 1
+        if settings.streaming:
+            apis.append(StreamAPI(settings, pool, runtime_dir))
+            workers[STREAM_PATH] = 1
+            middlewares.append(HideInternal)  # outermost: the worker's own route is not for clients
     server = ls.LitServer(
         apis,
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
@@ -173,6 +182,8 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     server.app.add_exception_handler(RequestValidationError, validation_error)
     if keys:
         declare_bearer(server.app)
+    if settings.streaming and not settings.serves_images:
+        install_routes(server, settings, runtime_dir, settings.model_id)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server

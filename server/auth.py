@@ -71,7 +71,7 @@ def load_keys_file(path: str) -> list[ApiKey]:
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a route needs; None: any valid key."""
-    if path == "/v1/generate":
+    if path in ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models"):
         return "generate"
     if path.startswith("/v1/saes"):
         return "features"
@@ -152,7 +152,7 @@ def generate_cost(body: bytes | None) -> int:
     """Tokens a generate body may produce: ``max_new_tokens`` (default 64), twice with ``compare``."""
     try:
         d = json.loads(body or b"{}")
-        n = int(d.get("max_new_tokens", 64))
+        n = int(d.get("max_new_tokens") or d.get("max_completion_tokens") or d.get("max_tokens") or 64)
         return max(1, n) * (2 if d.get("compare") else 1)
     except (ValueError, TypeError, AttributeError):
         return 1  # malformed: FastAPI refuses it, one request's worth
@@ -186,7 +186,7 @@ class RateLimitMiddleware:
         rpm = key.requests_per_minute if key is not None and key.requests_per_minute else self.rpm
         tpm = key.tokens_per_minute if key is not None and key.tokens_per_minute else self.tpm
         req_b = self._bucket(who, "requests", rpm)
-        is_gen = scope["path"] == "/v1/generate" and scope.get("method") == "POST"
+        is_gen = scope["path"] in ("/v1/generate", "/v1/chat/completions", "/v1/completions") and scope.get("method") == "POST"
         tok_b = self._bucket(who, "tokens", tpm) if is_gen else None
         cost = generate_cost(scope.get("saesteer.body")) if tok_b is not None else 0
         waits = [(req_b.wait_for(1), "requests") if req_b else (0.0, ""), (tok_b.wait_for(cost), "tokens") if tok_b else (0.0, "")]

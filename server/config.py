@@ -80,6 +80,16 @@ class ServerSettings(BaseSettings):
         20.0, ge=0, description="on SIGTERM, seconds to let requests in flight finish (new ones get 503) "
         "before every process stops",
     )
+    streaming: bool = Field(
+        True, description="serve stream: true on POST /v1/generate and the OpenAI-compatible routes "
+        "(/v1/chat/completions, /v1/completions, /v1/models) from a continuous-batching worker of its own, "
+        "which holds another copy of the model")
+    max_running_rows: int = Field(
+        16, ge=1, le=256, description="rows the continuous-batching worker decodes together (a compare "
+        "request is two); later requests wait in its queue")
+    served_model_name: str | None = Field(
+        None, max_length=256, description="the model id of the OpenAI-compatible routes (GET /v1/models); "
+        "None: --model, or SmolLM2-135M-Instruct for the default")
     runtime_dir: str | None = Field(
         None, description="folder for the inference workers' status files (how the HTTP process learns that "
         "a worker died holding a request); None: a new temporary folder",
@@ -98,6 +108,11 @@ class ServerSettings(BaseSettings):
         if self.family != "auto":
             return self.family == "image"
         return self.model is not None and (Path(self.model) / "model_index.json").is_file()
+
+    @property
+    def model_id(self) -> str:
+        """The model's name on the OpenAI-compatible routes."""
+        return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
 
     @property
     def sae_memory_bytes(self) -> int | None:

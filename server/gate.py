@@ -19,7 +19,7 @@ from .middleware import send_error
 from .runtime import SharedState, read_workers, request_fingerprint
 
 log = logging.getLogger("saesteer.server")
-GENERATE_PATH = "/v1/generate"
+GENERATE_PATHS = frozenset({"/v1/generate", "/v1/chat/completions", "/v1/completions"})
 POLL_S = 1.0
 DRAIN_OPEN = frozenset({"/health", "/ready"})  # still answered while draining (/ready says 503)
 
@@ -57,7 +57,7 @@ class GenerateGate:
         if self.state.draining.value and scope["path"] not in DRAIN_OPEN:
             scope["saesteer.reject"] = "draining"
             return await send_error(send, 503, "the server is shutting down", {"retry-after": "5"})
-        if scope["path"] != GENERATE_PATH or scope.get("method") != "POST":
+        if scope["path"] not in GENERATE_PATHS or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         with self.state.in_flight.get_lock():
             if self.state.in_flight.value >= self.max_queue:

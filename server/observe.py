@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -21,7 +22,7 @@ from .runtime import SharedState, read_workers
 access_log = logging.getLogger("saesteer.access")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _LATENT = re.compile(r"^/v1/saes/[^/]+/latents/[^/]+$")
-ROUTES = ("/v1/generate", "/v1/saes", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/features", "/v1/images", "/v1/saes", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
 
 
 def route_of(path: str) -> str:
@@ -51,6 +52,20 @@ class Metrics:
         self.tokens = Counter("saesteer_generated_tokens", "tokens generated (steered completions; unsteered twins too)", registry=r)
         self.queue = Gauge("saesteer_queue_depth", "generate requests in flight (queued or generating)", registry=r)
         self.queue.set_function(lambda: state.in_flight.value)
+        for key, help_text in (("running_rows", "rows the continuous-batching worker is decoding"),
+                               ("queued", "requests waiting to join the continuous batch"),
+                               ("cancelled_total", "streamed requests dropped because their client went away")):
+            g = Gauge(f"saesteer_stream_{key}", help_text, registry=r)
+            g.set_function(lambda key=key: stream_status(state.runtime_dir).get(key, 0))
+
+
+def stream_status(runtime_dir: str) -> dict:
+    """The continuous-batching worker's counts (``stream_api.StreamAPI`` writes them to
+    ``<runtime_dir>/stream.json``); {} before it has started or without one."""
+    try:
+        return json.loads((Path(runtime_dir) / "stream.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _request_id(scope) -> str:

@@ -230,7 +230,7 @@ class ContinuousBatch:
         if tok is None:
             return self._final(row, "error", NON_FINITE)
         row.tokens.append(tok)
-        if tok == self.eos:
+        if tok == self.eos and not s.ignore_eos:
             return self._final(row, "stop", token=tok)
         if s.stop:
             text = self._text(row)

@@ -31,6 +31,7 @@ class GenerationSpec:
     stop: list[str] = field(default_factory=list)
     plan: InterventionPlan = field(default_factory=InterventionPlan)
     deadline: float | None = None  # time.monotonic() past which the row ends with error TIMEOUT
+    ignore_eos: bool = False  # run to max_new_tokens even past EOS (benchmarks)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
                     continue
                 nxt[b] = tok
                 out_tokens[b].append(tok)
-                if tok == eos:
+                if tok == eos and not s.ignore_eos:
                     finish[b] = "stop"
                     continue
                 if s.stop:

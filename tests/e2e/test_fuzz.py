@@ -17,7 +17,10 @@ from test_shutdown import start_server
 
 KEY = "fuzz-key"
 SAE = "smollm2-135m-res10-k32"
-EXAMPLES = {"POST /v1/generate": 300, "GET /v1/saes": 10, "GET /v1/saes/{sae_id}/latents/{latent}": 60}
+MODEL = "SmolLM2-135M-Instruct"
+EXAMPLES = {"POST /v1/generate": 300, "GET /v1/saes": 10, "GET /v1/saes/{sae_id}/latents/{latent}": 60,
+            "POST /v1/chat/completions": 80, "POST /v1/completions": 60, "GET /v1/models": 3}
+GENERATING = ("/v1/generate", "/v1/chat/completions", "/v1/completions")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def server(tmp_path_factory):
 def narrow(node):
     """The schema with SAE ids and hook points drawn from real and wrong values, so that fuzzed
     requests get past the id checks into planning, steering and generation."""
-    names = {"sae": [SAE, "nope"], "sae_id": [SAE, "nope"],
+    names = {"sae": [SAE, "nope"], "sae_id": [SAE, "nope"], "model": [MODEL, "gpt-4o"],
              "hook": ["blocks.10.hook_resid_post", "blocks.3.hook_mlp_out", "blocks.99.hook_resid_post"]}
     if isinstance(node, dict):
         out = {}
@@ -86,5 +89,6 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     took = time.time() - t0
     print(f"fuzzed {sum(statuses.values())} requests in {took:.0f} s: {dict(sorted(statuses.items()))}")
     assert not failures, failures[:5]
-    assert any(code == 200 for (path, code) in statuses if path == "/v1/generate")  # some were valid
-    assert any(code == 422 for (path, code) in statuses if path == "/v1/generate")
+    assert any(code == 200 for (path, code) in statuses if path in GENERATING)  # some were valid
+    for path in GENERATING:
+        assert any(code == 422 for (p, code) in statuses if p == path)

@@ -116,3 +116,42 @@ def test_one_bad_request_spoils_no_other_in_its_batch(server_url):
     assert [r.status_code for r in rs] == [200, 200, 200, 422]
     alone = [post(b).json()["tokens"] for b in goods]
     assert [r.json()["tokens"] for r in rs[:3]] == alone  # batched == one by one (greedy)
+
+
+def test_sdk_stream_adds_up_to_the_response(server_url):
+    with Client(server_url, api_key=KEY) as c:
+        events = list(c.stream(messages=MSG, interventions=[add(SAE, 123, 60.0)], max_new_tokens=10))
+        done = events[-1]
+        assert done.type == "done" and all(e.type == "token" for e in events[:-1])
+        assert "".join(e.text for e in events[:-1]) == done.response.text
+        assert [e.token for e in events[:-1]] == done.response.tokens
+        with pytest.raises(SaesteerError) as e:  # refused before the first token: its status, not a 200
+            next(c.stream(messages=MSG, interventions=[clamp(SAE, 99_999, 1.0)]))
+        assert e.value.status_code == 422
+
+
+def test_async_sdk_drives_16_concurrent_streams_each_as_alone(server_url):
+    """16 streams at once, each with its own steering (and some sampled with a seed), through the
+    continuous batch: each gets the tokens it gets alone."""
+    import asyncio
+
+    from saesteer_client import AsyncClient, scale
+
+    def request(i: int) -> dict:
+        steer = [[], [clamp(SAE, 3656, 6.0, unit="typical")], [add(SAE, 123, 40.0)], [scale(SAE, 3656, 0.0)]][i % 4]
+        kw = {"temperature": 0.8, "seed": i} if i % 3 == 0 else {}
+        return dict(messages=[{"role": "user", "content": f"Give me fact number {i} about rivers."}],
+                    interventions=steer, max_new_tokens=6 + i % 5, **kw)
+
+    async def one(c, i):
+        return [e async for e in c.stream(**request(i))][-1].response.tokens
+
+    async def main():
+        async with AsyncClient(server_url, api_key=KEY) as c:
+            together = await asyncio.gather(*(one(c, i) for i in range(16)))
+            alone = [await one(c, i) for i in range(16)]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 8  # they really differ

@@ -2,7 +2,11 @@
 
 from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, scale, when
 from .schema import (
+    ChatCompletionRequest,
     Completion,
+    CompletionRequest,
+    DoneEvent,
+    ErrorEvent,
     Condition,
     FeaturesRequest,
     FeaturesResponse,
@@ -13,6 +17,7 @@ from .schema import (
     LatentInfo,
     LatentIntervention,
     SAEInfo,
+    TokenEvent,
     Usage,
     VectorIntervention,
 )
@@ -20,6 +25,6 @@ from .schema import (
 __all__ = [
     "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale", "when",
     "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "ImagesRequest", "ImagesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
-    "VectorIntervention",
+    "VectorIntervention", "ChatCompletionRequest", "CompletionRequest", "TokenEvent", "DoneEvent", "ErrorEvent",
 ]
 __version__ = "0.1.0"

@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import asyncio
+import random
+import time
+from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 import httpx
+from pydantic import TypeAdapter
 
 from .schema import (
     ChatMessage,
     Condition,
+    DoneEvent,
+    ErrorEvent,
     FeaturesRequest,
     FeaturesResponse,
     ImagesRequest,
@@ -27,8 +33,14 @@ from .schema import (
     SAEInfo,
     LatentInfo,
     SAEList,
+    StreamEvent,
+    TokenEvent,
     VectorIntervention,
 )
+
+_EVENT = TypeAdapter(StreamEvent)
+RETRY_STATUSES = frozenset({429, 503})
+"""Answers worth retrying: rate limited, queue full, draining, a worker restarting."""
 
 
 class SaesteerError(RuntimeError):
@@ -100,6 +112,49 @@ def _check(r: httpx.Response) -> httpx.Response:
     return r
 
 
+def _backoff(r: httpx.Response | None, attempt: int, base: float) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): the server's ``Retry-After`` if it gave
+    one, else ``base * 2**attempt``, with up to 25% jitter; at most 60 s."""
+    wait = base * 2**attempt
+    if r is not None:
+        try:
+            wait = float(r.headers.get("retry-after", wait))
+        except ValueError:
+            pass
+    return min(60.0, wait * (1 + 0.25 * random.random()))
+
+
+class _SSE:
+    """A server-sent events parser fed one text line at a time: ``feed`` returns an event's data
+    when a blank line ends it (comments, ``event:`` and ``id:`` lines are skipped: our events
+    carry their type in the data)."""
+
+    def __init__(self):
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        if line:
+            if line.startswith("data:"):
+                self.data.append(line[5:].lstrip(" "))
+            return None
+        return self.end()
+
+    def end(self) -> str | None:
+        data, self.data = self.data, []
+        return "\n".join(data) if data else None
+
+
+def _parse_event(data: str) -> Union[TokenEvent, DoneEvent]:
+    ev = _EVENT.validate_json(data)
+    if isinstance(ev, ErrorEvent):
+        raise SaesteerError(ev.status, [d.model_dump() for d in ev.detail] if isinstance(ev.detail, list) else ev.detail)
+    return ev
+
+
+def _stream_body(prompt, messages, interventions, kw) -> dict:
+    return {**_request(prompt, messages, interventions, kw), "stream": True}
+
+
 class Client:
     """Synchronous client.
 
@@ -113,22 +168,67 @@ class Client:
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, retries: int = 3, backoff: float = 0.5):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.retries, self.backoff = retries, backoff
+
+    def _send(self, method: str, path: str, **kw) -> httpx.Response:
+        """One request, retried up to ``retries`` times on 429/503 and on connection errors,
+        waiting ``Retry-After`` or an exponential backoff; then ``_check``ed."""
+        for attempt in range(self.retries + 1):
+            try:
+                r = self._http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
+                if attempt == self.retries:
+                    raise
+                time.sleep(_backoff(None, attempt, self.backoff))
+                continue
+            if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                return _check(r)
+            time.sleep(_backoff(r, attempt, self.backoff))
+        raise AssertionError("unreachable")
 
     def generate(self, prompt: str | None = None, *, messages: list | None = None,
                  interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
         """``POST /v1/generate``; ``kw`` are ``GenerateRequest`` fields (max_new_tokens,
         temperature, top_p, seed, stop, compare)."""
-        r = _check(self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
+        r = self._send("POST", "/v1/generate", json=_request(prompt, messages, interventions, kw))
         return GenerateResponse.model_validate(r.json())
+
+    def stream(self, prompt: str | None = None, *, messages: list | None = None,
+               interventions: Sequence[Intervention] | None = None, **kw) -> Iterator[Union[TokenEvent, DoneEvent]]:
+        """``POST /v1/generate`` with ``stream: true``: ``TokenEvent``s as tokens are generated,
+        then one ``DoneEvent`` (``.response``, the whole ``GenerateResponse``). Leaving the loop
+        early closes the connection, and the server drops the request.
+
+        Raises:
+            SaesteerError: a refusal before the first token (retried on 429/503 as ``generate``),
+                or an error event after it (the stream's HTTP status was 200 by then).
+        """
+        body = _stream_body(prompt, messages, interventions, kw)
+        for attempt in range(self.retries + 1):
+            with self._http.stream("POST", "/v1/generate", json=body) as r:
+                if r.status_code in RETRY_STATUSES and attempt < self.retries:
+                    wait = _backoff(r, attempt, self.backoff)
+                else:
+                    if r.status_code >= 400:
+                        r.read()
+                        _check(r)
+                    parser = _SSE()
+                    for line in r.iter_lines():
+                        if (data := parser.feed(line)) is not None:
+                            yield _parse_event(data)
+                    if (data := parser.end()) is not None:
+                        yield _parse_event(data)
+                    return
+            time.sleep(wait)
 
     def features(self, sae: str, prompt: str | None = None, *, messages: list | None = None, **kw) -> FeaturesResponse:
         """``POST /v1/features``: ``sae``'s top latents at every token of the prompt (or messages),
         and given latents' activations; ``kw`` are ``FeaturesRequest`` fields (completion, top_k,
         latents)."""
-        r = _check(self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
+        r = self._send("POST", "/v1/features", json=_features_request(sae, prompt, messages, kw))
         return FeaturesResponse.model_validate(r.json())
 
     def images(self, prompt: str, *, interventions: Sequence[Intervention] | None = None, **kw) -> ImagesResponse:
@@ -136,11 +236,11 @@ class Client:
         (negative_prompt, steps, guidance_scale, width, height, seed, n, branches, compare); each
         image is a base64 PNG (``base64.b64decode(r.images[0].b64_png)``)."""
         body = ImagesRequest(prompt=prompt, interventions=list(interventions or []), **kw).model_dump(mode="json", exclude_none=True)
-        return ImagesResponse.model_validate(_check(self._http.post("/v1/images", json=body)).json())
+        return ImagesResponse.model_validate(self._send("POST", "/v1/images", json=body).json())
 
     def saes(self) -> list[SAEInfo]:
         """``GET /v1/saes``: the SAEs the server has attached."""
-        return SAEList.model_validate(_check(self._http.get("/v1/saes")).json()).saes
+        return SAEList.model_validate(self._send("GET", "/v1/saes").json()).saes
 
     def latent(self, sae: str, latent: int) -> LatentInfo:
         """``GET /v1/saes/{sae}/latents/{latent}``: frequency, typical and max activation, top contexts.
@@ -148,7 +248,7 @@ class Client:
         Raises:
             SaesteerError: 404 for an unknown SAE or one without statistics, 422 for a latent out of range.
         """
-        return LatentInfo.model_validate(_check(self._http.get(f"/v1/saes/{sae}/latents/{latent}")).json())
+        return LatentInfo.model_validate(self._send("GET", f"/v1/saes/{sae}/latents/{latent}").json())
 
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the model is loaded)."""
@@ -171,28 +271,65 @@ class AsyncClient:
     """The asynchronous twin of ``Client`` (same arguments and methods, awaited)."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, retries: int = 3, backoff: float = 0.5):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.retries, self.backoff = retries, backoff
+
+    async def _send(self, method: str, path: str, **kw) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                r = await self._http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(_backoff(None, attempt, self.backoff))
+                continue
+            if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                return _check(r)
+            await asyncio.sleep(_backoff(r, attempt, self.backoff))
+        raise AssertionError("unreachable")
 
     async def generate(self, prompt: str | None = None, *, messages: list | None = None,
                        interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
-        r = _check(await self._http.post("/v1/generate", json=_request(prompt, messages, interventions, kw)))
+        r = await self._send("POST", "/v1/generate", json=_request(prompt, messages, interventions, kw))
         return GenerateResponse.model_validate(r.json())
 
+    async def stream(self, prompt: str | None = None, *, messages: list | None = None,
+                     interventions: Sequence[Intervention] | None = None,
+                     **kw) -> AsyncIterator[Union[TokenEvent, DoneEvent]]:
+        """As ``Client.stream``, as an async iterator."""
+        body = _stream_body(prompt, messages, interventions, kw)
+        for attempt in range(self.retries + 1):
+            async with self._http.stream("POST", "/v1/generate", json=body) as r:
+                if r.status_code in RETRY_STATUSES and attempt < self.retries:
+                    wait = _backoff(r, attempt, self.backoff)
+                else:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        _check(r)
+                    parser = _SSE()
+                    async for line in r.aiter_lines():
+                        if (data := parser.feed(line)) is not None:
+                            yield _parse_event(data)
+                    if (data := parser.end()) is not None:
+                        yield _parse_event(data)
+                    return
+            await asyncio.sleep(wait)
+
     async def features(self, sae: str, prompt: str | None = None, *, messages: list | None = None, **kw) -> FeaturesResponse:
-        r = _check(await self._http.post("/v1/features", json=_features_request(sae, prompt, messages, kw)))
+        r = await self._send("POST", "/v1/features", json=_features_request(sae, prompt, messages, kw))
         return FeaturesResponse.model_validate(r.json())
 
     async def images(self, prompt: str, *, interventions: Sequence[Intervention] | None = None, **kw) -> ImagesResponse:
         body = ImagesRequest(prompt=prompt, interventions=list(interventions or []), **kw).model_dump(mode="json", exclude_none=True)
-        return ImagesResponse.model_validate(_check(await self._http.post("/v1/images", json=body)).json())
+        return ImagesResponse.model_validate((await self._send("POST", "/v1/images", json=body)).json())
 
     async def saes(self) -> list[SAEInfo]:
-        return SAEList.model_validate(_check(await self._http.get("/v1/saes")).json()).saes
+        return SAEList.model_validate((await self._send("GET", "/v1/saes")).json()).saes
 
     async def latent(self, sae: str, latent: int) -> LatentInfo:
-        return LatentInfo.model_validate(_check(await self._http.get(f"/v1/saes/{sae}/latents/{latent}")).json())
+        return LatentInfo.model_validate((await self._send("GET", f"/v1/saes/{sae}/latents/{latent}")).json())
 
     async def health(self) -> bool:
         try:

@@ -147,6 +147,8 @@ class GenerateRequest(_Strict):
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
     interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
     compare: bool = Field(False, description="also return the unsteered completion for the same seed")
+    stream: bool = Field(False, description="answer with server-sent events as tokens are generated: `token` "
+                         "events, then one `done` event holding the whole response (or one `error` event)")
 
     @field_validator("temperature")
     @classmethod
@@ -196,6 +198,157 @@ class Completion(BaseModel):
 class GenerateResponse(Completion):
     usage: Usage
     unsteered: Completion | None = Field(None, description="with compare: the completion without interventions")
+
+
+class TokenEvent(BaseModel):
+    """A streamed token (``event: token``): its id and the text it adds (text may lag a token behind
+    while a character's bytes or a possible stop string are incomplete)."""
+
+    type: Literal["token"] = "token"
+    role: Literal["steered", "unsteered"] = Field("steered", description="with compare, which completion")
+    token: int
+    text: str
+
+
+class DoneEvent(BaseModel):
+    """The last event of a stream that succeeded (``event: done``): the whole response, as the
+    non-streamed request would have returned it."""
+
+    type: Literal["done"] = "done"
+    response: GenerateResponse
+
+
+class ErrorEvent(BaseModel):
+    """The last event of a stream that failed after it started (``event: error``): the HTTP status
+    it would have had and the error body's ``detail``."""
+
+    type: Literal["error"] = "error"
+    status: int
+    detail: list[ErrorItem] | str
+
+
+StreamEvent = Annotated[Union[TokenEvent, DoneEvent, ErrorEvent], Field(discriminator="type")]
+
+
+# -- OpenAI-compatible requests and responses (POST /v1/chat/completions, /v1/completions) --------
+class _OpenAIRequest(BaseModel):
+    """Fields shared by the OpenAI-compatible requests. Unknown OpenAI fields (``user``,
+    ``logit_bias``, ...) are accepted and ignored, as OpenAI-compatible servers do; ``steering``
+    carries saesteer's interventions (the ``openai`` client sends it through ``extra_body``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256, description="the served model's id (GET /v1/models)")
+    temperature: FiniteFloat = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
+    top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
+                list[Annotated[str, Field(min_length=1, max_length=256)]], None] = Field(None, description="up to 8 stop strings")
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="completions per request: 1")
+    steering: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS,
+                                         description="saesteer interventions, as in POST /v1/generate")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions`` (OpenAI's chat completions, text content only)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=1024, description="deprecated by OpenAI; max_completion_tokens wins")
+    max_completion_tokens: int | None = Field(None, ge=1, le=1024, description="default 64")
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions`` (OpenAI's legacy completions: a raw prompt, no chat template)."""
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    max_tokens: int = Field(16, ge=1, le=1024)
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    """A completion, or (``usage`` None) one streamed chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "saesteer"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class FeaturesRequest(_Strict):
@@ -335,3 +488,5 @@ class ErrorResponse(BaseModel):
     """Body of every 4xx answer (FastAPI's validation layout, also used for the server's own checks)."""
 
     detail: list[ErrorItem] | str
+
+ErrorEvent.model_rebuild()

@@ -1,0 +1,165 @@
+"""Continuous batching against static batching, side by side in one run (issue 14's targets).
+
+    python benchmarks/continuous_batching.py [--long 256 --short 16 --streams 16 --stream-tokens 32]
+
+On the real SmolLM2-135M-Instruct (float32) and the default SAE, in-process (no HTTP):
+
+1. Head-of-line: 4 requests of ``--long`` new tokens start, then (after 2 decode steps) 4 of
+   ``--short``. Static batching (``steering.generate``, what ``POST /v1/generate`` does) runs the
+   short ones as the next batch, after the long batch; continuous batching
+   (``steering.engine.ContinuousBatch``) lets them join at once. The short requests' median latency,
+   and the ratio continuous / static (target <= 0.35).
+2. Throughput: ``--streams`` concurrent streams of ``--stream-tokens`` tokens through the continuous
+   batch (half steered), against one stream alone: the aggregate tokens/s ratio (target >= 6), and
+   time to first token p50/p95 under that load.
+3. Decode-step efficiency at batch 1 (plain and steered): tokens/s x weight bytes read per step /
+   the machine's copy bandwidth, measured here in the same run (bytes read + written).
+
+Rows ignore EOS so every request runs its full length. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from saesteer.sae.io import load_sae
+from saesteer.sae.lm import load_model
+from saesteer.server.config import default_sae_spec
+from saesteer.steering.engine import ContinuousBatch
+from saesteer.steering.generate import GenerationSpec, generate, render_prompt
+from saesteer.steering.hooks import Steerer
+from saesteer.steering.plan import InterventionPlan, LatentEdit
+
+PROMPTS = ["Tell me a long story about a lighthouse keeper.", "Explain how rivers shape valleys.",
+           "Describe a busy market in the morning.", "Write about the history of bridges."]
+
+
+def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + written), best of ``reps``."""
+    a = torch.empty(mb * (1 << 20) // 4)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters one decode step reads (tied embeddings counted once: the LM head reads
+    them, the embedding lookup reads one row)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def head_of_line(model, tok, steerer, plan, n_long: int, n_short: int) -> dict:
+    specs_long = [GenerationSpec(render_prompt(tok, messages=[{"role": "user", "content": p}]), max_new_tokens=n_long,
+                                 ignore_eos=True, plan=plan if i % 2 else InterventionPlan()) for i, p in enumerate(PROMPTS)]
+    specs_short = [GenerationSpec(render_prompt(tok, messages=[{"role": "user", "content": p + " Briefly."}]),
+                                  max_new_tokens=n_short, ignore_eos=True, plan=plan if i % 2 else InterventionPlan())
+                   for i, p in enumerate(PROMPTS)]
+    # static: the short batch starts when the long batch ends (they arrived just after it started)
+    t0 = time.perf_counter()
+    generate(model, tok, specs_long, steerer)
+    t_long = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    generate(model, tok, specs_short, steerer)
+    t_short = time.perf_counter() - t1
+    static = [t_long + t_short] * len(specs_short)  # each short request waits for both batches
+    # continuous: the long rows run; after 2 steps the short ones join and leave when done
+    eng = ContinuousBatch(model, tok, steerer)
+    for i, s in enumerate(specs_long):
+        eng.add(f"long{i}", s)
+    eng.step()
+    eng.step()
+    t_arrive = time.perf_counter()
+    for i, s in enumerate(specs_short):
+        eng.add(f"short{i}", s)
+    done: dict[str, float] = {}
+    while len(done) < len(specs_short):
+        for ev in eng.step():
+            if ev.key.startswith("short") and ev.finish_reason is not None:
+                done[ev.key] = time.perf_counter() - t_arrive
+    while len(eng):
+        eng.cancel(eng.keys()[0])
+    cont = list(done.values())
+    return {"static_short_median_s": round(statistics.median(static), 2),
+            "continuous_short_median_s": round(statistics.median(cont), 2),
+            "ratio_continuous_over_static": round(statistics.median(cont) / statistics.median(static), 3),
+            "static_long_batch_s": round(t_long, 2)}
+
+
+def throughput(model, tok, steerer, plan, streams: int, n: int) -> dict:
+    def spec(i):
+        return GenerationSpec(render_prompt(tok, messages=[{"role": "user", "content": f"{PROMPTS[i % 4]} ({i})"}]),
+                              max_new_tokens=n, ignore_eos=True, plan=plan if i % 2 else InterventionPlan())
+
+    def run(count: int) -> tuple[float, list[float]]:
+        eng = ContinuousBatch(model, tok, steerer)
+        t0 = time.perf_counter()
+        ttft = []
+        for i in range(count):  # all arrive at once; each prefill gives its first token
+            eng.add(str(i), spec(i))
+            ttft.append(time.perf_counter() - t0)
+        while len(eng):
+            eng.step()
+        return count * n / (time.perf_counter() - t0), ttft
+
+    one, _ = run(1)
+    many, ttft = run(streams)
+    q = statistics.quantiles(ttft, n=20)
+    return {"one_stream_tokens_per_s": round(one, 1), f"{streams}_streams_tokens_per_s": round(many, 1),
+            "ratio": round(many / one, 2), "ttft_p50_s": round(statistics.median(ttft), 2), "ttft_p95_s": round(q[18], 2)}
+
+
+def batch1_efficiency(model, tok, steerer, plan, n: int, bandwidth: float) -> dict:
+    wb = weight_bytes(model)
+    out = {"weight_mb": round(wb / 1e6, 1), "copy_bandwidth_gb_s": round(bandwidth, 1)}
+    ids = render_prompt(tok, messages=[{"role": "user", "content": PROMPTS[0]}])
+    for name, p in (("plain", InterventionPlan()), ("steered", plan)):
+        eng = ContinuousBatch(model, tok, steerer)
+        eng.add("a", GenerationSpec(ids, max_new_tokens=n + 1, ignore_eos=True, plan=p))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        tps = n / (time.perf_counter() - t0)
+        out[f"{name}_tokens_per_s"] = round(tps, 1)
+        out[f"{name}_fraction_of_bandwidth_limit"] = round(tps * wb / (bandwidth * 1e9), 3)
+    out["limit_tokens_per_s"] = round(bandwidth * 1e9 / wb, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--long", type=int, default=256)
+    ap.add_argument("--short", type=int, default=16)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--stream-tokens", type=int, default=32)
+    ap.add_argument("--batch1-tokens", type=int, default=48)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model()
+    sae = load_sae(default_sae_spec(), dtype=torch.float32)
+    sid = sae.cfg.hook_point
+    steerer = Steerer(model, {sid: sae})
+    plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 20.0, "all")])
+    report = {"threads": torch.get_num_threads()}
+    report["bandwidth_gb_s"] = round(copy_bandwidth(), 1)
+    report["batch1"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"])
+    report["head_of_line"] = head_of_line(model, tok, steerer, plan, a.long, a.short)
+    report["throughput"] = throughput(model, tok, steerer, plan, a.streams, a.stream_tokens)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""HTTP routes over the streaming worker (``stream_api.StreamAPI``): ``POST /v1/generate`` with
+``stream: true`` (server-sent events), and the OpenAI-compatible ``POST /v1/chat/completions``,
+``POST /v1/completions`` and ``GET /v1/models``, streamed or not, with ``steering``.
+
+These handlers run in the HTTP process. They put the request on the streaming worker's LitServe
+queue and read its events back (what LitServe's own streaming handler does), so that they can:
+- answer a request refused before its first token with its real status (LitServe's streaming
+  route would send 200 and an empty body);
+- speak SSE (LitServe streams NDJSON) in our format or OpenAI's;
+- tell the worker when the client goes away (LitServe does not notice): a file
+  ``<runtime_dir>/cancel/<uid>``, and the row leaves the batch at the next step.
+Errors after the first byte arrive as a last SSE event (``event: error``, or OpenAI's
+``data: {"error": ...}``), never as a silently truncated 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+from saesteer_client.schema import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageOut,
+    CompletionRequest,
+    ErrorEvent,
+    ErrorItem,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    StreamEvent,
+    TextChoice,
+    TextCompletion,
+)
+from starlette.responses import StreamingResponse
+
+from .errors import error_response, field_error
+from .middleware import error_body, send_error
+from .stream_api import STREAM_PATH
+
+log = logging.getLogger("saesteer.server")
+_EVENT = TypeAdapter(StreamEvent)
+DEFAULT_CHAT_TOKENS = 64
+
+
+class HideInternal:
+    """404 for the streaming worker's own LitServe route: clients use the routes of this module."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/internal/"):
+            return await send_error(send, 404, "not found")
+        await self.app(scope, receive, send)
+
+
+class StreamClient:
+    """Submits ``GenerateRequest``s to the streaming worker and reads their events.
+
+    Args:
+        server: the ``LitServer`` (its queues and response buffer, in the HTTP process).
+        runtime_dir: the server's runtime folder (cancel files).
+    """
+
+    def __init__(self, server, runtime_dir: str):
+        self.server, self.cancel_dir = server, Path(runtime_dir) / "cancel"
+
+    async def events(self, request: GenerateRequest) -> AsyncIterator:
+        """The request's events (``TokenEvent``..., then ``DoneEvent`` or ``ErrorEvent``). Closed
+        before its last event (the client went away), the worker is told to drop the request."""
+        from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+        srv = self.server
+        uid = str(uuid.uuid4())
+        event = asyncio.Event()
+        buffer: deque = deque()
+        srv.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
+        srv._get_request_queue(STREAM_PATH).put((srv.app.response_queue_id, uid, time.monotonic(), request))
+        finished = False
+        try:
+            async for data, status in srv.data_streamer(buffer, data_available=event, send_status=True):
+                if status == LitAPIStatus.ERROR:  # queue timeout (504) or the worker died
+                    finished = True
+                    code = getattr(data, "status_code", 503)
+                    yield ErrorEvent(status=code, detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
+                    return
+                for line in str(data).splitlines():
+                    if line.strip():
+                        ev = _EVENT.validate_json(line)
+                        if ev.type != "token":
+                            finished = True
+                        yield ev
+                if finished:
+                    return
+            finished = True
+        finally:
+            srv.response_buffer.pop(uid, None)
+            if not finished:
+                try:
+                    self.cancel_dir.mkdir(parents=True, exist_ok=True)
+                    (self.cancel_dir / uid).touch()
+                except OSError as e:
+                    log.warning("could not cancel %s: %s", uid, e)
+
+
+async def _first(events: AsyncIterator):
+    """(first event, the iterator) or (None, iterator) if it ended at once."""
+    try:
+        return await events.__anext__(), events
+    except StopAsyncIteration:
+        return None, events
+
+
+def _sse(data: str, event: str | None = None) -> str:
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+def _stream(gen: AsyncIterator[str], events: AsyncIterator) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in gen:
+                yield chunk
+        finally:
+            await events.aclose()  # a disconnect closes gen first: tell the worker
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def _refusal(ev) -> object:
+    if ev is None:
+        return error_response(503, "the streaming worker ended the request without an answer; retry")
+    return error_response(ev.status, ev.detail)
+
+
+def install(server, settings, runtime_dir: str, model_id: str) -> None:
+    """Add the routes to ``server.app`` (the LitServer, before ``run``), replacing LitServe's
+    ``/v1/generate`` route by one that streams with ``stream: true`` and passes the rest on."""
+    from fastapi.routing import APIRoute
+
+    app = server.app
+    client = StreamClient(server, runtime_dir)
+    created = int(time.time())
+    lit_generate = None
+    for route in list(app.router.routes):
+        if isinstance(route, APIRoute) and route.path == "/v1/generate":
+            lit_generate = route.endpoint
+            app.router.routes.remove(route)
+    if lit_generate is None:
+        raise RuntimeError("LitServe registered no /v1/generate route")
+
+    async def generate(request: GenerateRequest):
+        if not request.stream:
+            return await lit_generate(request)
+        events = client.events(request)
+        first, events = await _first(events)
+        if first is None or first.type == "error":
+            return _refusal(first)
+
+        async def sse():
+            ev = first
+            while True:
+                yield _sse(ev.model_dump_json(), ev.type)
+                if ev.type != "token":
+                    return
+                try:
+                    ev = await events.__anext__()
+                except StopAsyncIteration:
+                    yield _sse(ErrorEvent(status=503, detail="the stream ended early").model_dump_json(), "error")
+                    return
+
+        return _stream(sse(), events)
+
+    def check_model(name: str):
+        if name != model_id:
+            return field_error(404, ["body", "model"], f"model {name[:100]!r} is not served here; GET /v1/models lists "
+                               f"{model_id!r}", "model_not_found")
+        return None
+
+    def to_generate(body, **fields) -> GenerateRequest | object:
+        try:
+            return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                   stop=body.stop_list(), interventions=body.steering, **fields)
+        except ValidationError as e:
+            return error_response(422, [ErrorItem(loc=["body", *[x for x in err["loc"] if x != "interventions"]],
+                                                  msg=err["msg"], type=err["type"]) for err in e.errors()])
+
+    async def openai(body, req: GenerateRequest, rid: str, chunk_of, final_of):
+        events = client.events(req)
+        first, events = await _first(events)
+        if first is None or first.type == "error":
+            return _refusal(first)
+        if not body.stream:
+            ev = first
+            async for ev in events:
+                pass
+            if ev.type == "error":
+                return error_response(ev.status, ev.detail)
+            if ev.type != "done":
+                return error_response(503, "the stream ended early; retry")
+            return final_of(ev.response)
+
+        async def sse():
+            head = chunk_of(None, None, start=True)
+            if head is not None:
+                yield _sse(head)
+            ev = first
+            while True:
+                if ev.type == "token":
+                    if ev.text:
+                        yield _sse(chunk_of(ev.text, None))
+                elif ev.type == "done":
+                    yield _sse(chunk_of(None, ev.response.finish_reason))
+                    yield _sse("[DONE]")
+                    return
+                else:
+                    yield _sse(json.dumps({"error": {"message": json.dumps(error_body(ev.detail)["detail"]),
+                                                     "type": "saesteer_error", "code": ev.status}}))
+                    return
+                try:
+                    ev = await events.__anext__()
+                except StopAsyncIteration:
+                    yield _sse(json.dumps({"error": {"message": "the stream ended early", "code": 503}}))
+                    return
+
+        return _stream(sse(), events)
+
+    async def chat_completions(body: ChatCompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        n = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
+        req = to_generate(body, messages=body.messages, max_new_tokens=n)
+        if not isinstance(req, GenerateRequest):
+            return req
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+        def chunk_of(text, finish, start=False):
+            delta = ChatDelta(role="assistant", content="") if start else ChatDelta(content=text)
+            return ChatCompletionChunk(id=rid, created=int(time.time()), model=model_id, choices=[
+                ChatChunkChoice(delta=delta if finish is None else ChatDelta(), finish_reason=finish)]).model_dump_json(exclude_none=True)
+
+        def final_of(r):
+            return ChatCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
+                ChatChoice(message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)])
+
+        return await openai(body, req, rid, chunk_of, final_of)
+
+    async def completions(body: CompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        req = to_generate(body, prompt=body.prompt, max_new_tokens=body.max_tokens)
+        if not isinstance(req, GenerateRequest):
+            return req
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+
+        def chunk_of(text, finish, start=False):
+            if start:
+                return None
+            return TextCompletion(id=rid, created=int(time.time()), model=model_id, choices=[
+                TextChoice(text=text or "", finish_reason=finish)]).model_dump_json()
+
+        def final_of(r):
+            return TextCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
+                TextChoice(text=r.text, finish_reason=r.finish_reason)])
+
+        return await openai(body, req, rid, chunk_of, final_of)
+
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_id, created=created)])
+
+    responses = {200: {"content": {"text/event-stream": {}}}}
+    app.add_api_route("/v1/generate", generate, methods=["POST"], response_model=None,
+                      responses={200: {"model": GenerateResponse, "content": {"text/event-stream": {}}}},
+                      summary="Steered generation (JSON, or server-sent events with stream: true)")
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None, responses=responses,
+                      summary="OpenAI-compatible chat completions, with saesteer's steering")
+    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None, responses=responses,
+                      summary="OpenAI-compatible completions, with saesteer's steering")
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
+
