@@ -13,7 +13,9 @@ On the real SmolLM2-135M-Instruct (float32) and the default SAE, in-process (no 
    batch (half steered), against one stream alone: the aggregate tokens/s ratio (target >= 6), and
    time to first token p50/p95 under that load.
 3. Decode-step efficiency at batch 1 (plain and steered): tokens/s x weight bytes read per step /
-   the machine's copy bandwidth, measured here in the same run (bytes read + written).
+   the machine's copy bandwidth, measured here in the same run (bytes read + written); first with
+   PyTorch's default kernels, then with the linear layers packed for oneDNN (``sae.lm.pack_linears``,
+   the server's default), which parts 1 and 2 use too.
 
 Rows ignore EOS so every request runs its full length. Prints one JSON object.
 """
@@ -28,7 +30,7 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.sae.lm import load_model
+from saesteer.sae.lm import load_model, pack_linears
 from saesteer.server.config import default_sae_spec
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
@@ -48,6 +50,17 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
         t0 = time.perf_counter()
         b.copy_(a)
         best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a float32 n x n matmul, best of ``reps`` (the compute limit)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
 
@@ -78,13 +91,11 @@ def head_of_line(model, tok, steerer, plan, n_long: int, n_short: int) -> dict:
     static = [t_long + t_short] * len(specs_short)  # each short request waits for both batches
     # continuous: the long rows run; after 2 steps the short ones join and leave when done
     eng = ContinuousBatch(model, tok, steerer)
-    for i, s in enumerate(specs_long):
-        eng.add(f"long{i}", s)
+    eng.add_many([(f"long{i}", s) for i, s in enumerate(specs_long)])
     eng.step()
     eng.step()
     t_arrive = time.perf_counter()
-    for i, s in enumerate(specs_short):
-        eng.add(f"short{i}", s)
+    eng.add_many([(f"short{i}", s) for i, s in enumerate(specs_short)])  # they arrive together
     done: dict[str, float] = {}
     while len(done) < len(specs_short):
         for ev in eng.step():
@@ -107,10 +118,8 @@ def throughput(model, tok, steerer, plan, streams: int, n: int) -> dict:
     def run(count: int) -> tuple[float, list[float]]:
         eng = ContinuousBatch(model, tok, steerer)
         t0 = time.perf_counter()
-        ttft = []
-        for i in range(count):  # all arrive at once; each prefill gives its first token
-            eng.add(str(i), spec(i))
-            ttft.append(time.perf_counter() - t0)
+        eng.add_many([(str(i), spec(i)) for i in range(count)])  # all arrive at once: one prefill
+        ttft = [time.perf_counter() - t0] * count
         while len(eng):
             eng.step()
         return count * n / (time.perf_counter() - t0), ttft
@@ -122,8 +131,8 @@ def throughput(model, tok, steerer, plan, streams: int, n: int) -> dict:
             "ratio": round(many / one, 2), "ttft_p50_s": round(statistics.median(ttft), 2), "ttft_p95_s": round(q[18], 2)}
 
 
-def batch1_efficiency(model, tok, steerer, plan, n: int, bandwidth: float) -> dict:
-    wb = weight_bytes(model)
+def batch1_efficiency(model, tok, steerer, plan, n: int, bandwidth: float, wb: int | None = None) -> dict:
+    wb = wb or weight_bytes(model)
     out = {"weight_mb": round(wb / 1e6, 1), "copy_bandwidth_gb_s": round(bandwidth, 1)}
     ids = render_prompt(tok, messages=[{"role": "user", "content": PROMPTS[0]}])
     for name, p in (("plain", InterventionPlan()), ("steered", plan)):
@@ -155,9 +164,20 @@ def main() -> None:
     plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 20.0, "all")])
     report = {"threads": torch.get_num_threads()}
     report["bandwidth_gb_s"] = round(copy_bandwidth(), 1)
-    report["batch1"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"])
+    report["batch1_default_kernels"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"])
+    wb = weight_bytes(model)  # what a step reads: the packed copies hold the same number of floats
+    report["packed_linears"] = pack_linears(model, batch_hint=16)  # what the server does (--pack-linears)
+    report["batch1"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"], wb)
+    report["batch1"]["speedup_over_default_kernels"] = round(
+        report["batch1"]["plain_tokens_per_s"] / report["batch1_default_kernels"]["plain_tokens_per_s"], 2)
     report["head_of_line"] = head_of_line(model, tok, steerer, plan, a.long, a.short)
     report["throughput"] = throughput(model, tok, steerer, plan, a.streams, a.stream_tokens)
+    # a token costs ~2 FLOPs per weight (the embedding lookup aside, the tied LM head included)
+    gflops = matmul_gflops()
+    flops_per_token = 2 * wb / 4
+    agg = report["throughput"][f"{a.streams}_streams_tokens_per_s"]
+    report["throughput"]["matmul_gflop_s"] = round(gflops, 1)
+    report["throughput"]["fraction_of_compute_limit"] = round(agg * flops_per_token / (gflops * 1e9), 3)
     print(json.dumps(report, indent=1))
 
 

@@ -102,6 +102,10 @@ class ModelAPI(ls.LitAPI):
         s = self.settings
         dev = s.device if s.device != "cpu" else device
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
+        if s.pack_linears:
+            from saesteer.sae.lm import pack_linears
+
+            log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
         self.saes.set_device(dev)
         if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool
             self.saes.load_all()

@@ -179,22 +179,26 @@ class StreamAPI(ModelAPI):
             path.unlink(missing_ok=True)
 
     def _admit(self, out: list) -> None:
+        """Move queued requests into the batch: those refused get their error event; the rest
+        are prefilled together (one forward), or one by one if that fails, so an exception ends
+        only the request that causes it."""
         from saesteer.steering.generate import GenerationSpec
         from saesteer.steering.plan import InterventionPlan
 
+        joining: list[tuple[str, list]] = []  # (uid, [(key, spec)])
         while True:
             with self.lock:
                 if not self.pending:
-                    return
+                    break
                 uid, request = self.pending[0]
-                running = set().union(*(r.prepared.plan.sae_ids() for r in self.requests.values()))
+            running = set().union(*(r.prepared.plan.sae_ids() for r in self.requests.values()))
             try:
                 prep = self.prepare(request)
             except Exception as e:
                 log.error("prepare failed: %s: %s", type(e).__name__, e, exc_info=e)
                 prep = Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
             if isinstance(prep, Prepared) and self.requests and not self.saes.fits(running | prep.plan.sae_ids()):
-                return  # its SAEs do not fit beside the running rows' under the budget: wait for them to leave
+                break  # its SAEs do not fit beside the running rows' under the budget: wait for them to leave
             with self.lock:
                 self.pending.popleft()
             if isinstance(prep, Rejected):
@@ -204,18 +208,28 @@ class StreamAPI(ModelAPI):
             roles = ["steered"] + (["unsteered"] if r.compare else [])
             self.requests[uid] = _Request(prep, roles)
             deadline = time.monotonic() + self.settings.generation_timeout
-            for role in roles:
-                spec = GenerationSpec(prep.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                      top_p=r.top_p, seed=r.seed, stop=list(r.stop), deadline=deadline,
-                                      plan=prep.plan if role == "steered" else InterventionPlan())
+            joining.append((uid, [(f"{uid}|{role}", GenerationSpec(
+                prep.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                stop=list(r.stop), deadline=deadline, plan=prep.plan if role == "steered" else InterventionPlan()))
+                for role in roles]))
+        if not joining:
+            return
+        try:
+            events = self.engine.add_many([row for _, rows in joining for row in rows])
+        except Exception as e:
+            log.warning("prefill of %d requests failed (%s: %s)", len(joining), type(e).__name__, e)
+            events = []
+            for uid, rows in joining:
                 try:
-                    ev = self.engine.add(f"{uid}|{role}", spec)
-                except Exception as e:
-                    log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
-                    self._fail(uid, Rejected.field(500, ["body"], f"generation failed ({type(e).__name__}); other "
+                    if len(joining) == 1:
+                        raise e
+                    events += self.engine.add_many(rows)  # alone: does this one fail too?
+                except Exception as e1:
+                    log.error("prefill failed: %s: %s", type(e1).__name__, e1, exc_info=e1)
+                    self._fail(uid, Rejected.field(500, ["body"], f"generation failed ({type(e1).__name__}); other "
                                                    "requests were not affected", "internal_error"), out)
-                    break
-                self._event(ev, out)
+        for ev in events:
+            self._event(ev, out)
 
     def _event(self, ev, out: list) -> None:
         uid, role = ev.key.rsplit("|", 1)

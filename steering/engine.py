@@ -1,8 +1,8 @@
 """Continuous batching: rows join and leave the running batch at every decode step.
 
 ``generate`` (static batching) runs a fixed batch to its longest row: a 16-token request behind a
-512-token one waits for it. ``ContinuousBatch`` keeps one batched KV cache instead; ``add`` runs a
-new row's prompt alone (prefill, steered by its own plan) and merges its keys and values into the
+512-token one waits for it. ``ContinuousBatch`` keeps one batched KV cache instead; ``add_many`` runs new
+rows' prompts (prefill, each row steered by its own plan) and merges its keys and values into the
 cache, left-padded to a common length, and ``step`` decodes one token for every row. A row that
 finishes (EOS, a stop string, its length, a deadline, non-finite logits) or is cancelled leaves at
 once, and the columns no remaining row uses are trimmed. Each row keeps its own plan, sampling
@@ -65,6 +65,7 @@ class _Row:
 
 class ContinuousBatch:
     """A running batch of generation rows over one model (see the module docstring).
+    Rows that arrive together are prefilled together (``add_many``).
 
     Args:
         model: a transformers causal LM with a ``DynamicCache``-compatible attention.
@@ -91,50 +92,71 @@ class ContinuousBatch:
         return [r.key for r in self.rows]
 
     # -- joining --------------------------------------------------------------------------------
-    @torch.no_grad()
     def add(self, key: str, spec: GenerationSpec) -> RowEvent:
-        """Prefill ``spec``'s prompt alone (steered by ``spec.plan``), sample its first token and,
-        unless that ends it, merge the row into the batch.
+        """``add_many`` for one row; its first event."""
+        return self.add_many([(key, spec)])[0]
+
+    @torch.no_grad()
+    def add_many(self, rows: list[tuple[str, GenerationSpec]]) -> list[RowEvent]:
+        """Prefill the new rows' prompts together (one forward over the left-padded prompts, each
+        row steered by its own plan), sample each row's first token and merge the rows that go on
+        into the batch.
 
         Args:
-            key: a name for the row, unique among the rows running.
-            spec: the row (prompt ids, sampling settings, seed, stop strings, plan, deadline).
+            rows: (key, spec) pairs; each key unique among the rows running and these.
 
         Returns:
-            The row's first event (its first token; the last event too if it already ended).
+            Each new row's first event, in order (its last one too if it already ended).
 
         Raises:
-            ValueError: ``key`` already runs, or ``spec.input_ids`` is empty.
+            ValueError: a key already runs or repeats, or a spec has no prompt tokens.
             Whatever the model or the steering hooks raise (the batch is left unchanged).
         """
         from transformers import DynamicCache
 
-        if any(r.key == key for r in self.rows):
-            raise ValueError(f"row {key!r} already runs")
-        if not spec.input_ids:
+        keys = [k for k, _ in rows] + self.keys()
+        if len(set(keys)) != len(keys):
+            raise ValueError("row keys must be unique among the rows running and the new ones")
+        if any(not s.input_ids for _, s in rows):
             raise ValueError("a row needs at least one prompt token")
-        row = _Row(key, spec, torch.Generator().manual_seed(spec.seed) if spec.seed is not None else None)
-        P = len(spec.input_ids)
-        ids = torch.tensor([spec.input_ids], dtype=torch.long, device=self.dev)
-        pos = torch.arange(P, device=self.dev).unsqueeze(0)
+        new = [_Row(k, s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None) for k, s in rows]
+        lens = torch.tensor([len(s.input_ids) for _, s in rows])
+        n, P = len(rows), int(lens.max())
+        ids = torch.full((n, P), self.pad, dtype=torch.long)
+        attn = torch.zeros((n, P), dtype=torch.long)
+        for b, (_, s) in enumerate(rows):
+            ids[b, P - len(s.input_ids):] = torch.tensor(s.input_ids)
+            attn[b, P - len(s.input_ids):] = 1
+        abs_pos = (torch.arange(P).unsqueeze(0) - (P - lens).unsqueeze(1)).to(self.dev)  # negative on padding
         cache = DynamicCache(config=self.model.config)
-        positions = StepPositions(abs_pos=pos, prompt_len=torch.tensor([P], device=self.dev))
-        with self._steer([row], positions):
-            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
-                                past_key_values=cache, use_cache=True).logits[0, -1]
-        row.cache_len = P
-        event = self._advance(row, logits)
-        if event.finish_reason is None:
-            self._merge(row, cache)
-        return event
+        positions = StepPositions(abs_pos=abs_pos, prompt_len=lens.to(self.dev))
+        with self._steer(new, positions):
+            logits = self.model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev),
+                                position_ids=abs_pos.clamp(min=0), past_key_values=cache, use_cache=True).logits[:, -1]
+        finite = torch.isfinite(logits).all(-1).tolist()
+        events = []
+        for b, row in enumerate(new):
+            row.cache_len = int(lens[b])
+            events.append(self._advance(row, logits[b] if finite[b] else None))
+        going = [b for b, ev in enumerate(events) if ev.finish_reason is None]
+        if going:
+            self._merge([new[b] for b in going], cache, attn.to(self.dev), going)
+        return events
 
-    def _merge(self, row: _Row, cache) -> None:
+    def _merge(self, rows: list[_Row], cache, attn: torch.Tensor, which: list[int]) -> None:
+        """Append ``rows`` (rows ``which`` of a prefill's ``cache`` and ``attn`` [n, P]) to the
+        batch, left-padding the shorter side so that every row ends at the last column."""
         from transformers import DynamicCache
 
-        new = [(layer.keys, layer.values) for layer in cache.layers]
-        P = new[0][0].shape[-2]
+        idx = torch.tensor(which, dtype=torch.long, device=self.dev)
+        new = [(layer.keys.index_select(0, idx), layer.values.index_select(0, idx)) for layer in cache.layers]
+        attn = attn.index_select(0, idx)
+        P = attn.shape[1]
         if self.cache is None:
-            self.cache, self.attn, self.rows = cache, torch.ones((1, P), dtype=torch.long, device=self.dev), [row]
+            self.cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(new):
+                self.cache.update(k, v, i)
+            self.attn, self.rows = attn, list(rows)
             return
         old = [(layer.keys, layer.values) for layer in self.cache.layers]
         T = old[0][0].shape[-2]
@@ -147,11 +169,10 @@ class ContinuousBatch:
         for i, ((ok, ov), (nk, nv)) in enumerate(zip(old, new)):
             merged.update(torch.cat([left_pad(ok, L - T), left_pad(nk, L - P)]),
                           torch.cat([left_pad(ov, L - T), left_pad(nv, L - P)]), i)
-        attn_new = torch.zeros((1, L), dtype=torch.long, device=self.dev)
-        attn_new[:, L - P:] = 1
         attn_old = torch.cat([self.attn.new_zeros((self.attn.shape[0], L - T)), self.attn], dim=1)
+        attn_new = torch.cat([attn.new_zeros((attn.shape[0], L - P)), attn], dim=1)
         self.cache, self.attn = merged, torch.cat([attn_old, attn_new])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     # -- leaving --------------------------------------------------------------------------------
     def cancel(self, key: str) -> RowEvent | None:

@@ -26,13 +26,14 @@ def setup(lm, default_sae):
 
 
 def run_staggered(engine: ContinuousBatch, specs: list[GenerationSpec], join_at: list[int]) -> dict[str, list]:
-    """Drive ``engine``: spec i joins before decode step ``join_at[i]``; every row's events."""
+    """Drive ``engine``: spec i joins before decode step ``join_at[i]`` (those joining at one step
+    are prefilled together); every row's events."""
     events: dict[str, list] = {}
     step = 0
     while True:
-        for i, s in enumerate(specs):
-            if join_at[i] == step:
-                ev = engine.add(str(i), s)
+        joining = [(str(i), s) for i, s in enumerate(specs) if join_at[i] == step]
+        if joining:
+            for ev in engine.add_many(joining):
                 events.setdefault(ev.key, []).append(ev)
         if not len(engine) and all(j <= step for j in join_at):
             return events
