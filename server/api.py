@@ -255,7 +255,7 @@ class GenerateAPI(ModelAPI):
                 r = items[i].request
                 base = dict(
                     input_ids=items[i].input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, seed=r.seed, stop=list(r.stop), deadline=deadline,
+                    top_p=r.top_p, seed=r.seed, stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos,
                 )
                 specs.append(GenerationSpec(**base, plan=items[i].plan))
                 owners.append((i, "steered"))

@@ -210,7 +210,7 @@ class StreamAPI(ModelAPI):
             deadline = time.monotonic() + self.settings.generation_timeout
             joining.append((uid, [(f"{uid}|{role}", GenerationSpec(
                 prep.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
-                stop=list(r.stop), deadline=deadline, plan=prep.plan if role == "steered" else InterventionPlan()))
+                stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos, plan=prep.plan if role == "steered" else InterventionPlan()))
                 for role in roles]))
         if not joining:
             return

@@ -52,6 +52,7 @@ def test_strength_units():
         LatentIntervention(op="clamp", sae="s", latent=1, value=2.0, unit="sigma")
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_missing_sae_before_loading_the_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "saesteer", "serve", "--sae", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 
 from test_shutdown import start_server
 
+pytestmark = pytest.mark.slow  # a real server with the real model
+
 KEY = "fuzz-key"
 SAE = "smollm2-135m-res10-k32"
 MODEL = "SmolLM2-135M-Instruct"

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from saesteer.server.runtime import read_workers
 
 from test_sdk import free_port
+
+pytestmark = pytest.mark.slow  # a real server with the real model
 
 MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
@@ -74,7 +77,7 @@ def kill_worker_mid_request(url, runtime):
     result = {}
 
     def long_request():
-        result["r"] = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000}, timeout=120)
+        result["r"] = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True}, timeout=120)
 
     t = threading.Thread(target=long_request)
     t.start()
@@ -109,7 +112,9 @@ def test_worker_death_then_sigterm(tmp_path):
         result = {}
 
         def long_request():
-            result["r"] = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 12}, timeout=120)
+            # long enough to be in flight when the refused request arrives (~4 s at 40 tokens/s)
+            result["r"] = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 160, "ignore_eos": True},
+                                     timeout=120)
 
         t = threading.Thread(target=long_request)
         t.start()
@@ -126,7 +131,7 @@ def test_worker_death_then_sigterm(tmp_path):
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
         t.join(120)
         assert result["r"].status_code == 200, result["r"].text  # the in-flight request finished
-        assert len(result["r"].json()["tokens"]) == 12
+        assert len(result["r"].json()["tokens"]) == 160
         proc.wait(timeout=30)
         took = time.time() - t_term
         assert took < 30, took

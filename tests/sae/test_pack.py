@@ -29,6 +29,7 @@ def test_every_linear_is_packed_and_the_head_keeps_its_weight(models):
     assert isinstance(head, PackedLinear) and head.weight is not None
 
 
+@pytest.mark.slow
 def test_packed_logits_match_a_float64_reference(models):
     model, packed, tok, _ = models
     ids = torch.tensor([render_prompt(tok, messages=[{"role": "user", "content": "Name three rivers."}])])
@@ -40,6 +41,7 @@ def test_packed_logits_match_a_float64_reference(models):
     assert err(fast) < 1e-5 and err(fast) < 10 * err(plain) + 1e-7, (err(fast), err(plain))
 
 
+@pytest.mark.slow
 def test_packed_generation_gives_the_same_tokens(models):
     model, packed, tok, _ = models
     specs = [GenerationSpec(render_prompt(tok, messages=[{"role": "user", "content": p}]), max_new_tokens=12)

@@ -14,6 +14,8 @@ from saesteer.server.app import build_server
 from saesteer.server.auth import hash_key
 from saesteer.server.config import ServerSettings
 
+pytestmark = pytest.mark.slow  # a real server with the real model
+
 KEYS = {"gen": "k-gen-1", "feat": "k-feat-2", "admin": "k-admin-3", "tok": "k-tok-4"}
 MSG = [{"role": "user", "content": "Say hi."}]
 

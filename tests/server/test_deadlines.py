@@ -17,6 +17,8 @@ from saesteer.server.app import build_server
 from saesteer.server.config import ServerSettings
 from saesteer.server.runtime import read_workers
 
+pytestmark = pytest.mark.slow  # a real server with the real model
+
 MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
@@ -34,7 +36,7 @@ def serve_monitored(settings: ServerSettings):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, generation_timeout=20.0, max_queue=3,
+    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, generation_timeout=8.0, max_queue=3,
                               runtime_dir=str(tmp_path_factory.mktemp("runtime")))
     with serve_monitored(settings) as (c, s):
         yield c, s, settings
@@ -43,11 +45,11 @@ def served(tmp_path_factory):
 def test_generation_time_limit_ends_the_request_with_504(served):
     c, _, _ = served
     t0 = time.time()
-    r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 1000})
+    r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True})
     took = time.time() - t0
     assert r.status_code == 504, r.text
-    assert r.json()["detail"][0]["type"] == "generation_timeout" and "20 s" in r.json()["detail"][0]["msg"]
-    assert took < 20.0 + 30, took  # one decode step past the limit, plus prefill and the queue
+    assert r.json()["detail"][0]["type"] == "generation_timeout" and "8 s" in r.json()["detail"][0]["msg"]
+    assert took < 8.0 + 30, took  # one decode step past the limit, plus prefill and the queue
     r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 3})
     assert r.status_code == 200, r.text
 
@@ -67,7 +69,7 @@ def test_a_killed_workers_request_ends_with_503_and_the_server_recovers(served):
     c, s, settings = served
     with ThreadPoolExecutor(1) as ex:
         t0 = time.time()
-        fut = ex.submit(c.post, "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000})
+        fut = ex.submit(c.post, "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True})
         busy = None
         while busy is None and time.time() - t0 < 60:
             busy = next((w for w in read_workers(settings.runtime_dir) if w["alive"] and w["state"] == "busy"), None)

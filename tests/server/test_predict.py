@@ -12,6 +12,7 @@ from saesteer.steering.pool import SAEPool
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 SAE = DEFAULT_SAE_NAME
+pytestmark = pytest.mark.slow  # loads a second copy of the model in a GenerateAPI
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,7 @@ def test_seeded_sampling_is_reproducible(setup):
     assert any(r.tokens != runs[0].tokens for r in runs[2:])  # the seed matters
 
 
+@pytest.mark.slow
 def test_bfloat16_model_steers_like_float32(setup):
     """Reduced precision (the GPU serving dtype): the SAE math stays float32 and the delta is cast to
     the model's dtype; idle steering is exact, sparse equals full decode, and the steer matches fp32's."""

@@ -59,6 +59,7 @@ def test_logit_lens_equals_a_direct_float64_computation(lm64, small, scored):
     assert rel < 1e-5
 
 
+@pytest.mark.slow
 def test_output_score_equals_a_direct_float64_single_latent_pass(lm, lm64, small, scored):
     model, tok = lm
     model64, _ = lm64

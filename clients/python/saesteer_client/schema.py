@@ -147,6 +147,8 @@ class GenerateRequest(_Strict):
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
     interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
     compare: bool = Field(False, description="also return the unsteered completion for the same seed")
+    ignore_eos: bool = Field(False, description="generate max_new_tokens even past the end-of-sequence token "
+                             "(benchmarks, load tests)")
     stream: bool = Field(False, description="answer with server-sent events as tokens are generated: `token` "
                          "events, then one `done` event holding the whole response (or one `error` event)")
 
