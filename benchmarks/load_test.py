@@ -43,12 +43,42 @@ def rss_mib(pid: int) -> float | None:
 
 
 def worker_pids(runtime: Path) -> list[int]:
+    """The generate workers' pids (their status files) and the streaming worker's (stream.json)."""
     out = []
-    for p in (runtime / "workers").glob("*.json"):
-        pid = json.loads(p.read_text())["pid"]
+    files = [*(runtime / "workers").glob("*.json"), runtime / "stream.json"]
+    for p in files:
+        try:
+            pid = json.loads(p.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue
         if rss_mib(pid) is not None:
             out.append(pid)
     return out
+
+
+def second_half_growth(timeline: list, pids: list[int]) -> dict:
+    """Each worker's RSS change (MiB) from the sample nearest the run's middle to the last one:
+    near 0 once its allocations have levelled off."""
+    if len(timeline) < 3:
+        return {}
+    mid, last = timeline[len(timeline) // 2], timeline[-1]
+    return {str(p): round(last[i + 1] - mid[i + 1], 1) for i, p in enumerate(pids)}
+
+
+def request(rng: random.Random, max_new_tokens: int) -> tuple[str, dict]:
+    """A route and a body: a fifth streamed (/v1/generate with stream, or OpenAI chat streamed or
+    not, some steered), the rest ``body``."""
+    kind = rng.random()
+    if kind < 0.1:
+        b = body(rng, max_new_tokens)
+        return "/v1/generate", {**b, "stream": True}
+    if kind < 0.2:
+        b = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+             "max_tokens": rng.randint(1, max_new_tokens), "temperature": 0, "stream": rng.random() < 0.5}
+        if rng.random() < 0.5:
+            b["steering"] = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": rng.uniform(2, 5), "unit": "typical"}]
+        return "/v1/chat/completions", b
+    return "/v1/generate", body(rng, max_new_tokens)
 
 
 def body(rng: random.Random, max_new_tokens: int) -> dict:
@@ -107,6 +137,8 @@ def main() -> int:
         rss_before = {p: rss_mib(p) for p in pids}
 
         statuses: Counter = Counter()
+        kinds: Counter = Counter()
+        stream_errors: list[str] = []
         lost: list[str] = []
         latencies: list[float] = []
         lock = threading.Lock()
@@ -123,14 +155,18 @@ def main() -> int:
                             return
                         sent += 1
                     t0 = time.time()
+                    path, b = request(rng, a.max_new_tokens)
                     try:
-                        r = c.post(url + "/v1/generate", json=body(rng, a.max_new_tokens))
+                        r = c.post(url + path, json=b)  # a stream is read to its end
                     except httpx.HTTPError as e:
                         with lock:
                             lost.append(f"{type(e).__name__}: {e}")
                         continue
                     with lock:
                         statuses[r.status_code] += 1
+                        kinds[(path, bool(b.get("stream")), r.status_code)] += 1
+                        if r.status_code == 200 and b.get("stream") and "event: error" in r.text:
+                            stream_errors.append(r.text[-300:])
                         if r.status_code == 200:
                             latencies.append(time.time() - t0)
                     if r.status_code in (429, 503):
@@ -140,12 +176,12 @@ def main() -> int:
         threads = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
         for t in threads:
             t.start()
-        rss_timeline = []  # (seconds, MiB of the first worker) every 15 s: flat or growing?
+        rss_timeline = []  # (seconds, MiB of each worker) every 15 s: flat or growing?
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(timeout=15 / len(threads))
             if pids and (not rss_timeline or time.time() - t_start - rss_timeline[-1][0] >= 15):
-                rss_timeline.append((round(time.time() - t_start), round(rss_mib(pids[0]) or 0, 1)))
+                rss_timeline.append((round(time.time() - t_start), *[round(rss_mib(p) or 0, 1) for p in pids]))
         took = time.time() - t_start
         time.sleep(2)
         rss_after = {p: rss_mib(p) for p in pids}
@@ -161,6 +197,9 @@ def main() -> int:
             "ok_per_s": round(statuses[200] / took, 2), "latency_s": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
             "worker_rss_mib": {str(p): {"before": round(rss_before[p] or 0, 1), "after": round(rss_after[p] or 0, 1)} for p in pids},
             "worker_rss_timeline": rss_timeline,
+            "worker_rss_growth_second_half_mib": second_half_growth(rss_timeline, pids),
+            "by_route": {f"{p} stream={st} {code}": n for (p, st, code), n in sorted(kinds.items())},
+            "stream_error_events": len(stream_errors), "stream_error_examples": stream_errors[:2],
             "unexpected_statuses": sorted(set(statuses) - {200, 422, 429, 503}),
         }
         print(json.dumps(report, indent=2))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_INTERVENTIONS = 64
 MAX_POSITIONS = 512
@@ -33,6 +33,14 @@ MIN_TOP_P = 1e-3
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 BoundedFloat = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+def _temperature_floor(v: float) -> float:
+    if 0 < v < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return v
+
+
+Temperature = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_temperature_floor)]
+"""0 (greedy) or at least ``MIN_TEMPERATURE``."""
 Positions = Union[
     Literal["all", "prompt", "generated"],
     Annotated[list[Annotated[int, Field(ge=0, le=MAX_POSITION_INDEX)]], Field(min_length=1, max_length=MAX_POSITIONS)],
@@ -141,7 +149,7 @@ class GenerateRequest(_Strict):
         None, min_length=1, max_length=256, description="chat messages, rendered with the model's chat template"
     )
     max_new_tokens: int = Field(64, ge=1, le=1024)
-    temperature: FiniteFloat = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
+    temperature: Temperature = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0, description="nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
@@ -151,13 +159,6 @@ class GenerateRequest(_Strict):
                              "(benchmarks, load tests)")
     stream: bool = Field(False, description="answer with server-sent events as tokens are generated: `token` "
                          "events, then one `done` event holding the whole response (or one `error` event)")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_floor(cls, v):
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-        return v
 
     @field_validator("prompt")
     @classmethod
@@ -241,7 +242,7 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=256, description="the served model's id (GET /v1/models)")
-    temperature: FiniteFloat = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
+    temperature: Temperature = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
@@ -250,13 +251,6 @@ class _OpenAIRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="completions per request: 1")
     steering: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS,
                                          description="saesteer interventions, as in POST /v1/generate")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_floor(cls, v):
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-        return v
 
     @field_validator("stop")
     @classmethod
