@@ -192,6 +192,11 @@ def load_model(
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
     if cache is not None and gguf_file:
         _save_dequantized(lm, tok, cache)
+    elif cache is not None:
+        # safetensors maps the file: copy the weights out, so that memory is the process's own
+        # (RSS then says what the model costs, and pack_linears frees what it replaces)
+        for t in [*lm.parameters(), *lm.buffers()]:
+            t.data = t.data.clone()
     lm.to(device).eval().requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

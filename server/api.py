@@ -23,6 +23,7 @@ from saesteer.steering.pool import SAEPool
 
 from .config import ServerSettings
 from .errors import error_response
+from .runtime import release_free_memory
 
 log = logging.getLogger("saesteer.server")
 
@@ -106,6 +107,7 @@ class ModelAPI(ls.LitAPI):
             from saesteer.sae.lm import pack_linears
 
             log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
+            release_free_memory()  # the unpacked weights
         self.saes.set_device(dev)
         if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool
             self.saes.load_all()
@@ -215,6 +217,7 @@ class GenerateAPI(ModelAPI):
         try:
             return self._predict(items)
         finally:
+            release_free_memory()
             if self.status is not None:
                 self.status.write("idle")
 

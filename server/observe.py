@@ -52,11 +52,26 @@ class Metrics:
         self.tokens = Counter("saesteer_generated_tokens", "tokens generated (steered completions; unsteered twins too)", registry=r)
         self.queue = Gauge("saesteer_queue_depth", "generate requests in flight (queued or generating)", registry=r)
         self.queue.set_function(lambda: state.in_flight.value)
+        self.ttft = Histogram(
+            "saesteer_time_to_first_token_seconds", "streamed requests: time from request to the first token event",
+            ["route"], registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+        )
+        self.batch = Gauge("saesteer_batch_rows", "rows being generated now: the static workers' batches and the "
+                           "continuous batch", registry=r)
+        self.batch.set_function(lambda: batch_rows(state.runtime_dir))
         for key, help_text in (("running_rows", "rows the continuous-batching worker is decoding"),
                                ("queued", "requests waiting to join the continuous batch"),
-                               ("cancelled_total", "streamed requests dropped because their client went away")):
+                               ("cancelled_total", "streamed requests dropped because their client went away"),
+                               ("tokens_total", "tokens the continuous-batching worker generated (rate(): tokens/s)")):
             g = Gauge(f"saesteer_stream_{key}", help_text, registry=r)
             g.set_function(lambda key=key: stream_status(state.runtime_dir).get(key, 0))
+
+
+def batch_rows(runtime_dir: str) -> int:
+    """Rows generating now: each busy static worker's batch (the requests its status file holds;
+    ``compare`` counts once) plus the continuous batch's rows."""
+    static = sum(len(w.get("requests", [])) for w in read_workers(runtime_dir) if w["alive"] and w["state"] == "busy")
+    return static + int(stream_status(runtime_dir).get("running_rows", 0))
 
 
 def stream_status(runtime_dir: str) -> dict:
@@ -99,11 +114,19 @@ class ObserveMiddleware:
         route = route_of(scope["path"])
         body = bytearray() if route == "/v1/generate" else None
 
+        streamed = False
+
         async def wrapped(msg):
-            nonlocal status
+            nonlocal status, streamed
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                streamed = status == 200 and any(k == b"content-type" and v.startswith(b"text/event-stream")
+                                                 for k, v in msg.get("headers", []))
                 msg = {**msg, "headers": list(msg.get("headers", [])) + [(b"x-request-id", rid.encode())]}
+            elif msg["type"] == "http.response.body" and streamed and msg.get("body"):
+                # the routes send nothing before the first token exists: the first chunk is its time
+                streamed = False
+                self.metrics.ttft.labels(route).observe(time.perf_counter() - t0)
             elif msg["type"] == "http.response.body" and body is not None and status == 200 and len(body) < 1 << 20:
                 body.extend(msg.get("body", b""))
             await send(msg)

@@ -53,6 +53,8 @@ from .stream_api import STREAM_PATH
 log = logging.getLogger("saesteer.server")
 _EVENT = TypeAdapter(StreamEvent)
 DEFAULT_CHAT_TOKENS = 64
+WORKER_CHECK_S = 1.0
+"""While waiting for a stream's next event, how often to check that the streaming worker lives."""
 
 
 class HideInternal:
@@ -80,32 +82,46 @@ class StreamClient:
 
     async def events(self, request: GenerateRequest) -> AsyncIterator:
         """The request's events (``TokenEvent``..., then ``DoneEvent`` or ``ErrorEvent``). Closed
-        before its last event (the client went away), the worker is told to drop the request."""
+        before its last event (the client went away), the worker is told to drop the request. If
+        the streaming worker dies meanwhile, a last ``ErrorEvent`` 503 (LitServe restarts it; a
+        stream of LitServe's own would wait forever)."""
         from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+        from .observe import stream_status
+        from .runtime import pid_alive
 
         srv = self.server
         uid = str(uuid.uuid4())
         event = asyncio.Event()
         buffer: deque = deque()
         srv.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
+        worker = stream_status(str(self.cancel_dir.parent)).get("pid")
         srv._get_request_queue(STREAM_PATH).put((srv.app.response_queue_id, uid, time.monotonic(), request))
         finished = False
         try:
-            async for data, status in srv.data_streamer(buffer, data_available=event, send_status=True):
-                if status == LitAPIStatus.ERROR:  # queue timeout (504) or the worker died
-                    finished = True
-                    code = getattr(data, "status_code", 503)
-                    yield ErrorEvent(status=code, detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
-                    return
-                for line in str(data).splitlines():
-                    if line.strip():
-                        ev = _EVENT.validate_json(line)
-                        if ev.type != "token":
-                            finished = True
-                        yield ev
-                if finished:
-                    return
-            finished = True
+            while not finished:
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=WORKER_CHECK_S)
+                except asyncio.TimeoutError:
+                    if worker is not None and not pid_alive(int(worker)):
+                        finished = True
+                        yield ErrorEvent(status=503, detail="the streaming worker died; it is being restarted, retry shortly")
+                    continue
+                event.clear()
+                while buffer and not finished:
+                    data, status = buffer.popleft()
+                    if status == LitAPIStatus.FINISH_STREAMING:
+                        finished = True
+                    elif status == LitAPIStatus.ERROR:  # queue timeout (504), or LitServe saw the worker die
+                        finished = True
+                        yield ErrorEvent(status=getattr(data, "status_code", 503),
+                                         detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
+                    else:
+                        for line in str(data).splitlines():
+                            if line.strip():
+                                ev = _EVENT.validate_json(line)
+                                finished = finished or ev.type != "token"
+                                yield ev
         finally:
             srv.response_buffer.pop(uid, None)
             if not finished:

@@ -23,6 +23,27 @@ def request_fingerprint(request) -> str:
     return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
 
 
+def release_free_memory() -> None:
+    """Hand memory the process has freed back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). glibc keeps freed blocks for reuse, so without this a worker's RSS ratchets up with
+    every new mix of batch shapes and after ``pack_linears`` still counts the unpacked weights
+    (measured: 1398 MiB -> 996 MiB for the default model). Costs milliseconds: called after a
+    batch, not per step."""
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not reaped by its parent, does not)."""
     try:

@@ -33,6 +33,7 @@ from saesteer.steering.pool import SAEPool
 
 from .api import ModelAPI, Prepared, Rejected, response_of, row_failure
 from .config import ServerSettings
+from .runtime import release_free_memory
 
 log = logging.getLogger("saesteer.server")
 
@@ -86,21 +87,24 @@ class StreamAPI(ModelAPI):
         self.requests: dict[str, _Request] = {}
         self.cancel_dir = Path(self.runtime_dir) / "cancel"
         self.cancel_dir.mkdir(parents=True, exist_ok=True)
-        self.counts = {"pid": os.getpid(), "running_rows": 0, "running_requests": 0, "queued": 0, "cancelled_total": 0}
+        self.counts = {"pid": os.getpid(), "running_rows": 0, "running_requests": 0, "queued": 0, "cancelled_total": 0,
+                       "tokens_total": 0}
         self._write_status()
 
     def _write_status(self) -> None:
-        """``<runtime_dir>/stream.json``: rows and requests running, queued, cancelled so far
-        (read by ``/metrics``), written when they change."""
+        """``<runtime_dir>/stream.json``: rows and requests running, queued, cancelled and tokens
+        generated so far (read by ``/metrics``), written when the first three change, else at most
+        once a second."""
         now = {"running_rows": len(self.engine), "running_requests": len(self.requests), "queued": len(self.pending)}
-        if all(self.counts[k] == v for k, v in now.items()) and getattr(self, "_written", False):
-            return
+        same = all(self.counts[k] == v for k, v in now.items()) and getattr(self, "_written", False)
+        if same and time.monotonic() - getattr(self, "_written_at", 0.0) < 1.0:
+            return  # token counts alone: at most once a second
         self.counts.update(now)
         path = Path(self.runtime_dir) / "stream.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.counts))
         os.replace(tmp, path)
-        self._written = True
+        self._written, self._written_at = True, time.monotonic()
 
     # -- LitServe's continuous-batching interface ------------------------------------------------
     def decode_request(self, request: GenerateRequest):
@@ -129,6 +133,8 @@ class StreamAPI(ModelAPI):
         try:
             self._step(out)
         finally:
+            if not len(self.engine) and self.counts["running_rows"]:
+                release_free_memory()  # the batch has just emptied
             self._write_status()
         return out
 
@@ -237,6 +243,7 @@ class StreamAPI(ModelAPI):
         if req is None:
             return
         if ev.token is not None and ev.error is None:
+            self.counts["tokens_total"] += 1
             out.append(Output(uid, TokenEvent(role=role, token=ev.token, text=ev.text).model_dump(), LitAPIStatus.OK))
         if ev.finish_reason is None:
             return

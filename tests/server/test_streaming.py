@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     settings = ServerSettings(features=False, max_batch_size=4, batch_timeout=0.05, max_prompt_tokens=200,
                               max_total_tokens=1200, runtime_dir=str(runtime))
     srv = build_server(settings)
-    with wrap_litserve_start(srv) as s, TestClient(s.app) as c:
+    with wrap_litserve_start(srv, worker_monitor=True) as s, TestClient(s.app) as c:  # restarts dead workers
         deadline = time.time() + 300
         while c.get("/health").status_code != 200:
             assert time.time() < deadline, "the inference workers did not come up"
@@ -145,3 +145,46 @@ def test_a_disconnect_frees_its_row(server):
         assert time.time() < deadline, st
         time.sleep(0.2)
     assert time.time() - t0 < 60  # 1000 tokens would take minutes: the row left early
+
+
+def test_metrics_count_streamed_tokens_and_time_to_first_token(server):
+    c, _ = server
+    r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 5, "stream": True, "ignore_eos": True})
+    assert [k for k, _ in sse_events(r.text)].count("token") == 5
+    time.sleep(1.2)  # token counts reach the status file at most once a second
+    values = {}
+    for line in c.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            values[name] = float(v)
+    assert values['saesteer_time_to_first_token_seconds_count{route="/v1/generate"}'] >= 1
+    assert values['saesteer_time_to_first_token_seconds_count{route="/v1/chat/completions"}'] >= 1
+    assert values["saesteer_stream_tokens_total"] >= 5
+    assert values["saesteer_batch_rows"] == 0  # nothing generating now
+
+
+def test_a_dead_streaming_worker_ends_its_streams_with_503_and_comes_back(server):
+    """Last in this module: SIGKILL the continuous-batching worker mid-stream."""
+    import os
+    import signal
+
+    c, runtime = server
+    pid = stream_status(runtime)["pid"]
+    with c.stream("POST", "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True,
+                                                "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines) == "event: token"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        rest = list(lines)
+    assert time.time() - killed < 15
+    events = [line for line in rest if line.startswith("event: ")]
+    assert events[-1] == "event: error" and '"status":503' in rest[-2] + rest[-1] + "".join(rest[-3:])
+    deadline = time.time() + 240  # LitServe restarts the worker, which loads the model again
+    while True:
+        r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 3, "stream": True})
+        if r.status_code == 200 and sse_events(r.text)[-1][0] == "done":
+            break
+        assert time.time() < deadline, (r.status_code, r.text[:300])
+        time.sleep(2)
+    assert stream_status(runtime)["pid"] != pid
