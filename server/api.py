@@ -90,9 +90,12 @@ class ModelAPI(ls.LitAPI):
     """
 
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
+        from .concepts import ConceptStore
+
         super().__init__(**kwargs)
         self.settings = settings
         self.saes = saes
+        self.concepts = ConceptStore(settings.concepts_dir)  # named concepts, read from their files
 
     def setup(self, device):
         import torch
@@ -151,7 +154,7 @@ class ModelAPI(ls.LitAPI):
         limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
-                              max_position=limit)
+                              max_position=limit, concepts=self.concepts.get)
         except PlanError as e:
             return Rejected(422, [e.item])
         if not self.saes.fits(plan.sae_ids()):

@@ -44,6 +44,8 @@ from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
 from .features_api import FeaturesAPI
 from .gate import GenerateGate
+from .concepts import ConceptStore
+from .concepts import install as install_concepts
 from .images_api import ImagesAPI
 from .routes import HideInternal
 from .routes import install as install_routes
@@ -184,6 +186,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         declare_bearer(server.app)
     if settings.streaming and not settings.serves_images:
         install_routes(server, settings, runtime_dir, settings.model_id)
+    install_concepts(server.app, ConceptStore(settings.concepts_dir), pool)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server

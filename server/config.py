@@ -80,6 +80,9 @@ class ServerSettings(BaseSettings):
         20.0, ge=0, description="on SIGTERM, seconds to let requests in flight finish (new ones get 503) "
         "before every process stops",
     )
+    concepts_dir: str | None = Field(
+        None, description="folder of named concepts (POST /v1/concepts saves one JSON file each; the "
+        "intervention {op: concept} applies one); None: the server keeps no concepts")
     pack_linears: bool = Field(
         True, description="on CPU in float32, pack the model's linear layers for oneDNN once at start "
         "(PyTorch's default MKL kernels read weights at a third of the memory bandwidth here: decoding "
@@ -128,7 +131,7 @@ class ServerSettings(BaseSettings):
     def _empty_budget_means_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("api_keys_file", "rate_limit_requests_per_minute", "rate_limit_tokens_per_minute", mode="before")
+    @field_validator("api_keys_file", "concepts_dir", "rate_limit_requests_per_minute", "rate_limit_tokens_per_minute", mode="before")
     @classmethod
     def _empty_means_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

@@ -46,8 +46,11 @@ class ImagesAPI(ls.LitAPI):
     """
 
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
+        from .concepts import ConceptStore
+
         super().__init__(max_batch_size=1, api_path="/v1/images", **kwargs)
         self.settings, self.saes = settings, saes
+        self.concepts = ConceptStore(settings.concepts_dir)
 
     def setup(self, device):
         import torch
@@ -68,7 +71,7 @@ class ImagesAPI(ls.LitAPI):
 
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
-                              max_position=self.pipe.tokenizer.model_max_length)
+                              max_position=self.pipe.tokenizer.model_max_length, concepts=self.concepts.get)
         except PlanError as e:
             return Rejected(422, [e.item])
         return _Job(request, plan)

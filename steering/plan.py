@@ -7,11 +7,19 @@ row of a batch) -> ``steering.hooks.Steerer`` applies the plans of a whole batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from saesteer_client.schema import MAX_ABS_VALUE, Condition, ErrorItem, LatentIntervention, VectorIntervention
+from saesteer_client.schema import (
+    MAX_ABS_VALUE,
+    Concept,
+    ConceptIntervention,
+    Condition,
+    ErrorItem,
+    LatentIntervention,
+    VectorIntervention,
+)
 
 from saesteer.sae.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
@@ -186,12 +194,28 @@ class StrengthUnits:
         return resid_norm_vector(vector, strength, self.resid_norm[hook_point])
 
 
+def expand_concept(iv: ConceptIntervention, concept: Concept) -> list[LatentIntervention | VectorIntervention]:
+    """The edits a concept intervention stands for: the concept's stored edits with clamp/add
+    values and vector strengths times ``iv.strength`` (scale factors and ablations as stored), at
+    ``iv.positions`` and under ``iv.when``."""
+    out = []
+    for e in concept.interventions:
+        upd = {"positions": iv.positions, "when": iv.when}
+        if isinstance(e, LatentIntervention) and e.op in ("clamp", "add"):
+            upd["value"] = e.value * iv.strength
+        elif isinstance(e, VectorIntervention):
+            upd["strength"] = e.strength * iv.strength
+        out.append(e.model_copy(update=upd))
+    return out
+
+
 def build_plan(
     interventions: Sequence[LatentIntervention | VectorIntervention],
     configs: Mapping[str, SAEConfig],
     hook_widths: dict[str, int] | None = None,
     units: StrengthUnits | None = None,
     max_position: int | None = None,
+    concepts: Callable[[str], Concept | None] | None = None,
 ) -> InterventionPlan:
     """Check interventions against the SAEs' configs and resolve them into a plan (no weights are
     needed: ``Steerer.configs`` or ``SAEPool.configs`` validate a request before any SAE loads).
@@ -206,10 +230,12 @@ def build_plan(
             mean residual norm); None: only raw units are accepted.
         max_position: explicit token positions must be below this (the server's token limit);
             None: no limit beyond the wire schema's.
+        concepts: looks a named concept up by name (``{"op": "concept"}`` interventions, expanded
+            by ``expand_concept``); None: no concepts (such an intervention is refused).
 
     Raises:
         PlanError: unknown SAE id, latent out of range, unknown hook point, a vector of the
-            wrong length, a unit this server cannot resolve (no statistics for that SAE or
+            wrong length, an unknown concept, a unit this server cannot resolve (no statistics for that SAE or
             hook point, a latent that never fired), a resolved value above
             ``MAX_RESOLVED_VALUE``, a vector whose norm exceeds ``MAX_VECTOR_NORM_RESID``
             residual norms (or ``MAX_VECTOR_NORM`` where that norm is unknown), or a position at
@@ -220,8 +246,18 @@ def build_plan(
     widths = dict(hook_widths or {})
     for cfg in configs.values():
         widths.setdefault(cfg.hook_point, cfg.d_in)
+    flat = []
     for i, iv in enumerate(interventions):
         loc = ["body", "interventions", i]
+        if isinstance(iv, ConceptIntervention):
+            concept = concepts(iv.concept) if concepts is not None else None
+            if concept is None:
+                raise PlanError(loc + ["concept"], f"unknown concept {iv.concept!r}" + (
+                    "" if concepts is not None else "; this server keeps no concepts (--concepts-dir)"), "not_found")
+            flat += [(loc, e) for e in expand_concept(iv, concept)]
+        else:
+            flat.append((loc, iv))
+    for loc, iv in flat:
         if max_position is not None and not isinstance(iv.positions, str):
             far = max(iv.positions)
             if far >= max_position:

@@ -21,7 +21,8 @@ KEY = "fuzz-key"
 SAE = "smollm2-135m-res10-k32"
 MODEL = "SmolLM2-135M-Instruct"
 EXAMPLES = {"POST /v1/generate": 300, "GET /v1/saes": 10, "GET /v1/saes/{sae_id}/latents/{latent}": 60,
-            "POST /v1/chat/completions": 80, "POST /v1/completions": 60, "GET /v1/models": 3}
+            "POST /v1/chat/completions": 80, "POST /v1/completions": 60, "GET /v1/models": 3,
+            "POST /v1/concepts": 30, "GET /v1/concepts/{name}": 10, "GET /v1/concepts": 2}
 GENERATING = ("/v1/generate", "/v1/chat/completions", "/v1/completions")
 
 

@@ -1,10 +1,12 @@
 """saesteer client SDK: the wire schema and HTTP clients (httpx + pydantic only)."""
 
-from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, scale, when
+from .client import AsyncClient, Client, SaesteerError, ablate, add, add_vector, clamp, concept, scale, when
 from .schema import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    Concept,
+    ConceptIntervention,
     DoneEvent,
     ErrorEvent,
     Condition,
@@ -23,7 +25,8 @@ from .schema import (
 )
 
 __all__ = [
-    "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "scale", "when",
+    "AsyncClient", "Client", "SaesteerError", "ablate", "add", "add_vector", "clamp", "concept", "scale", "when",
+    "Concept", "ConceptIntervention",
     "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "ImagesRequest", "ImagesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention", "ChatCompletionRequest", "CompletionRequest", "TokenEvent", "DoneEvent", "ErrorEvent",
 ]

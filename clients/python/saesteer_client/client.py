@@ -19,6 +19,9 @@ from pydantic import TypeAdapter
 
 from .schema import (
     ChatMessage,
+    Concept,
+    ConceptIntervention,
+    ConceptList,
     Condition,
     DoneEvent,
     ErrorEvent,
@@ -81,6 +84,12 @@ def add(sae: str, latent: int, amount: float, positions="all", unit: str = "raw"
     """Add ``amount`` to ``latent`` of ``sae`` (adds its decoder direction times ``amount``;
     ``unit="typical"``: ``amount`` x the latent's typical activation)."""
     return LatentIntervention(op="add", sae=sae, latent=latent, value=amount, positions=positions, unit=unit, when=when)
+
+
+def concept(name: str, strength: float = 1.0, positions="all", when=None) -> ConceptIntervention:
+    """Apply the named concept ``name`` (saved by ``Client.save_concept``), its clamp/add values and
+    vector strengths times ``strength``."""
+    return ConceptIntervention(op="concept", concept=name, strength=strength, positions=positions, when=when)
 
 
 def add_vector(vector: Sequence[float], strength: float = 1.0, *, hook: str | None = None, sae: str | None = None,
@@ -250,6 +259,25 @@ class Client:
         """
         return LatentInfo.model_validate(self._send("GET", f"/v1/saes/{sae}/latents/{latent}").json())
 
+    def concepts(self) -> list[Concept]:
+        """``GET /v1/concepts``: the named concepts the server keeps."""
+        return ConceptList.model_validate(self._send("GET", "/v1/concepts").json()).concepts
+
+    def save_concept(self, name: str, interventions: Sequence[Intervention], description: str = "") -> Concept:
+        """``POST /v1/concepts``: save (or replace) a named concept; apply it with
+        ``concept(name, strength)``. Needs a key with the ``concepts:write`` scope.
+
+        Raises:
+            SaesteerError: 422 naming the field (unknown SAE, latent out of range, ...), 404 if the
+                server keeps no concepts.
+        """
+        body = Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
+        return Concept.model_validate(self._send("POST", "/v1/concepts", json=body).json())
+
+    def delete_concept(self, name: str) -> None:
+        """``DELETE /v1/concepts/{name}``."""
+        self._send("DELETE", f"/v1/concepts/{name}")
+
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the model is loaded)."""
         try:
@@ -330,6 +358,16 @@ class AsyncClient:
 
     async def latent(self, sae: str, latent: int) -> LatentInfo:
         return LatentInfo.model_validate((await self._send("GET", f"/v1/saes/{sae}/latents/{latent}")).json())
+
+    async def concepts(self) -> list[Concept]:
+        return ConceptList.model_validate((await self._send("GET", "/v1/concepts")).json()).concepts
+
+    async def save_concept(self, name: str, interventions: Sequence[Intervention], description: str = "") -> Concept:
+        body = Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
+        return Concept.model_validate((await self._send("POST", "/v1/concepts", json=body)).json())
+
+    async def delete_concept(self, name: str) -> None:
+        await self._send("DELETE", f"/v1/concepts/{name}")
 
     async def health(self) -> bool:
         try:

@@ -133,7 +133,47 @@ class VectorIntervention(_Strict):
         return self
 
 
-Intervention = Annotated[Union[LatentIntervention, VectorIntervention], Field(discriminator="op")]
+CONCEPT_NAME = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+"""A named concept's name: lower-case letters, digits, ``_ . -``; at most 64 characters."""
+
+
+class ConceptIntervention(_Strict):
+    """Apply a named concept (``POST /v1/concepts``): each of its stored edits, with clamp and add
+    values and vector strengths multiplied by ``strength`` (scale and ablate as stored), at these
+    ``positions`` and under this ``when``."""
+
+    op: Literal["concept"]
+    concept: str = Field(pattern=CONCEPT_NAME, description="the name of a saved concept (GET /v1/concepts)")
+    strength: BoundedFloat = Field(1.0, description="multiplies the concept's clamp/add values and vector strengths")
+    positions: Positions = "all"
+    when: Condition | None = Field(None, description="apply only where this latent fires (see Condition)")
+
+
+Intervention = Annotated[Union[LatentIntervention, VectorIntervention, ConceptIntervention], Field(discriminator="op")]
+StoredEdit = Annotated[Union[LatentIntervention, VectorIntervention], Field(discriminator="op")]
+
+
+class Concept(_Strict):
+    """A named concept: the edits that steer it (latents with their values, and/or a vector), saved
+    by ``POST /v1/concepts`` and applied by ``{"op": "concept", "concept": name}``. Its edits are
+    stored with the default ``positions`` and no ``when``: a request sets those."""
+
+    name: str = Field(pattern=CONCEPT_NAME)
+    description: str = Field("", max_length=2000)
+    interventions: list[StoredEdit] = Field(min_length=1, max_length=MAX_INTERVENTIONS,
+                                            description="latent edits and/or raw vectors, as in /v1/generate")
+
+    @model_validator(mode="after")
+    def _plain_edits(self):
+        for i, iv in enumerate(self.interventions):
+            if iv.positions != "all" or iv.when is not None:
+                raise ValueError(f"interventions[{i}]: a concept's edits take no positions or when; "
+                                 "give them where the concept is applied")
+        return self
+
+
+class ConceptList(BaseModel):
+    concepts: list[Concept]
 
 
 class ChatMessage(_Strict):
