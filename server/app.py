@@ -42,7 +42,7 @@ from .api import GenerateAPI
 from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, RateLimitMiddleware, hash_key, load_keys_file
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
-from .features_api import FeaturesAPI
+from .features_api import FeaturesAPI, install_search
 from .gate import GenerateGate
 from .concepts import ConceptStore
 from .concepts import install as install_concepts
@@ -186,6 +186,8 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         declare_bearer(server.app)
     if settings.streaming and not settings.serves_images:
         install_routes(server, settings, runtime_dir, settings.model_id)
+    if settings.features and not settings.serves_images:
+        install_search(server.app)  # before the concepts routes: /v1/concepts/{name} must not take it
     install_concepts(server.app, ConceptStore(settings.concepts_dir), pool)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)

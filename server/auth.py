@@ -77,6 +77,8 @@ def required_scope(method: str, path: str) -> str | None:
         return "features"
     if path.startswith("/v1/images"):
         return "images"
+    if path == "/v1/concepts/search":
+        return "features"
     if path.startswith("/v1/concepts") and method not in ("GET", "HEAD"):
         return "concepts:write"
     if path == "/metrics":

@@ -2,12 +2,27 @@
 worker of its own (``FeaturesAPI``: LitServe gives each API its own processes, so this one holds its
 own copy of the model; it never waits behind a long generation). The read-out is
 ``steering.readout.read_latents``.
+
+The same worker answers ``POST /v1/concepts/search`` (``steering.concept_search``): that route
+(``install_search``) hands LitServe's ``/v1/features`` endpoint a ``ConceptSearchRequest``
+instead of a ``FeaturesRequest``, and ``decode_request`` dispatches on the type, so the search
+needs no further model copy.
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's real annotation.
 from dataclasses import dataclass
 
-from saesteer_client.schema import FeaturesRequest, FeaturesResponse, LatentActivation, LatentTrace, TokenFeatures
+from saesteer_client.schema import (
+    ConceptSearchHit,
+    ConceptSearchRequest,
+    ConceptSearchResponse,
+    FeaturesRequest,
+    FeaturesResponse,
+    LatentActivation,
+    LatentIntervention,
+    LatentTrace,
+    TokenFeatures,
+)
 
 from saesteer.sae.model import LatentRangeError, check_latent
 
@@ -31,6 +46,8 @@ class FeaturesAPI(ModelAPI):
         super().__init__(settings, saes, max_batch_size=1, api_path="/v1/features", **kwargs)
 
     def decode_request(self, request: FeaturesRequest) -> _Job | Rejected:
+        if isinstance(request, ConceptSearchRequest):
+            return self._decode_search(request)
         at = ["body"]
         if request.sae not in self.saes.configs:
             return Rejected.field(422, at + ["sae"], f"unknown SAE {request.sae!r}; loaded SAEs: {', '.join(sorted(self.saes.configs))}")
@@ -48,11 +65,44 @@ class FeaturesAPI(ModelAPI):
             return Rejected.field(422, at + ["sae"], f"SAE {request.sae!r} does not fit this server's SAE memory budget", "sae_memory")
         return _Job(request, ids + extra, len(ids))
 
+    def _decode_search(self, request: ConceptSearchRequest) -> ConceptSearchRequest | Rejected:
+        if request.sae is not None and request.sae not in self.saes.configs:
+            return Rejected.field(422, ["body", "sae"], f"unknown SAE {request.sae!r}; loaded SAEs: {', '.join(sorted(self.saes.configs))}")
+        ids = [request.sae] if request.sae else sorted(self.saes.configs)
+        if not self.saes.fits(ids):
+            return Rejected.field(422, ["body", "sae"], "these SAEs do not fit this server's SAE memory budget together; "
+                                  "search one at a time (sae)", "sae_memory")
+        return request
+
+    def _search(self, r: ConceptSearchRequest):
+        from saesteer.sae.stats import load_latent_stats
+        from saesteer.steering.concept_search import search_concepts
+
+        ids = [r.sae] if r.sae else sorted(self.saes.configs)
+        if not hasattr(self, "_stats"):
+            self._stats = {}
+        for sid in ids:
+            if sid not in self._stats:
+                self._stats[sid] = load_latent_stats(self.saes.folders[sid])
+        try:
+            with self.saes.use(ids) as saes:
+                hits = search_concepts(self.model, self.tokenizer, saes, self._stats, r.positive, r.negative, r.words, r.top_k)
+        except ValueError as e:  # no usable concept tokens
+            field = "words" if r.words else "positive"
+            return Rejected.field(422, ["body", field], str(e))
+        return ConceptSearchResponse(latents=[ConceptSearchHit(
+            sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,
+            top_tokens=h.top_tokens,
+            suggested=LatentIntervention(op="clamp", sae=h.sae, latent=h.latent, value=round(h.value, 4), unit=h.unit),
+        ) for h in hits])
+
     def predict(self, job):
         from saesteer.steering.readout import read_latents
 
         if isinstance(job, Rejected):
             return job
+        if isinstance(job, ConceptSearchRequest):
+            return self._search(job)
         r = job.request
         with self.saes.use([r.sae]) as saes:
             out = read_latents(self.model, saes[r.sae], job.input_ids, r.top_k, r.latents)
@@ -73,3 +123,19 @@ class FeaturesAPI(ModelAPI):
         if isinstance(output, Rejected):
             return error_response(output.status, output.detail)
         return output
+
+
+def install_search(app) -> None:
+    """Add ``POST /v1/concepts/search`` to ``app``, answered by the ``/v1/features`` worker (see the
+    module docstring); call after LitServe registered ``/v1/features``."""
+    from fastapi.routing import APIRoute
+
+    features = next((r.endpoint for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/features"), None)
+    if features is None:
+        raise RuntimeError("LitServe registered no /v1/features route")
+
+    async def search(request: ConceptSearchRequest):
+        return await features(request)
+
+    app.add_api_route("/v1/concepts/search", search, methods=["POST"], response_model=ConceptSearchResponse,
+                      summary="Rank latents across the attached SAEs for a concept given as sentences and/or words")

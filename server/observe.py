@@ -22,7 +22,7 @@ from .runtime import SharedState, read_workers
 access_log = logging.getLogger("saesteer.access")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _LATENT = re.compile(r"^/v1/saes/[^/]+/latents/[^/]+$")
-ROUTES = ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/features", "/v1/images", "/v1/concepts", "/v1/saes", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/features", "/v1/images", "/v1/concepts", "/v1/concepts/search", "/v1/saes", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
 
 
 def route_of(path: str) -> str:
@@ -31,7 +31,7 @@ def route_of(path: str) -> str:
         return path
     if _LATENT.match(path):
         return "/v1/saes/{sae}/latents/{latent}"
-    if path.startswith("/v1/concepts/") and path.count("/") == 3:
+    if path.startswith("/v1/concepts/") and path.count("/") == 3 and path not in ROUTES:
         return "/v1/concepts/{name}"
     return "other"
 

@@ -84,3 +84,27 @@ def test_a_server_without_a_concepts_folder_says_so(tmp_path):
         from saesteer_client.schema import Concept
 
         store.save(Concept(name="x", interventions=EDITS))
+
+
+def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
+    settings = ServerSettings(features=True, streaming=False, max_batch_size=4, batch_timeout=0.05)
+    with wrap_litserve_start(build_server(settings)) as s, TestClient(s.app) as c:
+        deadline = time.time() + 300
+        while c.get("/health").status_code != 200:
+            assert time.time() < deadline, "the inference workers did not come up"
+            time.sleep(0.5)
+        body = {"positive": ["The waves crashed on the sandy beach.", "We sailed across the open sea.",
+                             "Whales swim in the deep ocean."], "words": ["ocean", "sea"], "top_k": 5}
+        r = c.post("/v1/concepts/search", json=body)
+        assert r.status_code == 200, r.text
+        hits = r.json()["latents"]
+        assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert all(h["sae"] == SAE and h["input_score"] is not None and len(h["top_tokens"]) == 10 for h in hits)
+        suggested = hits[0]["suggested"]
+        assert suggested["op"] == "clamp" and suggested["unit"] == "typical"
+        steered = tokens(c, [suggested])
+        assert steered != tokens(c, [])  # the suggestion is accepted as is and changes the answer
+        r = c.post("/v1/concepts/search", json={**body, "sae": "nope"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sae"]
+        r = c.post("/v1/concepts/search", json={"positive": [], "words": []})
+        assert r.status_code == 422

@@ -22,6 +22,9 @@ from .schema import (
     Concept,
     ConceptIntervention,
     ConceptList,
+    ConceptSearchHit,
+    ConceptSearchRequest,
+    ConceptSearchResponse,
     Condition,
     DoneEvent,
     ErrorEvent,
@@ -278,6 +281,14 @@ class Client:
         """``DELETE /v1/concepts/{name}``."""
         self._send("DELETE", f"/v1/concepts/{name}")
 
+    def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
+                        sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
+        """``POST /v1/concepts/search``: latents that stand for a concept given as example
+        sentences and/or words, best first, each with a ready-to-send ``suggested`` clamp."""
+        body = ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
+                                    top_k=top_k).model_dump(mode="json", exclude_none=True)
+        return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).latents
+
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the model is loaded)."""
         try:
@@ -368,6 +379,12 @@ class AsyncClient:
 
     async def delete_concept(self, name: str) -> None:
         await self._send("DELETE", f"/v1/concepts/{name}")
+
+    async def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
+                              sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
+        body = ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
+                                    top_k=top_k).model_dump(mode="json", exclude_none=True)
+        return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).latents
 
     async def health(self) -> bool:
         try:

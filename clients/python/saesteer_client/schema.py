@@ -176,6 +176,46 @@ class ConceptList(BaseModel):
     concepts: list[Concept]
 
 
+Sentence = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class ConceptSearchRequest(_Strict):
+    """``POST /v1/concepts/search``: which latents stand for a concept given as example sentences
+    and/or words (at least one of ``positive`` or ``words``)."""
+
+    positive: list[Sentence] = Field(default_factory=list, max_length=64, description="sentences that carry the concept")
+    negative: list[Sentence] = Field(default_factory=list, max_length=64,
+                                     description="sentences without it (default: the server's neutral set)")
+    words: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32, description="words naming the concept (their tokens score the output side)")
+    sae: str | None = Field(None, min_length=1, max_length=256, description="search this SAE only (default: every attached one)")
+    top_k: int = Field(10, ge=1, le=50, description="latents returned, best first")
+
+    @model_validator(mode="after")
+    def _something_to_search(self):
+        if not self.positive and not self.words:
+            raise ValueError("give at least one positive sentence or one word")
+        return self
+
+
+class ConceptSearchHit(BaseModel):
+    """One latent found: its scores (``input_score`` in typical activations where the SAE has
+    statistics, None without positive sentences; ``output_score`` the logit-lens probability mass on
+    the concept's tokens), the tokens its decoder direction promotes, and a ready-to-send clamp."""
+
+    sae: str
+    latent: int
+    score: float = Field(description="the ranking score: the sum of the scores' robust z-scores within the SAE")
+    input_score: float | None
+    output_score: float
+    top_tokens: list[str]
+    suggested: LatentIntervention
+
+
+class ConceptSearchResponse(BaseModel):
+    latents: list[ConceptSearchHit]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=100_000)
