@@ -155,3 +155,15 @@ def test_async_sdk_drives_16_concurrent_streams_each_as_alone(server_url):
     together, alone = asyncio.run(main())
     assert together == alone
     assert len({tuple(t) for t in together}) > 8  # they really differ
+
+
+def test_cli_concept_search_against_the_server(server_url):
+    out = subprocess.run([sys.executable, "-m", "saesteer", "concepts", "search", "--url", server_url, "--api-key", KEY,
+                          "--words", "ocean", "sea", "--positive", "Whales swim in the deep ocean.", "--top-k", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.strip().splitlines()
+    assert len(rows) == 3 and all(r.startswith(SAE + "\t") and '"op":"clamp"' in r for r in rows)
+    no_dir = subprocess.run([sys.executable, "-m", "saesteer", "concepts", "save", "--name", "ocean", "--url", server_url,
+                             "--api-key", KEY, "--words", "ocean"], capture_output=True, text=True, timeout=120)
+    assert no_dir.returncode == 1 and "concepts-dir" in no_dir.stderr  # this server keeps no concepts
