@@ -156,10 +156,27 @@ def _stream(gen: AsyncIterator[str], events: AsyncIterator) -> StreamingResponse
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-def _refusal(ev) -> object:
+def _refusal(ev, openai: bool = False) -> object:
     if ev is None:
         return error_response(503, "the streaming worker ended the request without an answer; retry")
-    return error_response(ev.status, ev.detail)
+    return error_response(ev.status, _openai_fields(ev.detail) if openai else ev.detail)
+
+
+_OPENAI_NAMES = {"interventions": "steering", "max_new_tokens": "max_tokens"}
+
+
+def _openai_fields(detail):
+    """Error items of a translated OpenAI request, their ``loc`` in the OpenAI body's names
+    (``interventions`` -> ``steering``, ``max_new_tokens`` -> ``max_tokens``)."""
+    if isinstance(detail, str):
+        return detail
+    out = []
+    for item in detail:
+        loc = list(item.loc)
+        if len(loc) > 1 and loc[0] == "body" and loc[1] in _OPENAI_NAMES:
+            loc[1] = _OPENAI_NAMES[loc[1]]
+        out.append(item.model_copy(update={"loc": loc}))
+    return out
 
 
 def install(server, settings, runtime_dir: str, model_id: str) -> None:
@@ -211,20 +228,20 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                    stop=body.stop_list(), interventions=body.steering, **fields)
         except ValidationError as e:
-            return error_response(422, [ErrorItem(loc=["body", *[x for x in err["loc"] if x != "interventions"]],
-                                                  msg=err["msg"], type=err["type"]) for err in e.errors()])
+            return error_response(422, _openai_fields([ErrorItem(loc=["body", *err["loc"]], msg=err["msg"], type=err["type"])
+                                                       for err in e.errors()]))
 
-    async def openai(body, req: GenerateRequest, rid: str, chunk_of, final_of):
+    async def openai(body, req: GenerateRequest, chunk_of, final_of):
         events = client.events(req)
         first, events = await _first(events)
         if first is None or first.type == "error":
-            return _refusal(first)
+            return _refusal(first, openai=True)
         if not body.stream:
             ev = first
             async for ev in events:
                 pass
             if ev.type == "error":
-                return error_response(ev.status, ev.detail)
+                return _refusal(ev, openai=True)
             if ev.type != "done":
                 return error_response(503, "the stream ended early; retry")
             return final_of(ev.response)
@@ -272,7 +289,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return ChatCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
                 ChatChoice(message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)])
 
-        return await openai(body, req, rid, chunk_of, final_of)
+        return await openai(body, req, chunk_of, final_of)
 
     async def completions(body: CompletionRequest):
         if (bad := check_model(body.model)) is not None:
@@ -292,7 +309,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return TextCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
                 TextChoice(text=r.text, finish_reason=r.finish_reason)])
 
-        return await openai(body, req, rid, chunk_of, final_of)
+        return await openai(body, req, chunk_of, final_of)
 
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id, created=created)])

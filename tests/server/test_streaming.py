@@ -111,6 +111,9 @@ def test_refused_before_the_first_token_gets_its_status(server, oai):
     with pytest.raises(openai.UnprocessableEntityError):
         oai.chat.completions.create(model=MODEL, messages=MSG, stream=True,
                                     extra_body={"steering": [{"op": "clamp", "sae": SAE, "latent": -1, "value": 1}]})
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "steering": [
+        {"op": "ablate", "sae": SAE, "latent": 10**6}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steering", 0, "latent"]  # OpenAI's names
     assert c.post("/internal/stream", json={"prompt": "hi"}).status_code == 404
 
 
