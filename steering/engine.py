@@ -207,8 +207,13 @@ class ContinuousBatch:
     def step(self) -> list[RowEvent]:
         """One decode step for every row: one event per row, in batch order; rows that end leave.
 
+        If the batched forward raises (an exception in one row's steering, say), the step is
+        redone row by row, and a row whose own forward raises ends with ``error="exception:<type>"``
+        while the others get their tokens: one row never ends another.
+
         Raises:
-            Whatever the model or the steering hooks raise (the batch is left as before the step).
+            Whatever the model or the steering hooks raise with a single row (the batch is left as
+            before the step).
         """
         if not self.rows:
             return []
@@ -222,10 +227,12 @@ class ContinuousBatch:
             with self._steer(self.rows, positions):
                 logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache,
                                     use_cache=True).logits[:, -1]
-        except BaseException:
+        except Exception:
             for layer, n in zip(self.cache.layers, lengths):  # undo a partial append
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-            raise
+            if B == 1:
+                raise
+            return self._step_one_by_one(ids, pos, attn, positions.prompt_len)
         self.attn = attn
         events = []
         finite = torch.isfinite(logits).all(-1).tolist()
@@ -233,6 +240,44 @@ class ContinuousBatch:
             row.cache_len += 1
             events.append(self._advance(row, logits[b] if finite[b] else None))
         self._drop({e.key for e in events if e.finish_reason is not None})
+        return events
+
+    def _step_one_by_one(self, ids, pos, attn, prompt_len) -> list[RowEvent]:
+        """``step`` for each row alone, over its slice of the KV cache; the rows whose forward
+        raised end with an error, the others' new key/value columns are put back together."""
+        from transformers import DynamicCache
+
+        old = [(layer.keys, layer.values) for layer in self.cache.layers]
+        events, cols, ok = [], [], []
+        for b, row in enumerate(self.rows):
+            sub = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(old):
+                sub.update(k[b:b + 1], v[b:b + 1], i)
+            sl = slice(b, b + 1)
+            try:
+                with self._steer([row], StepPositions(abs_pos=pos[sl], prompt_len=prompt_len[sl])):
+                    logits = self.model(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl],
+                                        past_key_values=sub, use_cache=True).logits[0, -1]
+            except Exception as e:
+                events.append(self._final(row, "error", f"exception:{type(e).__name__}"))
+                continue
+            ok.append(b)
+            cols.append([(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in sub.layers])
+            row.cache_len += 1
+            events.append(self._advance(row, logits if bool(torch.isfinite(logits).all()) else None))
+        if ok:
+            idx = torch.tensor(ok, dtype=torch.long, device=self.dev)
+            cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(old):
+                cache.update(torch.cat([k.index_select(0, idx), torch.cat([c[i][0] for c in cols])], dim=2),
+                             torch.cat([v.index_select(0, idx), torch.cat([c[i][1] for c in cols])], dim=2), i)
+            failed = {self.rows[b].key for b in range(len(self.rows)) if b not in ok}
+            self.rows = [self.rows[b] for b in ok]
+            self.cache, self.attn = cache, attn.index_select(0, idx)
+        else:
+            failed = set()
+            self.rows, self.cache, self.attn = [], None, None
+        self._drop({e.key for e in events if e.finish_reason is not None} - failed)
         return events
 
     def _steer(self, rows: list[_Row], positions: StepPositions):

@@ -122,3 +122,19 @@ def test_once_fired_condition_survives_steps(setup, default_sae):
     assert evs[-1].tokens == static
     unsteered = generate(model, tok, [GenerationSpec(ids, max_new_tokens=8)])[0].tokens
     assert static != unsteered  # the condition held on the generated tokens
+
+
+def test_an_exception_in_one_rows_step_ends_only_that_row(setup):
+    model, tok, sid, steer = setup
+    specs = [GenerationSpec(chat(tok, p), max_new_tokens=6) for p in PROMPTS[:3]]
+    engine = ContinuousBatch(model, tok, steer)
+    engine.add_many([(str(i), s) for i, s in enumerate(specs)])
+    # a plan that slipped past validation: the hook's index lookup raises at the next forward
+    engine.rows[1].spec.plan = InterventionPlan(latent_edits=[LatentEdit(sid, 10**6, "clamp", 1.0, "all")])
+    events: dict[str, list] = {}
+    while len(engine):
+        for e in engine.step():
+            events.setdefault(e.key, []).append(e)
+    assert events["1"][-1].finish_reason == "error" and events["1"][-1].error.startswith("exception:")
+    alone = generate(model, tok, [specs[0], specs[2]], steer)
+    assert events["0"][-1].tokens == alone[0].tokens and events["2"][-1].tokens == alone[1].tokens
