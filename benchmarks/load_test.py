@@ -51,7 +51,7 @@ def worker_pids(runtime: Path) -> list[int]:
             pid = json.loads(p.read_text())["pid"]
         except (OSError, ValueError, KeyError):
             continue
-        if rss_mib(pid) is not None:
+        if rss_mib(pid) is not None and pid not in out:
             out.append(pid)
     return out
 

@@ -132,8 +132,10 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     if settings.serves_images:
         apis, workers = [ImagesAPI(settings, pool)], {"/v1/images": settings.workers}
     else:
-        apis = [GenerateAPI(settings, pool, runtime_dir=runtime_dir)]
-        workers = {"/v1/generate": settings.workers}
+        apis, workers = [], {}
+        if settings.generate_loop == "static":
+            apis.append(GenerateAPI(settings, pool, runtime_dir=runtime_dir))
+            workers["/v1/generate"] = settings.workers
         if settings.features:
             apis.append(FeaturesAPI(settings, pool))
             workers["/v1/features"] = 1

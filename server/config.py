@@ -9,7 +9,7 @@ import argparse
 from typing import Literal
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 from .auth import ApiKey
@@ -91,6 +91,10 @@ class ServerSettings(BaseSettings):
         True, description="serve stream: true on POST /v1/generate and the OpenAI-compatible routes "
         "(/v1/chat/completions, /v1/completions, /v1/models) from a continuous-batching worker of its own, "
         "which holds another copy of the model")
+    generate_loop: Literal["static", "continuous"] = Field(
+        "static", description="how POST /v1/generate without stream runs: static batches in a worker of its "
+        "own (static), or in the continuous-batching worker beside the streams and the OpenAI routes "
+        "(continuous: one model copy fewer; needs streaming)")
     max_running_rows: int = Field(
         16, ge=1, le=256, description="rows the continuous-batching worker decodes together (a compare "
         "request is two); later requests wait in its queue")
@@ -115,6 +119,12 @@ class ServerSettings(BaseSettings):
         if self.family != "auto":
             return self.family == "image"
         return self.model is not None and (Path(self.model) / "model_index.json").is_file()
+
+    @model_validator(mode="after")
+    def _continuous_needs_streaming(self):
+        if self.generate_loop == "continuous" and not self.streaming:
+            raise ValueError("generate_loop continuous runs in the streaming worker: it needs streaming on")
+        return self
 
     @property
     def model_id(self) -> str:

@@ -181,7 +181,9 @@ def _openai_fields(detail):
 
 def install(server, settings, runtime_dir: str, model_id: str) -> None:
     """Add the routes to ``server.app`` (the LitServer, before ``run``), replacing LitServe's
-    ``/v1/generate`` route by one that streams with ``stream: true`` and passes the rest on."""
+    ``/v1/generate`` route by one that streams with ``stream: true`` and passes the rest on to the
+    static-batching worker, or, without one (``--generate-loop continuous``), answers them from the
+    continuous batch too."""
     from fastapi.routing import APIRoute
 
     app = server.app
@@ -192,12 +194,18 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
         if isinstance(route, APIRoute) and route.path == "/v1/generate":
             lit_generate = route.endpoint
             app.router.routes.remove(route)
-    if lit_generate is None:
-        raise RuntimeError("LitServe registered no /v1/generate route")
-
     async def generate(request: GenerateRequest):
         if not request.stream:
-            return await lit_generate(request)
+            if lit_generate is not None:  # the static-batching worker
+                return await lit_generate(request)
+            last = None
+            async for last in client.events(request):  # --generate-loop continuous: ride the streams' batch
+                pass
+            if last is None or last.type == "error":
+                return _refusal(last)
+            if last.type != "done":
+                return error_response(503, "the stream ended early; retry")
+            return last.response
         events = client.events(request)
         first, events = await _first(events)
         if first is None or first.type == "error":

@@ -59,7 +59,10 @@ class _Request:
     """A request admitted: its rows' results as they finish."""
 
     def __init__(self, prepared: Prepared, roles: list[str]):
+        from .runtime import request_fingerprint
+
         self.prepared, self.roles = prepared, roles
+        self.fingerprint = request_fingerprint(prepared.request)
         self.done: dict[str, object] = {}  # role -> final RowEvent
 
 
@@ -80,7 +83,15 @@ class StreamAPI(ModelAPI):
     def setup(self, device):
         from saesteer.steering.engine import ContinuousBatch
 
+        from .runtime import WorkerStatus
+
+        # the status file every worker keeps: /ready waits for it, and the generate gate answers
+        # 503 at once for the requests it held if it dies
+        self.status = WorkerStatus(self.runtime_dir)
+        self.status.write("loading")
+        self._held: list[str] = []
         super().setup(device)
+        self.status.write("idle")
         self.engine = ContinuousBatch(self.model, self.tokenizer, self.steerer)
         self.pending: deque = deque()  # (uid, request), filled by add_request on the loop's thread
         self.lock = threading.Lock()
@@ -136,6 +147,10 @@ class StreamAPI(ModelAPI):
             if not len(self.engine) and self.counts["running_rows"]:
                 release_free_memory()  # the batch has just emptied
             self._write_status()
+            held = sorted(r.fingerprint for r in self.requests.values())
+            if held != self._held:
+                self._held = held
+                self.status.write("busy" if held else "idle", held)
         return out
 
     def _step(self, out: list) -> None:
