@@ -109,10 +109,11 @@ def _output_scores(a: argparse.Namespace) -> int:
 
     from saesteer.sae.formats import load_any
     from saesteer.sae.output_scores import output_scores, save_latent_output
-    from saesteer.sae.lm import load_model
+    from saesteer.sae.lm import load_model, pack_linears
 
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
+    pack_linears(model)  # oneDNN: the same numbers within float32 rounding, 2-4x faster matmuls here
     t0 = time.time()
     out = output_scores(model, tok, sae, amplification=a.amplification, top_k=a.logit_lens_k, batch_size=a.batch_size)
     paths = save_latent_output(out, a.out or a.sae, tok)

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 
 from saesteer.sae.model import LatentRangeError, check_latent
 from saesteer.sae.sources import parse_sae_spec
+from saesteer.sae.output_scores import load_latent_output
 from saesteer.sae.stats import latent_record, load_latent_stats
 from saesteer.steering.pool import SAEPool
 
@@ -159,6 +160,10 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     def stats_of(sae_id: str):
         return load_latent_stats(pool.folders[sae_id], contexts=True)
 
+    @lru_cache(maxsize=8)
+    def output_of(sae_id: str):
+        return load_latent_output(pool.folders[sae_id], top_tokens=True)  # None where not computed
+
     def latent_info(sae_id: str, latent: int):  # sync: FastAPI runs it in a thread (file reads)
         if sae_id not in pool.configs:
             return field_error(404, ["path", "sae_id"], f"unknown SAE {short(repr(sae_id), 100)}; loaded SAEs: {', '.join(sorted(pool.configs))}", "not_found")
@@ -169,7 +174,11 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         stats = stats_of(sae_id)
         if stats is None:
             return field_error(404, ["path", "sae_id"], f"SAE {sae_id!r} has no latent statistics (saesteer stats)", "not_found")
-        return LatentInfo(sae=sae_id, **latent_record(stats, latent))
+        extra = {}
+        out = output_of(sae_id)
+        if out is not None:
+            extra = {"output_score": float(out[0].output_score[latent]), "top_tokens": list(out[1].get(latent, []))}
+        return LatentInfo(sae=sae_id, **latent_record(stats, latent), **extra)
 
     server.saesteer_state = state
     stuck_after = settings.generation_timeout + 30

@@ -88,6 +88,11 @@ def test_latent_lookup(client):
     assert 0 < info["typical_activation"] <= info["max_activation"]
     assert len(info["contexts"]) == 5 and "«" in info["contexts"][0]["text"]
     assert info["contexts"][0]["activation"] == pytest.approx(info["max_activation"], rel=1e-3)
+    from saesteer.sae.output_scores import load_latent_output  # shipped with the default SAE
+
+    out, top = load_latent_output(default_sae_spec(), top_tokens=True)
+    assert info["output_score"] == pytest.approx(float(out.output_score[3656])) and info["top_tokens"] == top[3656]
+    assert len(info["top_tokens"]) == 10
     for path, status, needle in [
         ("/v1/saes/nope/latents/1", 404, "unknown SAE"),
         ("/v1/saes/gs6/latents/1", 404, "no latent statistics"),

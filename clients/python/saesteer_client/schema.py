@@ -552,6 +552,10 @@ class LatentInfo(BaseModel):
     typical_activation: float
     max_activation: float
     contexts: list[LatentContext] = Field(default_factory=list, description="top activating contexts, best first")
+    output_score: float | None = Field(None, description="how strongly adding its decoder direction promotes its own top "
+                                       "tokens (Arad et al. 2025), where saved with the SAE")
+    top_tokens: list[str] = Field(default_factory=list, description="the tokens its decoder direction promotes most "
+                                  "(logit lens), where saved with the SAE")
 
 
 class ErrorItem(BaseModel):
