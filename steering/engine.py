@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample
+from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
 
 CANCELLED = "cancelled"
@@ -79,7 +79,7 @@ class ContinuousBatch:
         self.model, self.tokenizer, self.steerer = model, tokenizer, steerer
         self.dev = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad_id(tokenizer)
         self.rows: list[_Row] = []
         self.cache = None  # DynamicCache over the rows, [rows, heads, T, head_dim] per layer
         self.attn: torch.Tensor | None = None  # [rows, T] int64, 0 on left padding
@@ -112,23 +112,15 @@ class ContinuousBatch:
             ValueError: a key already runs or repeats, or a spec has no prompt tokens.
             Whatever the model or the steering hooks raise (the batch is left unchanged).
         """
-        from transformers import DynamicCache
-
         keys = [k for k, _ in rows] + self.keys()
         if len(set(keys)) != len(keys):
             raise ValueError("row keys must be unique among the rows running and the new ones")
         if any(not s.input_ids for _, s in rows):
             raise ValueError("a row needs at least one prompt token")
-        new = [_Row(k, s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None) for k, s in rows]
-        lens = torch.tensor([len(s.input_ids) for _, s in rows])
-        n, P = len(rows), int(lens.max())
-        ids = torch.full((n, P), self.pad, dtype=torch.long)
-        attn = torch.zeros((n, P), dtype=torch.long)
-        for b, (_, s) in enumerate(rows):
-            ids[b, P - len(s.input_ids):] = torch.tensor(s.input_ids)
-            attn[b, P - len(s.input_ids):] = 1
-        abs_pos = (torch.arange(P).unsqueeze(0) - (P - lens).unsqueeze(1)).to(self.dev)  # negative on padding
-        cache = DynamicCache(config=self.model.config)
+        new = [_Row(k, s, row_generator(s)) for k, s in rows]
+        ids, attn, abs_pos, lens = left_padded([s.input_ids for _, s in rows], self.pad)
+        abs_pos = abs_pos.to(self.dev)
+        cache = self._cache_of(())  # empty: the prefill fills it
         positions = StepPositions(abs_pos=abs_pos, prompt_len=lens.to(self.dev))
         with self._steer(new, positions):
             logits = self.model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev),
@@ -143,32 +135,40 @@ class ContinuousBatch:
             self._merge([new[b] for b in going], cache, attn.to(self.dev), going)
         return events
 
+    def _cache_of(self, kv) -> object:
+        """A ``DynamicCache`` holding ``kv``: one (keys, values) pair per layer, each
+        [rows, heads, T, head_dim]."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return cache
+
+    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batch's (keys, values) per layer."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
     def _merge(self, rows: list[_Row], cache, attn: torch.Tensor, which: list[int]) -> None:
         """Append ``rows`` (rows ``which`` of a prefill's ``cache`` and ``attn`` [n, P]) to the
         batch, left-padding the shorter side so that every row ends at the last column."""
-        from transformers import DynamicCache
-
         idx = torch.tensor(which, dtype=torch.long, device=self.dev)
         new = [(layer.keys.index_select(0, idx), layer.values.index_select(0, idx)) for layer in cache.layers]
         attn = attn.index_select(0, idx)
         P = attn.shape[1]
         if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(new):
-                self.cache.update(k, v, i)
-            self.attn, self.rows = attn, list(rows)
+            self.cache, self.attn, self.rows = self._cache_of(new), attn, list(rows)
             return
-        old = [(layer.keys, layer.values) for layer in self.cache.layers]
+        old = self._kv()
         T = old[0][0].shape[-2]
         L = max(T, P)
 
         def left_pad(t: torch.Tensor, n: int) -> torch.Tensor:  # [B, H, t, D] -> [B, H, t + n, D]
             return t if n == 0 else torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
 
-        merged = DynamicCache(config=self.model.config)
-        for i, ((ok, ov), (nk, nv)) in enumerate(zip(old, new)):
-            merged.update(torch.cat([left_pad(ok, L - T), left_pad(nk, L - P)]),
-                          torch.cat([left_pad(ov, L - T), left_pad(nv, L - P)]), i)
+        merged = self._cache_of((torch.cat([left_pad(ok, L - T), left_pad(nk, L - P)]),
+                                 torch.cat([left_pad(ov, L - T), left_pad(nv, L - P)]))
+                                for (ok, ov), (nk, nv) in zip(old, new))
         attn_old = torch.cat([self.attn.new_zeros((self.attn.shape[0], L - T)), self.attn], dim=1)
         attn_new = torch.cat([attn.new_zeros((attn.shape[0], L - P)), attn], dim=1)
         self.cache, self.attn = merged, torch.cat([attn_old, attn_new])
@@ -185,8 +185,6 @@ class ContinuousBatch:
         return None
 
     def _drop(self, keys: set[str]) -> None:
-        from transformers import DynamicCache
-
         keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
         if len(keep) == len(self.rows):
             return
@@ -197,10 +195,9 @@ class ContinuousBatch:
         idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
         attn = self.attn.index_select(0, idx)
         first = int(attn.any(0).to(torch.int8).argmax())  # columns before it are padding in every row left
-        cache = DynamicCache(config=self.model.config)
-        for i, layer in enumerate(self.cache.layers):
-            cache.update(layer.keys.index_select(0, idx)[:, :, first:], layer.values.index_select(0, idx)[:, :, first:], i)
-        self.cache, self.attn = cache, attn[:, first:]
+        self.cache = self._cache_of((k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+                                    for k, v in self._kv())
+        self.attn = attn[:, first:]
 
     # -- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -245,15 +242,11 @@ class ContinuousBatch:
     def _step_one_by_one(self, ids, pos, attn, prompt_len) -> list[RowEvent]:
         """``step`` for each row alone, over its slice of the KV cache; the rows whose forward
         raised end with an error, the others' new key/value columns are put back together."""
-        from transformers import DynamicCache
-
-        old = [(layer.keys, layer.values) for layer in self.cache.layers]
+        old = self._kv()
         events, cols, ok = [], [], []
         for b, row in enumerate(self.rows):
-            sub = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(old):
-                sub.update(k[b:b + 1], v[b:b + 1], i)
             sl = slice(b, b + 1)
+            sub = self._cache_of((k[sl], v[sl]) for k, v in old)
             try:
                 with self._steer([row], StepPositions(abs_pos=pos[sl], prompt_len=prompt_len[sl])):
                     logits = self.model(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl],
@@ -265,19 +258,16 @@ class ContinuousBatch:
             cols.append([(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in sub.layers])
             row.cache_len += 1
             events.append(self._advance(row, logits if bool(torch.isfinite(logits).all()) else None))
+        self.rows = [self.rows[b] for b in ok]  # the rows whose forward raised are gone
         if ok:
             idx = torch.tensor(ok, dtype=torch.long, device=self.dev)
-            cache = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(old):
-                cache.update(torch.cat([k.index_select(0, idx), torch.cat([c[i][0] for c in cols])], dim=2),
-                             torch.cat([v.index_select(0, idx), torch.cat([c[i][1] for c in cols])], dim=2), i)
-            failed = {self.rows[b].key for b in range(len(self.rows)) if b not in ok}
-            self.rows = [self.rows[b] for b in ok]
-            self.cache, self.attn = cache, attn.index_select(0, idx)
+            self.cache = self._cache_of((torch.cat([k.index_select(0, idx), torch.cat([c[i][0] for c in cols])], dim=2),
+                                         torch.cat([v.index_select(0, idx), torch.cat([c[i][1] for c in cols])], dim=2))
+                                        for i, (k, v) in enumerate(old))
+            self.attn = attn.index_select(0, idx)
         else:
-            failed = set()
-            self.rows, self.cache, self.attn = [], None, None
-        self._drop({e.key for e in events if e.finish_reason is not None} - failed)
+            self.cache = self.attn = None
+        self._drop({e.key for e in events if e.finish_reason is not None})
         return events
 
     def _steer(self, rows: list[_Row], positions: StepPositions):
@@ -299,10 +289,8 @@ class ContinuousBatch:
         if tok == self.eos and not s.ignore_eos:
             return self._final(row, "stop", token=tok)
         if s.stop:
-            text = self._text(row)
-            hit = [text.find(x) for x in s.stop if x in text]
-            if hit:
-                row.stop_text = text[: min(hit)]
+            row.stop_text = stop_cut(self._text(row), s.stop)
+            if row.stop_text is not None:
                 return self._final(row, "stop", token=tok)
         if len(row.tokens) >= s.max_new_tokens:
             return self._final(row, "length", token=tok)

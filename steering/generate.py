@@ -63,6 +63,41 @@ def render_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | N
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills left padding: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded into one batch (CPU tensors).
+
+    Returns:
+        ``(ids, attn, abs_pos, lens)``: ids [B, T] int64 (``pad`` on the left), attn [B, T] int64
+        (0 on padding), abs_pos [B, T] int64 (each token's index in its own prompt, negative on
+        padding), lens [B] int64 (prompt lengths); T the longest prompt.
+    """
+    lens = torch.tensor([len(p) for p in prompts])
+    B, T = len(prompts), int(lens.max())
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        attn[b, T - len(p):] = 1
+    abs_pos = torch.arange(T).unsqueeze(0) - (T - lens).unsqueeze(1)
+    return ids, attn, abs_pos, lens
+
+
+def row_generator(spec: GenerationSpec) -> torch.Generator | None:
+    """The row's own sampling generator, seeded with ``spec.seed`` (None without a seed)."""
+    return torch.Generator().manual_seed(spec.seed) if spec.seed is not None else None
+
+
+def stop_cut(text: str, stops: Sequence[str]) -> str | None:
+    """``text`` cut before the first of ``stops`` it contains, or None if it contains none."""
+    hit = [text.find(x) for x in stops if x in text]
+    return text[: min(hit)] if hit else None
+
+
 def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None) -> int | None:
     """The next token of one row from its finite logits [vocab]; None if sampling probabilities
     come out non-finite."""
@@ -98,17 +133,10 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     """
     dev = next(model.parameters()).device
     B = len(specs)
-    lens = torch.tensor([len(s.input_ids) for s in specs])
-    T = int(lens.max())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    for b, s in enumerate(specs):
-        ids[b, T - len(s.input_ids):] = torch.tensor(s.input_ids)
-        attn[b, T - len(s.input_ids):] = 1
-    abs_pos = torch.arange(T).unsqueeze(0) - (T - lens).unsqueeze(1)  # [B, T], negative on padding
+    pad = pad_id(tokenizer)
+    ids, attn, abs_pos, lens = left_padded([s.input_ids for s in specs], pad)
     positions = StepPositions(abs_pos=abs_pos.to(dev), prompt_len=lens.to(dev))
-    gens = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in specs]
+    gens = [row_generator(s) for s in specs]
     eos = tokenizer.eos_token_id
     out_tokens: list[list[int]] = [[] for _ in specs]
     finish: list[str | None] = [None] * B
@@ -144,10 +172,8 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
                     finish[b] = "stop"
                     continue
                 if s.stop:
-                    text = tokenizer.decode(out_tokens[b], skip_special_tokens=True)
-                    hit = [text.find(x) for x in s.stop if x in text]
-                    if hit:
-                        stop_texts[b] = text[: min(hit)]
+                    stop_texts[b] = stop_cut(tokenizer.decode(out_tokens[b], skip_special_tokens=True), s.stop)
+                    if stop_texts[b] is not None:
                         finish[b] = "stop"
                         continue
                 if len(out_tokens[b]) >= s.max_new_tokens:
