@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .middleware import field_item, send_error
+from .middleware import GENERATE_PATHS, field_item, send_error
 
 Scope = Literal["generate", "images", "features", "concepts:write", "admin"]
 SCOPES: tuple[str, ...] = ("generate", "images", "features", "concepts:write", "admin")
@@ -71,7 +71,7 @@ def load_keys_file(path: str) -> list[ApiKey]:
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a route needs; None: any valid key."""
-    if path in ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models"):
+    if path in GENERATE_PATHS or path == "/v1/models":
         return "generate"
     if path.startswith("/v1/saes"):
         return "features"
@@ -188,7 +188,7 @@ class RateLimitMiddleware:
         rpm = key.requests_per_minute if key is not None and key.requests_per_minute else self.rpm
         tpm = key.tokens_per_minute if key is not None and key.tokens_per_minute else self.tpm
         req_b = self._bucket(who, "requests", rpm)
-        is_gen = scope["path"] in ("/v1/generate", "/v1/chat/completions", "/v1/completions") and scope.get("method") == "POST"
+        is_gen = scope["path"] in GENERATE_PATHS and scope.get("method") == "POST"
         tok_b = self._bucket(who, "tokens", tpm) if is_gen else None
         cost = generate_cost(scope.get("saesteer.body")) if tok_b is not None else 0
         waits = [(req_b.wait_for(1), "requests") if req_b else (0.0, ""), (tok_b.wait_for(cost), "tokens") if tok_b else (0.0, "")]

@@ -6,9 +6,7 @@ process (the HTTP process writes, the workers read) sees the same ones.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from typing import Annotated
@@ -16,6 +14,8 @@ from typing import Annotated
 from fastapi import Path as PathParam
 from pydantic import ValidationError
 from saesteer_client.schema import CONCEPT_NAME, Concept
+
+from .runtime import write_atomic
 
 ConceptName = Annotated[str, PathParam(pattern=CONCEPT_NAME, description="the concept's name")]
 
@@ -76,10 +76,7 @@ class ConceptStore:
             raise RuntimeError("no concepts directory")
         path = self._path(concept.name)
         existed = path.exists()
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{concept.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(concept.model_dump_json(indent=1, exclude_defaults=True))
-        os.replace(tmp, path)
+        write_atomic(path, concept.model_dump_json(indent=1, exclude_defaults=True))
         return existed
 
     def delete(self, name: str) -> bool:

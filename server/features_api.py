@@ -44,6 +44,7 @@ class FeaturesAPI(ModelAPI):
 
     def __init__(self, settings: ServerSettings, saes, **kwargs):
         super().__init__(settings, saes, max_batch_size=1, api_path="/v1/features", **kwargs)
+        self._stats: dict = {}  # {sae id: its saved statistics or None}, read on the first search
 
     def decode_request(self, request: FeaturesRequest) -> _Job | Rejected:
         if isinstance(request, ConceptSearchRequest):
@@ -79,8 +80,6 @@ class FeaturesAPI(ModelAPI):
         from saesteer.steering.concept_search import search_concepts
 
         ids = [r.sae] if r.sae else sorted(self.saes.configs)
-        if not hasattr(self, "_stats"):
-            self._stats = {}
         for sid in ids:
             if sid not in self._stats:
                 self._stats[sid] = load_latent_stats(self.saes.folders[sid])

@@ -15,11 +15,10 @@ import asyncio
 import logging
 import time
 
-from .middleware import send_error
+from .middleware import GENERATE_PATHS, send_error
 from .runtime import SharedState, read_workers, request_fingerprint
 
 log = logging.getLogger("saesteer.server")
-GENERATE_PATHS = frozenset({"/v1/generate", "/v1/chat/completions", "/v1/completions"})
 POLL_S = 1.0
 DRAIN_OPEN = frozenset({"/health", "/ready"})  # still answered while draining (/ready says 503)
 

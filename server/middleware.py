@@ -8,6 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from saesteer_client.schema import ErrorItem, ErrorResponse
 
+GENERATE_PATHS = frozenset({"/v1/generate", "/v1/chat/completions", "/v1/completions"})
+"""The routes that generate tokens: admission control, token rate limits and the generate scope."""
+
 MAX_MESSAGE_CHARS = 300
 """Error messages longer than this are cut (with the original length said), so a megabyte-long
 field value is never echoed back whole."""

@@ -140,6 +140,28 @@ async def _first(events: AsyncIterator):
         return None, events
 
 
+async def _until_final(first, events: AsyncIterator):
+    """``first``, then the rest of ``events`` up to the final one (``done`` or ``error``); a stream
+    that ends without one gets a last ``ErrorEvent`` 503."""
+    ev = first
+    while True:
+        yield ev
+        if ev.type != "token":
+            return
+        try:
+            ev = await events.__anext__()
+        except StopAsyncIteration:
+            ev = ErrorEvent(status=503, detail="the stream ended early; retry")
+
+
+async def _final(first, events: AsyncIterator):
+    """The final event of a stream that began with ``first``."""
+    last = first
+    async for last in _until_final(first, events):
+        pass
+    return last
+
+
 def _sse(data: str, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
 
@@ -195,33 +217,18 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             lit_generate = route.endpoint
             app.router.routes.remove(route)
     async def generate(request: GenerateRequest):
-        if not request.stream:
-            if lit_generate is not None:  # the static-batching worker
-                return await lit_generate(request)
-            last = None
-            async for last in client.events(request):  # --generate-loop continuous: ride the streams' batch
-                pass
-            if last is None or last.type == "error":
-                return _refusal(last)
-            if last.type != "done":
-                return error_response(503, "the stream ended early; retry")
-            return last.response
-        events = client.events(request)
-        first, events = await _first(events)
+        if not request.stream and lit_generate is not None:  # the static-batching worker
+            return await lit_generate(request)
+        first, events = await _first(client.events(request))
         if first is None or first.type == "error":
             return _refusal(first)
+        if not request.stream:  # --generate-loop continuous: ride the streams' batch
+            last = await _final(first, events)
+            return last.response if last.type == "done" else _refusal(last)
 
         async def sse():
-            ev = first
-            while True:
+            async for ev in _until_final(first, events):
                 yield _sse(ev.model_dump_json(), ev.type)
-                if ev.type != "token":
-                    return
-                try:
-                    ev = await events.__anext__()
-                except StopAsyncIteration:
-                    yield _sse(ErrorEvent(status=503, detail="the stream ended early").model_dump_json(), "error")
-                    return
 
         return _stream(sse(), events)
 
@@ -240,42 +247,28 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
                                                        for err in e.errors()]))
 
     async def openai(body, req: GenerateRequest, chunk_of, final_of):
-        events = client.events(req)
-        first, events = await _first(events)
+        first, events = await _first(client.events(req))
         if first is None or first.type == "error":
             return _refusal(first, openai=True)
         if not body.stream:
-            ev = first
-            async for ev in events:
-                pass
-            if ev.type == "error":
-                return _refusal(ev, openai=True)
-            if ev.type != "done":
-                return error_response(503, "the stream ended early; retry")
-            return final_of(ev.response)
+            last = await _final(first, events)
+            return final_of(last.response) if last.type == "done" else _refusal(last, openai=True)
 
         async def sse():
             head = chunk_of(None, None, start=True)
             if head is not None:
                 yield _sse(head)
-            ev = first
-            while True:
+            async for ev in _until_final(first, events):
                 if ev.type == "token":
                     if ev.text:
                         yield _sse(chunk_of(ev.text, None))
                 elif ev.type == "done":
                     yield _sse(chunk_of(None, ev.response.finish_reason))
                     yield _sse("[DONE]")
-                    return
                 else:
-                    yield _sse(json.dumps({"error": {"message": json.dumps(error_body(ev.detail)["detail"]),
-                                                     "type": "saesteer_error", "code": ev.status}}))
-                    return
-                try:
-                    ev = await events.__anext__()
-                except StopAsyncIteration:
-                    yield _sse(json.dumps({"error": {"message": "the stream ended early", "code": 503}}))
-                    return
+                    detail = error_body(_openai_fields(ev.detail))["detail"]  # messages cut, OpenAI's field names
+                    message = detail if isinstance(detail, str) else json.dumps(detail)
+                    yield _sse(json.dumps({"error": {"message": message, "type": "saesteer_error", "code": ev.status}}))
 
         return _stream(sse(), events)
 

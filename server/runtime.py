@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def request_fingerprint(request) -> str:
     """A short hash of a ``GenerateRequest``'s canonical JSON: the same in the HTTP process (from
     the body) and in the worker (from the unpickled model)."""
     return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part:
+    into a temporary file beside it, then renamed over it (safe with several writers)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def release_free_memory() -> None:
@@ -75,9 +85,7 @@ class WorkerStatus:
     def write(self, state: str, requests: list[str] = ()) -> None:
         """Record ``state`` ("loading", "idle" or "busy") and the fingerprints of the requests held
         (atomically: written aside, then renamed)."""
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": self.pid, "state": state, "since": time.time(), "requests": list(requests)}))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"pid": self.pid, "state": state, "since": time.time(), "requests": list(requests)}))
 
 
 def read_workers(runtime_dir: str) -> list[dict]:

@@ -33,7 +33,7 @@ from saesteer.steering.pool import SAEPool
 
 from .api import ModelAPI, Prepared, Rejected, response_of, row_failure
 from .config import ServerSettings
-from .runtime import release_free_memory
+from .runtime import release_free_memory, write_atomic
 
 log = logging.getLogger("saesteer.server")
 
@@ -100,6 +100,7 @@ class StreamAPI(ModelAPI):
         self.cancel_dir.mkdir(parents=True, exist_ok=True)
         self.counts = {"pid": os.getpid(), "running_rows": 0, "running_requests": 0, "queued": 0, "cancelled_total": 0,
                        "tokens_total": 0}
+        self._written_at: float | None = None  # when stream.json was last written
         self._write_status()
 
     def _write_status(self) -> None:
@@ -107,15 +108,12 @@ class StreamAPI(ModelAPI):
         generated so far (read by ``/metrics``), written when the first three change, else at most
         once a second."""
         now = {"running_rows": len(self.engine), "running_requests": len(self.requests), "queued": len(self.pending)}
-        same = all(self.counts[k] == v for k, v in now.items()) and getattr(self, "_written", False)
-        if same and time.monotonic() - getattr(self, "_written_at", 0.0) < 1.0:
+        same = self._written_at is not None and all(self.counts[k] == v for k, v in now.items())
+        if same and time.monotonic() - self._written_at < 1.0:
             return  # token counts alone: at most once a second
         self.counts.update(now)
-        path = Path(self.runtime_dir) / "stream.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.counts))
-        os.replace(tmp, path)
-        self._written, self._written_at = True, time.monotonic()
+        write_atomic(Path(self.runtime_dir) / "stream.json", json.dumps(self.counts))
+        self._written_at = time.monotonic()
 
     # -- LitServe's continuous-batching interface ------------------------------------------------
     def decode_request(self, request: GenerateRequest):

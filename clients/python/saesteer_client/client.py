@@ -163,6 +163,15 @@ def _parse_event(data: str) -> Union[TokenEvent, DoneEvent]:
     return ev
 
 
+def _concept_body(name, interventions, description) -> dict:
+    return Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
+
+
+def _search_body(positive, words, negative, sae, top_k) -> dict:
+    return ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
+                                top_k=top_k).model_dump(mode="json", exclude_none=True)
+
+
 def _stream_body(prompt, messages, interventions, kw) -> dict:
     return {**_request(prompt, messages, interventions, kw), "stream": True}
 
@@ -274,7 +283,7 @@ class Client:
             SaesteerError: 422 naming the field (unknown SAE, latent out of range, ...), 404 if the
                 server keeps no concepts.
         """
-        body = Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
+        body = _concept_body(name, interventions, description)
         return Concept.model_validate(self._send("POST", "/v1/concepts", json=body).json())
 
     def delete_concept(self, name: str) -> None:
@@ -285,8 +294,7 @@ class Client:
                         sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
         """``POST /v1/concepts/search``: latents that stand for a concept given as example
         sentences and/or words, best first, each with a ready-to-send ``suggested`` clamp."""
-        body = ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
-                                    top_k=top_k).model_dump(mode="json", exclude_none=True)
+        body = _search_body(positive, words, negative, sae, top_k)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).latents
 
     def health(self) -> bool:
@@ -374,7 +382,7 @@ class AsyncClient:
         return ConceptList.model_validate((await self._send("GET", "/v1/concepts")).json()).concepts
 
     async def save_concept(self, name: str, interventions: Sequence[Intervention], description: str = "") -> Concept:
-        body = Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
+        body = _concept_body(name, interventions, description)
         return Concept.model_validate((await self._send("POST", "/v1/concepts", json=body)).json())
 
     async def delete_concept(self, name: str) -> None:
@@ -382,8 +390,7 @@ class AsyncClient:
 
     async def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
                               sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
-        body = ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
-                                    top_k=top_k).model_dump(mode="json", exclude_none=True)
+        body = _search_body(positive, words, negative, sae, top_k)
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).latents
 
     async def health(self) -> bool:
