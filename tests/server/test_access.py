@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 
 import pytest
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 
-from saesteer.server.app import build_server
 from saesteer.server.auth import hash_key
 from saesteer.server.config import ServerSettings
+
+from serving import serve
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
@@ -22,17 +19,6 @@ MSG = [{"role": "user", "content": "Say hi."}]
 
 def auth(name):
     return {"Authorization": f"Bearer {KEYS[name]}"}
-
-
-@contextmanager
-def serve(settings):
-    server = build_server(settings)
-    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.5)
-        yield c
 
 
 @pytest.fixture(scope="module")

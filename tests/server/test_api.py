@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 
-from saesteer.server.app import build_server
 from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings, default_sae_spec
+
+from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model, ~20 s per server
 
@@ -32,18 +29,6 @@ def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
     np.savez(folder / "params.npz", W_enc=w.T.copy(), W_dec=w, b_enc=np.zeros(d_sae, np.float32),
              b_dec=np.zeros(d_in, np.float32), threshold=np.full(d_sae, 0.5, np.float32))
     return folder
-
-
-@contextmanager
-def serve(settings: ServerSettings):
-    """A TestClient of the server for ``settings``, once its inference worker is up."""
-    server = build_server(settings)
-    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300  # the worker loads the model in setup
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference worker did not come up"
-            time.sleep(0.5)
-        yield c
 
 
 def settings_for(root, **kw) -> ServerSettings:

@@ -4,15 +4,13 @@ after a restart."""
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 
-from saesteer.server.app import build_server
 from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+
+from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
 
@@ -22,16 +20,9 @@ EDITS = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 4.0, "unit": "typi
          {"op": "add", "sae": SAE, "latent": 123, "value": 10.0}]
 
 
-@contextmanager
-def serve(folder):
-    settings = ServerSettings(concepts_dir=str(folder), features=False, streaming=False, max_batch_size=4,
-                              batch_timeout=0.05)
-    with wrap_litserve_start(build_server(settings)) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference worker did not come up"
-            time.sleep(0.5)
-        yield c
+def serve_concepts(folder):
+    return serve(ServerSettings(concepts_dir=str(folder), features=False, streaming=False, max_batch_size=4,
+                                batch_timeout=0.05))
 
 
 def tokens(c, interventions) -> list[int]:
@@ -42,7 +33,7 @@ def tokens(c, interventions) -> list[int]:
 
 def test_concepts_are_saved_applied_by_name_refused_and_survive_a_restart(tmp_path):
     folder = tmp_path / "concepts"
-    with serve(folder) as c:
+    with serve_concepts(folder) as c:
         r = c.post("/v1/concepts", json={"name": "place", "description": "places", "interventions": EDITS})
         assert r.status_code == 201, r.text
         assert c.post("/v1/concepts", json={"name": "place", "interventions": EDITS}).status_code == 200  # replaced
@@ -55,9 +46,14 @@ def test_concepts_are_saved_applied_by_name_refused_and_survive_a_restart(tmp_pa
         assert tokens(c, [{"op": "concept", "concept": "place", "strength": 2.0}]) == tokens(c, doubled)
         assert tokens(c, [{"op": "concept", "concept": "place"}]) != tokens(c, [])
 
-        # refused, with the field named
-        r = c.post("/v1/generate", json={"messages": MSG, "interventions": [{"op": "concept", "concept": "nope"}]})
+        # refused, with the field named, beside good requests that are not touched
+        good = {"messages": MSG, "max_new_tokens": 10, "interventions": [{"op": "concept", "concept": "place"}]}
+        bad = {"messages": MSG, "interventions": [{"op": "concept", "concept": "nope"}]}
+        with ThreadPoolExecutor(3) as ex:
+            got = list(ex.map(lambda b: c.post("/v1/generate", json=b), [good, bad, good]))
+        r = got[1]
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "interventions", 0, "concept"]
+        assert got[0].json()["tokens"] == got[2].json()["tokens"] == tokens(c, EDITS)
         r = c.post("/v1/concepts", json={"name": "bad", "interventions": [{"op": "ablate", "sae": SAE, "latent": 10**6}]})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "interventions", 0, "latent"]
         r = c.post("/v1/concepts", json={"name": "bad", "interventions": [{"op": "ablate", "sae": "nope", "latent": 1}]})
@@ -70,7 +66,7 @@ def test_concepts_are_saved_applied_by_name_refused_and_survive_a_restart(tmp_pa
         assert c.get("/v1/concepts/..%2F..%2Fetc").status_code in (404, 422)
         c.post("/v1/concepts", json={"name": "gone", "interventions": EDITS[:1]})
         assert c.delete("/v1/concepts/gone").status_code == 204 and c.get("/v1/concepts/gone").status_code == 404
-    with serve(folder) as c:  # a new server on the same folder
+    with serve_concepts(folder) as c:  # a new server on the same folder
         assert [x["name"] for x in c.get("/v1/concepts").json()["concepts"]] == ["place"]
         assert tokens(c, [{"op": "concept", "concept": "place"}]) == tokens(c, EDITS)
 
@@ -88,11 +84,7 @@ def test_a_server_without_a_concepts_folder_says_so(tmp_path):
 
 def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
     settings = ServerSettings(features=True, streaming=False, max_batch_size=4, batch_timeout=0.05)
-    with wrap_litserve_start(build_server(settings)) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference workers did not come up"
-            time.sleep(0.5)
+    with serve(settings) as c:
         body = {"positive": ["The waves crashed on the sandy beach.", "We sailed across the open sea.",
                              "Whales swim in the deep ocean."], "words": ["ocean", "sea"], "top_k": 5}
         r = c.post("/v1/concepts/search", json=body)

@@ -3,16 +3,14 @@ worker), ready, concurrent requests each getting their solo answer, refusals wit
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 from pydantic import ValidationError
 
-from saesteer.server.app import build_server
 from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+
+from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
 
@@ -28,18 +26,18 @@ def body(i: int) -> dict:
 
 def test_non_streamed_generate_rides_the_continuous_batch(tmp_path):
     settings = ServerSettings(generate_loop="continuous", features=False, runtime_dir=str(tmp_path / "rt"))
-    with wrap_litserve_start(build_server(settings), worker_monitor=True) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/ready").status_code != 200:  # readiness comes from the streaming worker's status file
-            assert time.time() < deadline, c.get("/ready").text
-            time.sleep(0.5)
+    # readiness comes from the streaming worker's status file
+    with serve(settings, monitor=True, ready="/ready") as c:
         alone = [c.post("/v1/generate", json=body(i)).json() for i in range(6)]
-        with ThreadPoolExecutor(6) as ex:
-            together = [r.json() for r in ex.map(lambda i: c.post("/v1/generate", json=body(i)), range(6))]
+        bad = {**body(1), "interventions": [{"op": "ablate", "sae": SAE, "latent": 10**6}]}
+        with ThreadPoolExecutor(7) as ex:  # the refused request beside the good ones
+            got = list(ex.map(lambda b: c.post("/v1/generate", json=b), [body(i) for i in range(3)] + [bad]
+                              + [body(i) for i in range(3, 6)]))
+        r = got.pop(3)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "interventions", 0, "latent"]
+        together = [g.json() for g in got]
         assert [a["tokens"] for a in alone] == [t["tokens"] for t in together]
         assert together[4]["unsteered"] is not None and together[4]["usage"]["completion_tokens"] == len(together[4]["tokens"])
-        r = c.post("/v1/generate", json={**body(1), "interventions": [{"op": "ablate", "sae": SAE, "latent": 10**6}]})
-        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "interventions", 0, "latent"]
 
 
 def test_continuous_needs_streaming():

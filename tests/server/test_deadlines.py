@@ -7,43 +7,29 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 
-from saesteer.server.app import build_server
 from saesteer.server.config import ServerSettings
 from saesteer.server.runtime import read_workers
+
+from serving import serve
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
 MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-@contextmanager
-def serve_monitored(settings: ServerSettings):
-    """A TestClient of the server, with LitServe's worker monitor (restarts dead workers)."""
-    server = build_server(settings)
-    with wrap_litserve_start(server, worker_monitor=True) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference worker did not come up"
-            time.sleep(0.5)
-        yield c, s
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, generation_timeout=8.0, max_queue=3,
                               runtime_dir=str(tmp_path_factory.mktemp("runtime")))
-    with serve_monitored(settings) as (c, s):
-        yield c, s, settings
+    with serve(settings, monitor=True) as c:  # the monitor restarts dead workers
+        yield c, settings
 
 
 def test_generation_time_limit_ends_the_request_with_504(served):
-    c, _, _ = served
+    c, _ = served
     t0 = time.time()
     r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True})
     took = time.time() - t0
@@ -55,7 +41,7 @@ def test_generation_time_limit_ends_the_request_with_504(served):
 
 
 def test_a_full_queue_answers_503_with_retry_after(served):
-    c, _, settings = served
+    c, settings = served
     with ThreadPoolExecutor(8) as ex:
         got = list(ex.map(lambda _: c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 2}), range(8)))
     codes = sorted(r.status_code for r in got)
@@ -66,7 +52,7 @@ def test_a_full_queue_answers_503_with_retry_after(served):
 
 
 def test_a_killed_workers_request_ends_with_503_and_the_server_recovers(served):
-    c, s, settings = served
+    c, settings = served
     with ThreadPoolExecutor(1) as ex:
         t0 = time.time()
         fut = ex.submit(c.post, "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True})

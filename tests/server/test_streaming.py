@@ -8,12 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 
-from saesteer.server.app import build_server
 from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
 from saesteer.server.observe import stream_status
+
+from serving import serve
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
@@ -29,12 +28,7 @@ def server(tmp_path_factory):
     runtime = tmp_path_factory.mktemp("runtime")
     settings = ServerSettings(features=False, max_batch_size=4, batch_timeout=0.05, max_prompt_tokens=200,
                               max_total_tokens=1200, runtime_dir=str(runtime))
-    srv = build_server(settings)
-    with wrap_litserve_start(srv, worker_monitor=True) as s, TestClient(s.app) as c:  # restarts dead workers
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference workers did not come up"
-            time.sleep(0.5)
+    with serve(settings, monitor=True) as c:  # the monitor restarts dead workers
         yield c, str(runtime)
 
 
