@@ -13,6 +13,7 @@ the process boundary.
 # No `from __future__ import annotations` here: LitServe reads the real annotation of
 # decode_request's `request` parameter as the FastAPI body type.
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from .errors import error_response
 from .runtime import release_free_memory
 
 log = logging.getLogger("saesteer.server")
+
+POLICIES_RELOAD = "policies.reload"
+"""The file in the runtime folder whose change tells workers to reload the policies."""
 
 
 @dataclass
@@ -59,15 +63,38 @@ def row_failure(error: str, steered: bool, settings: ServerSettings) -> Rejected
 
 def response_of(steered, plain=None) -> GenerateResponse:
     """A ``GenerateResponse`` from the steered row's result and, with compare, the unsteered one's
-    (objects with ``text``, ``tokens``, ``finish_reason`` and, the steered one, ``prompt_tokens``)."""
+    (objects with ``text``, ``tokens``, ``finish_reason``, ``safety`` and, the steered one,
+    ``prompt_tokens``)."""
     return GenerateResponse(
         text=steered.text,
         tokens=steered.tokens,
         finish_reason=steered.finish_reason,
+        safety=steered.safety,
         usage=Usage(prompt_tokens=steered.prompt_tokens, completion_tokens=len(steered.tokens),
                     total_tokens=steered.prompt_tokens + len(steered.tokens)),
-        unsteered=Completion(text=plain.text, tokens=plain.tokens, finish_reason=plain.finish_reason) if plain else None,
+        unsteered=Completion(text=plain.text, tokens=plain.tokens, finish_reason=plain.finish_reason,
+                             safety=plain.safety) if plain else None,
     )
+
+
+audit_log = logging.getLogger("saesteer.audit")
+
+
+def audit(fingerprint: str, results, with_text: bool = False) -> None:
+    """One JSON log line (logger ``saesteer.audit``) per policy that fired on a request's rows:
+    policy, action, hits, largest score, the request's fingerprint; the hit positions too, and the
+    completion's text only ``with_text`` (the policies file's ``audit_text``). Never the prompt."""
+    import json
+
+    for role, res in zip(("steered", "unsteered"), results):
+        for hit in getattr(res, "safety", None) or []:
+            line = {"event": "policy_hit", "request": fingerprint, "role": role, "policy": hit["policy"],
+                    "action": hit["action"], "hits": hit["hits"], "max_score": hit["max_score"],
+                    "finish_reason": res.finish_reason,
+                    "tokens": [(t["position"], t["index"]) for t in hit["tokens"]]}
+            if with_text:
+                line["text"] = res.text
+            audit_log.warning(json.dumps(line))
 
 
 @dataclass
@@ -76,7 +103,8 @@ class Prepared:
 
     request: GenerateRequest
     input_ids: list[int]
-    plan: object  # steering.plan.InterventionPlan
+    plan: object  # steering.plan.InterventionPlan, the server's policies included
+    plain_plan: object = None  # with compare, the unsteered row's: the policies alone
     fingerprint: str = ""
 
 
@@ -116,6 +144,49 @@ class ModelAPI(ls.LitAPI):
             self.saes.load_all()
         self.steerer = Steerer(self.model, self.saes)  # checks hook points from the configs
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.policies = self.load_policies()  # checked at start by build_server: raises only if changed since
+        self._policies_seen = self._policies_mark()
+        if not audit_log.handlers:  # one JSON object per line on stderr, as the access log
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            audit_log.addHandler(handler)
+            audit_log.propagate = False
+
+    # -- safety policies ---------------------------------------------------------------------------
+    def load_policies(self):
+        """The policies of ``settings.policies`` checked against this worker's model and SAEs.
+
+        Raises:
+            saesteer.steering.policy.PolicyError: a bad file (see ``load_policies``).
+        """
+        from saesteer.sae.lm import hook_point_width
+        from saesteer.steering.policy import load_policies
+
+        return load_policies(self.settings.policies, self.saes.configs, self.concepts.get,
+                             self.saes.units.resid_norm, hook_point_width(self.model))
+
+    def _policies_mark(self):
+        """The reload signal's state: ``<runtime_dir>/policies.reload``'s modification time."""
+        rd = getattr(self, "runtime_dir", None)
+        if rd is None or not self.settings.policies:
+            return None
+        try:
+            return os.stat(os.path.join(rd, POLICIES_RELOAD)).st_mtime_ns
+        except OSError:
+            return None
+
+    def refresh_policies(self) -> None:
+        """Reload the policies if the HTTP process signalled a reload (it checked the file first);
+        a file that fails here keeps the policies in force (logged)."""
+        mark = self._policies_mark()
+        if mark == self._policies_seen:
+            return
+        self._policies_seen = mark
+        try:
+            self.policies = self.load_policies()
+            log.warning("policies reloaded: %s", ", ".join(self.policies.names()) or "none")
+        except Exception as e:
+            log.error("policies reload failed, the previous ones stay: %s", e)
 
     def render(self, request, extra_tokens: int, extra_field: str) -> list[int] | Rejected:
         """The token ids of ``request``'s ``prompt`` or ``messages`` (chat template, assistant turn
@@ -150,6 +221,8 @@ class ModelAPI(ls.LitAPI):
         tokens). Raises only on unexpected errors."""
         from saesteer.steering.plan import PlanError, build_plan
 
+        from saesteer.steering.plan import InterventionPlan
+
         s = self.settings
         limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
         try:
@@ -157,6 +230,15 @@ class ModelAPI(ls.LitAPI):
                               max_position=limit, concepts=self.concepts.get)
         except PlanError as e:
             return Rejected(422, [e.item])
+        self.refresh_policies()
+        known = set(self.policies.names())
+        for i, name in enumerate(request.disable_policies):
+            if name not in known:
+                return Rejected.field(422, ["body", "disable_policies", i], f"unknown policy {name!r}; this server's "
+                                      f"policies: {', '.join(sorted(known)) or 'none'}", "not_found")
+        off = set(request.disable_policies)
+        plain = self.policies.apply(InterventionPlan(), off)
+        plan = self.policies.apply(plan, off)
         if not self.saes.fits(plan.sae_ids()):
             need = sum(self.saes.nbytes(sid) for sid in plan.sae_ids()) / (1 << 20)
             return Rejected.field(
@@ -168,7 +250,7 @@ class ModelAPI(ls.LitAPI):
         ids = self.render(request, request.max_new_tokens, "max_new_tokens")
         if isinstance(ids, Rejected):
             return ids
-        return Prepared(request, ids, plan)
+        return Prepared(request, ids, plan, plain)
 
 
 class GenerateAPI(ModelAPI):
@@ -249,7 +331,6 @@ class GenerateAPI(ModelAPI):
     def _generate(self, items: list, ready: list[int]) -> list:
         """Outputs for ``items`` where the rows ``ready`` are generated and the rest passed through."""
         from saesteer.steering.generate import GenerationSpec, generate
-        from saesteer.steering.plan import InterventionPlan
 
         outputs: list = list(items)
         deadline = time.monotonic() + self.settings.generation_timeout
@@ -266,7 +347,7 @@ class GenerateAPI(ModelAPI):
                 specs.append(GenerationSpec(**base, plan=items[i].plan))
                 owners.append((i, "steered"))
                 if r.compare:
-                    specs.append(GenerationSpec(**base, plan=InterventionPlan()))
+                    specs.append(GenerationSpec(**base, plan=items[i].plain_plan))
                     owners.append((i, "unsteered"))
             results = generate(self.model, self.tokenizer, specs, self.steerer)
             per: dict[int, dict] = {}
@@ -275,6 +356,8 @@ class GenerateAPI(ModelAPI):
             for i, d in per.items():
                 bad = d["steered"].error or (d.get("unsteered") and d["unsteered"].error)
                 outputs[i] = row_failure(bad, bool(items[i].request.interventions), self.settings) if bad else d
+                if not bad:
+                    audit(items[i].fingerprint, [d["steered"], d.get("unsteered")], self.policies.audit_text)
         return outputs
 
     def unbatch(self, output):

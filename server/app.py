@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
@@ -37,10 +38,12 @@ from saesteer.sae.model import LatentRangeError, check_latent
 from saesteer.sae.sources import parse_sae_spec
 from saesteer.sae.output_scores import load_latent_output
 from saesteer.sae.stats import latent_record, load_latent_stats
+from saesteer.steering.policy import PolicyError, load_policies
 from saesteer.steering.pool import SAEPool
 
 from .api import GenerateAPI
-from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, RateLimitMiddleware, hash_key, load_keys_file
+from .api import POLICIES_RELOAD
+from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, PolicyGuard, RateLimitMiddleware, hash_key, load_keys_file
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
 from .features_api import FeaturesAPI, install_search
@@ -53,7 +56,7 @@ from .routes import install as install_routes
 from .stream_api import STREAM_PATH, StreamAPI
 from .middleware import BodyLimitMiddleware, short
 from .observe import Metrics, ObserveMiddleware, readiness
-from .runtime import SharedState
+from .runtime import SharedState, write_atomic
 
 log = logging.getLogger("saesteer.server")
 
@@ -113,6 +116,13 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     """
     specs = [parse_sae_spec(s) for s in settings.saes]
     pool = SAEPool(specs, budget_bytes=settings.sae_memory_bytes)  # configs only: no weights here
+    concepts = ConceptStore(settings.concepts_dir)
+
+    def check_policies():
+        """The policies file checked against the SAEs and concepts (PolicyError if it fails)."""
+        return load_policies(settings.policies, pool.configs, concepts.get, pool.units.resid_norm)
+
+    policies = check_policies()  # a bad file stops the server here, before any worker starts
     listing = SAEList(saes=pool.infos())
     runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="saesteer-")
     state = SharedState(runtime_dir)
@@ -126,6 +136,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         (GenerateGate, {"state": state, "max_queue": settings.max_queue, "hard_deadline_s": hard_deadline}),
         (RateLimitMiddleware, {"requests_per_minute": settings.rate_limit_requests_per_minute,
                                "tokens_per_minute": settings.rate_limit_tokens_per_minute}),
+        PolicyGuard,
         (BodyLimitMiddleware, {"max_bytes": settings.max_payload_bytes}),
         (AuthMiddleware, {"keys": keys}),
         (ObserveMiddleware, {"metrics": metrics}),
@@ -199,10 +210,49 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         install_routes(server, settings, runtime_dir, settings.model_id)
     if settings.features and not settings.serves_images:
         install_search(server.app)  # before the concepts routes: /v1/concepts/{name} must not take it
-    install_concepts(server.app, ConceptStore(settings.concepts_dir), pool)
+    install_concepts(server.app, concepts, pool)
+    install_policies(server, settings, policies, check_policies, runtime_dir)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server
+
+
+def install_policies(server, settings: ServerSettings, policies, check, runtime_dir: str) -> None:
+    """``GET /v1/admin/policies`` (the policies in force) and ``POST /v1/admin/policies/reload``
+    (check the file again; if it passes, tell the workers to reload it; if not, 422 naming the
+    field and the old policies stay), both admin scope; ``server.saesteer_reload_policies()`` does
+    the same for SIGHUP."""
+    current = {"set": policies, "generation": 0}
+    lock = threading.Lock()
+
+    def listing() -> dict:
+        return {"file": os.path.basename(settings.policies) if settings.policies else None,
+                "generation": current["generation"],
+                "policies": [{"name": p.spec.name, "action": p.spec.action, "detector": p.spec.detector.kind,
+                              "threshold": p.spec.threshold, "watch": list(p.spec.watch)} for p in current["set"].policies]}
+
+    def reload() -> dict:
+        with lock:
+            fresh = check()  # PolicyError: the old policies stay
+            current["set"], current["generation"] = fresh, current["generation"] + 1
+            write_atomic(Path(runtime_dir) / POLICIES_RELOAD, str(current["generation"]))
+            log.warning("policies reloaded (generation %d): %s", current["generation"], ", ".join(fresh.names()) or "none")
+            return listing()
+
+    def get_policies():
+        return listing()
+
+    def post_reload():  # sync: FastAPI runs it in a thread (file reads)
+        if not settings.policies:
+            return field_error(409, ["policies"], "this server runs without a policies file (--policies)", "no_policies")
+        try:
+            return reload()
+        except PolicyError as e:
+            return field_error(422, ["policies_file", *e.loc], e.msg, "bad_policies")
+
+    server.saesteer_reload_policies = reload
+    server.app.add_api_route("/v1/admin/policies", get_policies, methods=["GET"])
+    server.app.add_api_route("/v1/admin/policies/reload", post_reload, methods=["POST"])
 
 
 def serve_cli(args) -> int:
@@ -212,12 +262,25 @@ def serve_cli(args) -> int:
     try:
         settings = settings_from_args(args)
         server = build_server(settings)
+    except PolicyError as e:
+        print(f"saesteer serve: policies file {settings.policies!r}: {e}; not starting unprotected", file=sys.stderr)
+        return 2
     except (ValidationError, ValueError, FileNotFoundError) as e:
         print(f"saesteer serve: {e}", file=sys.stderr)
         return 2
     print(f"saesteer: serving on http://{settings.host}:{settings.port} "
           f"(SAEs: {', '.join(parse_sae_spec(s).id for s in settings.saes)})", flush=True)
     install_graceful_shutdown(server, settings.drain_timeout)
+    if settings.policies:
+        def on_sighup(signum, frame):
+            def run():
+                try:
+                    server.saesteer_reload_policies()
+                except PolicyError as e:
+                    log.error("SIGHUP: policies not reloaded, the previous ones stay: %s", e)
+            threading.Thread(target=run, name="saesteer-reload", daemon=True).start()
+
+        signal.signal(signal.SIGHUP, on_sighup)
     access = logging.getLogger("saesteer.access")  # one JSON object per line, on stderr
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -81,7 +81,7 @@ def required_scope(method: str, path: str) -> str | None:
         return "features"
     if path.startswith("/v1/concepts") and method not in ("GET", "HEAD"):
         return "concepts:write"
-    if path == "/metrics":
+    if path == "/metrics" or path.startswith("/v1/admin"):
         return "admin"
     return None
 
@@ -210,3 +210,38 @@ class RateLimitMiddleware:
         if tok_b:
             tok_b.charge(cost)
         await self.app(scope, receive, send)
+
+
+class PolicyGuard:
+    """403 for a generate request that asks to switch safety policies off (``disable_policies``)
+    without a key holding the ``admin`` scope. A server without API keys has no admin, so there
+    no caller may: which policies run is the operator's choice, never the body's alone.
+
+    Args:
+        app: the ASGI app; runs after the body limit, which buffers the body into
+            ``scope["saesteer.body"]``.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in GENERATE_PATHS and scope.get("method") == "POST":
+            asked = disabled_policies(scope.get("saesteer.body"))
+            key: ApiKey | None = scope.get("saesteer.key")
+            if asked and (key is None or "admin" not in key.scopes):
+                scope["saesteer.reject"] = "forbidden"
+                who = f"key {key.name!r} lacks the admin scope" if key is not None else "this server has no API keys"
+                return await send_error(send, 403, [field_item(
+                    ["body", "disable_policies"], f"switching safety policies off needs the admin scope; {who}", "forbidden")])
+        await self.app(scope, receive, send)
+
+
+def disabled_policies(body: bytes | None) -> list:
+    """The ``disable_policies`` a generate body asks for (empty if none or malformed)."""
+    try:
+        d = json.loads(body or b"{}")
+        v = d.get("disable_policies") if isinstance(d, dict) else None
+        return list(v) if isinstance(v, list) else ([v] if v else [])
+    except (ValueError, TypeError):
+        return []

@@ -83,6 +83,10 @@ class ServerSettings(BaseSettings):
     concepts_dir: str | None = Field(
         None, description="folder of named concepts (POST /v1/concepts saves one JSON file each; the "
         "intervention {op: concept} applies one); None: the server keeps no concepts")
+    policies: str | None = Field(
+        None, description="content-safety policies file (JSON or YAML; steering.policy): detectors that flag, "
+        "steer or refuse on every generation; reloaded on SIGHUP or POST /v1/admin/policies/reload. A bad file, "
+        "or one naming an unknown concept or SAE, stops the server from starting")
     pack_linears: bool = Field(
         True, description="on CPU in float32, pack the model's linear layers for oneDNN once at start "
         "(PyTorch's default MKL kernels read weights at a third of the memory bandwidth here: decoding "
@@ -141,7 +145,7 @@ class ServerSettings(BaseSettings):
     def _empty_budget_means_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("api_keys_file", "concepts_dir", "rate_limit_requests_per_minute", "rate_limit_tokens_per_minute", mode="before")
+    @field_validator("api_keys_file", "concepts_dir", "policies", "rate_limit_requests_per_minute", "rate_limit_tokens_per_minute", mode="before")
     @classmethod
     def _empty_means_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

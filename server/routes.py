@@ -241,7 +241,8 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
     def to_generate(body, **fields) -> GenerateRequest | object:
         try:
             return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                   stop=body.stop_list(), interventions=body.steering, **fields)
+                                   stop=body.stop_list(), interventions=body.steering,
+                                   disable_policies=body.disable_policies, **fields)
         except ValidationError as e:
             return error_response(422, _openai_fields([ErrorItem(loc=["body", *err["loc"]], msg=err["msg"], type=err["type"])
                                                        for err in e.errors()]))
@@ -263,7 +264,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
                     if ev.text:
                         yield _sse(chunk_of(ev.text, None))
                 elif ev.type == "done":
-                    yield _sse(chunk_of(None, ev.response.finish_reason))
+                    yield _sse(chunk_of(None, ev.response.finish_reason, safety=ev.response.safety or None))
                     yield _sse("[DONE]")
                 else:
                     detail = error_body(_openai_fields(ev.detail))["detail"]  # messages cut, OpenAI's field names
@@ -281,14 +282,14 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return req
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
-        def chunk_of(text, finish, start=False):
+        def chunk_of(text, finish, start=False, safety=None):
             delta = ChatDelta(role="assistant", content="") if start else ChatDelta(content=text)
-            return ChatCompletionChunk(id=rid, created=int(time.time()), model=model_id, choices=[
+            return ChatCompletionChunk(id=rid, created=int(time.time()), model=model_id, safety=safety, choices=[
                 ChatChunkChoice(delta=delta if finish is None else ChatDelta(), finish_reason=finish)]).model_dump_json(exclude_none=True)
 
         def final_of(r):
-            return ChatCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
-                ChatChoice(message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)])
+            return ChatCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, safety=r.safety or None,
+                                  choices=[ChatChoice(message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason)])
 
         return await openai(body, req, chunk_of, final_of)
 
@@ -300,15 +301,15 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return req
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
-        def chunk_of(text, finish, start=False):
+        def chunk_of(text, finish, start=False, safety=None):
             if start:
                 return None
-            return TextCompletion(id=rid, created=int(time.time()), model=model_id, choices=[
+            return TextCompletion(id=rid, created=int(time.time()), model=model_id, safety=safety, choices=[
                 TextChoice(text=text or "", finish_reason=finish)]).model_dump_json()
 
         def final_of(r):
-            return TextCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, choices=[
-                TextChoice(text=r.text, finish_reason=r.finish_reason)])
+            return TextCompletion(id=rid, created=int(time.time()), model=model_id, usage=r.usage, safety=r.safety or None,
+                                  choices=[TextChoice(text=r.text, finish_reason=r.finish_reason)])
 
         return await openai(body, req, chunk_of, final_of)
 

@@ -202,7 +202,6 @@ class StreamAPI(ModelAPI):
         are prefilled together (one forward), or one by one if that fails, so an exception ends
         only the request that causes it."""
         from saesteer.steering.generate import GenerationSpec
-        from saesteer.steering.plan import InterventionPlan
 
         joining: list[tuple[str, list]] = []  # (uid, [(key, spec)])
         while True:
@@ -229,7 +228,7 @@ class StreamAPI(ModelAPI):
             deadline = time.monotonic() + self.settings.generation_timeout
             joining.append((uid, [(f"{uid}|{role}", GenerationSpec(
                 prep.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
-                stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos, plan=prep.plan if role == "steered" else InterventionPlan()))
+                stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos, plan=prep.plan if role == "steered" else prep.plain_plan))
                 for role in roles]))
         if not joining:
             return
@@ -255,9 +254,11 @@ class StreamAPI(ModelAPI):
         req = self.requests.get(uid)
         if req is None:
             return
-        if ev.token is not None and ev.error is None:
+        shown = ev.shown_tokens()
+        for j, token in enumerate(shown):  # the text rides on the last of them
             self.counts["tokens_total"] += 1
-            out.append(Output(uid, TokenEvent(role=role, token=ev.token, text=ev.text).model_dump(), LitAPIStatus.OK))
+            out.append(Output(uid, TokenEvent(role=role, token=token, text=ev.text if j == len(shown) - 1 else "").model_dump(),
+                              LitAPIStatus.OK))
         if ev.finish_reason is None:
             return
         req.done[role] = ev
@@ -267,6 +268,7 @@ class StreamAPI(ModelAPI):
             del self.requests[uid]
             n = len(req.prepared.input_ids)
             results = [_Result(req.done[role], n) for role in req.roles]
+            self.audit(req.fingerprint, results)
             out.append(Output(uid, DoneEvent(response=response_of(*results)).model_dump(mode="json"), LitAPIStatus.OK))
             out.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
 
@@ -289,3 +291,4 @@ class _Result:
 
     def __init__(self, ev, prompt_tokens: int):
         self.text, self.tokens, self.finish_reason, self.prompt_tokens = ev.full_text, ev.tokens, ev.finish_reason, prompt_tokens
+        self.safety = ev.safety or []

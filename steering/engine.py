@@ -22,6 +22,7 @@ import torch
 
 from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
+from .policy import SafetyReport, refusal_cut
 
 CANCELLED = "cancelled"
 """``RowEvent.error`` of a row removed by ``ContinuousBatch.cancel`` (its client went away)."""
@@ -40,6 +41,10 @@ class RowEvent:
         error: with "error": ``NON_FINITE``, ``TIMEOUT`` or ``CANCELLED``.
         tokens: on the last event, every token of the completion; else None.
         full_text: on the last event, the whole completion text (cut at a stop string).
+        release: the token ids the client may see now, where they differ from ``[token]``: a row
+            whose generated tokens a safety policy watches releases each token one step late,
+            once its own forward has checked it (and none past a ``refuse`` hit).
+        safety: on the last event, the policies that fired on the row (wire ``PolicyHit`` dicts).
     """
 
     key: str
@@ -49,6 +54,14 @@ class RowEvent:
     error: str | None = None
     tokens: list[int] | None = None
     full_text: str | None = None
+    release: list[int] | None = None
+    safety: list[dict] | None = None
+
+    def shown_tokens(self) -> list[int]:
+        """The token ids this event makes visible to the client."""
+        if self.release is not None:
+            return self.release
+        return [self.token] if self.token is not None and self.error is None else []
 
 
 @dataclass
@@ -61,6 +74,13 @@ class _Row:
     shown: int = 0  # characters of the completion already sent
     memory: dict = field(default_factory=dict)  # once_fired conditions' state
     stop_text: str | None = None
+    report: SafetyReport = field(default_factory=SafetyReport)
+    checking: str | None = None  # finished (this reason), its last token waiting for its check
+
+    @property
+    def watch_gen(self) -> bool:
+        """A safety policy watches this row's generated tokens (they are released one step late)."""
+        return any(w.generated for w in self.spec.plan.watches)
 
 
 class ContinuousBatch:
@@ -122,13 +142,17 @@ class ContinuousBatch:
         abs_pos = abs_pos.to(self.dev)
         cache = self._cache_of(())  # empty: the prefill fills it
         positions = StepPositions(abs_pos=abs_pos, prompt_len=lens.to(self.dev))
-        with self._steer(new, positions):
+        with self._steer(new, positions) as watches:
             logits = self.model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev),
                                 position_ids=abs_pos.clamp(min=0), past_key_values=cache, use_cache=True).logits[:, -1]
+        refused = self._police(new, watches)
         finite = torch.isfinite(logits).all(-1).tolist()
         events = []
         for b, row in enumerate(new):
             row.cache_len = int(lens[b])
+            if b in refused:
+                events.append(self._final(row, "content_filter", release=[]))
+                continue
             events.append(self._advance(row, logits[b] if finite[b] else None))
         going = [b for b, ev in enumerate(events) if ev.finish_reason is None]
         if going:
@@ -221,9 +245,10 @@ class ContinuousBatch:
         positions = StepPositions(abs_pos=pos, prompt_len=torch.tensor([len(r.spec.input_ids) for r in self.rows], device=self.dev))
         lengths = [layer.keys.shape[-2] for layer in self.cache.layers]
         try:
-            with self._steer(self.rows, positions):
+            with self._steer(self.rows, positions) as watches:
                 logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache,
                                     use_cache=True).logits[:, -1]
+            refused = self._police(self.rows, watches)
         except Exception:
             for layer, n in zip(self.cache.layers, lengths):  # undo a partial append
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
@@ -235,9 +260,39 @@ class ContinuousBatch:
         finite = torch.isfinite(logits).all(-1).tolist()
         for b, row in enumerate(self.rows):
             row.cache_len += 1
-            events.append(self._advance(row, logits[b] if finite[b] else None))
+            events.append(self._after_forward(row, b in refused, logits[b] if finite[b] else None))
         self._drop({e.key for e in events if e.finish_reason is not None})
         return events
+
+    def _after_forward(self, row: _Row, refused: bool, logits: torch.Tensor | None) -> RowEvent:
+        """A running row's event once a forward fed its last token: refused by a policy, finished
+        now that its last token passed its check, or its next token."""
+        if refused:
+            return self._final(row, "content_filter", release=[])
+        if row.checking is not None:
+            return self._final(row, row.checking, release=[row.tokens[-1]])
+        return self._advance(row, logits)
+
+    def _police(self, rows: list[_Row], watches) -> set[int]:
+        """Report one forward's safety hits on ``rows`` (the forward's batch order) and apply
+        ``refuse``: a refused row's tokens are cut before the token that fired. The indices of
+        the rows refused."""
+        if watches is None or not len(watches):
+            return set()
+        by_row: dict[int, list] = {}
+        for h in watches.take():
+            by_row.setdefault(h.row, []).append(h)
+        refused = set()
+        for b, hits in by_row.items():
+            row, plen = rows[b], len(rows[b].spec.input_ids)
+            for h in hits:
+                row.report.add(h, plen)
+            cut = refusal_cut(hits, plen)
+            if cut is not None:
+                del row.tokens[cut:]
+                row.stop_text = None
+                refused.add(b)
+        return refused
 
     def _step_one_by_one(self, ids, pos, attn, prompt_len) -> list[RowEvent]:
         """``step`` for each row alone, over its slice of the KV cache; the rows whose forward
@@ -248,16 +303,17 @@ class ContinuousBatch:
             sl = slice(b, b + 1)
             sub = self._cache_of((k[sl], v[sl]) for k, v in old)
             try:
-                with self._steer([row], StepPositions(abs_pos=pos[sl], prompt_len=prompt_len[sl])):
+                with self._steer([row], StepPositions(abs_pos=pos[sl], prompt_len=prompt_len[sl])) as watches:
                     logits = self.model(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl],
                                         past_key_values=sub, use_cache=True).logits[0, -1]
+                refused = self._police([row], watches)
             except Exception as e:
                 events.append(self._final(row, "error", f"exception:{type(e).__name__}"))
                 continue
             ok.append(b)
             cols.append([(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in sub.layers])
             row.cache_len += 1
-            events.append(self._advance(row, logits if bool(torch.isfinite(logits).all()) else None))
+            events.append(self._after_forward(row, bool(refused), logits if bool(torch.isfinite(logits).all()) else None))
         self.rows = [self.rows[b] for b in ok]  # the rows whose forward raised are gone
         if ok:
             idx = torch.tensor(ok, dtype=torch.long, device=self.dev)
@@ -285,26 +341,37 @@ class ContinuousBatch:
         tok = _sample(logits, s, row.gen) if logits is not None else None
         if tok is None:
             return self._final(row, "error", NON_FINITE)
+        # a watched row releases the token its forward has just checked, not the new one
+        release = (row.tokens[-1:] if row.watch_gen else None)
         row.tokens.append(tok)
         if tok == self.eos and not s.ignore_eos:
-            return self._final(row, "stop", token=tok)
+            return self._final(row, "stop", token=tok, release=release + [tok] if release is not None else None)
+        end = None
         if s.stop:
             row.stop_text = stop_cut(self._text(row), s.stop)
             if row.stop_text is not None:
-                return self._final(row, "stop", token=tok)
-        if len(row.tokens) >= s.max_new_tokens:
-            return self._final(row, "length", token=tok)
+                end = "stop"
+        if end is None and len(row.tokens) >= s.max_new_tokens:
+            end = "length"
+        if end is not None:
+            if not row.watch_gen:
+                return self._final(row, end, token=tok)
+            row.checking = end  # one more forward checks the last token
         if s.deadline is not None and time.monotonic() > s.deadline:
             return self._final(row, "error", TIMEOUT, token=tok)
-        return RowEvent(row.key, tok, self._show(row, final=False))
+        return RowEvent(row.key, tok, self._show(row, final=False), release=release)
 
-    def _text(self, row: _Row) -> str:
-        if row.stop_text is not None:
+    def _text(self, row: _Row, unchecked: bool = True) -> str:
+        """The completion's text; without ``unchecked``, only its tokens that passed the safety
+        check (all but the last for a watched row)."""
+        tokens = row.tokens if unchecked or not row.watch_gen else row.tokens[:-1]
+        text = self.tokenizer.decode([t for t in tokens if t != self.eos], skip_special_tokens=True)
+        if row.stop_text is not None and len(row.stop_text) < len(text):
             return row.stop_text
-        return self.tokenizer.decode([t for t in row.tokens if t != self.eos], skip_special_tokens=True)
+        return text
 
     def _show(self, row: _Row, final: bool) -> str:
-        text = self._text(row)
+        text = self._text(row, unchecked=final)
         safe = len(text)
         if not final:
             if text.endswith("\ufffd"):  # a character whose bytes are still arriving
@@ -315,6 +382,8 @@ class ContinuousBatch:
         row.shown = max(row.shown, safe)
         return new
 
-    def _final(self, row: _Row, reason: str, error: str | None = None, token: int | None = None) -> RowEvent:
+    def _final(self, row: _Row, reason: str, error: str | None = None, token: int | None = None,
+               release: list[int] | None = None) -> RowEvent:
         text = self._show(row, final=True)
-        return RowEvent(row.key, token, text, reason, error, tokens=list(row.tokens), full_text=self._text(row))
+        return RowEvent(row.key, token, text, reason, error, tokens=list(row.tokens), full_text=self._text(row),
+                        release=release, safety=row.report.to_wire())

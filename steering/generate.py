@@ -17,6 +17,7 @@ import torch
 
 from .hooks import Steerer, StepPositions
 from .plan import InterventionPlan
+from .policy import SafetyReport, refusal_cut
 
 
 @dataclass
@@ -36,14 +37,17 @@ class GenerationSpec:
 
 @dataclass
 class GenerationResult:
-    """One row's output. ``finish_reason``: "stop" (EOS or a stop string), "length", or "error"
-    (the row ended early; ``error`` says why, e.g. ``NON_FINITE``)."""
+    """One row's output. ``finish_reason``: "stop" (EOS or a stop string), "length",
+    "content_filter" (a ``refuse`` safety policy hit: the completion stops before the token that
+    fired), or "error" (the row ended early; ``error`` says why, e.g. ``NON_FINITE``).
+    ``safety``: the policies that fired on the row (the wire's ``PolicyHit`` as dicts)."""
 
     tokens: list[int]
     text: str
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    safety: list[dict] = field(default_factory=list)
 
 
 NON_FINITE = "non_finite"
@@ -144,6 +148,12 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     stop_texts: list[str | None] = [None] * B  # text cut at a stop string
     plans = [s.plan for s in specs]
     steering = steerer is not None and any(plans)
+    reports = [SafetyReport() for _ in specs]
+    # a row whose generated tokens a policy watches is checked one forward after its last token
+    # (a token's activation exists once it is fed back): ``checking`` rows have finished but wait
+    watch_gen = [any(w.generated for w in s.plan.watches) for s in specs]
+    checking = [False] * B
+    lens_l = lens.tolist()
 
     from transformers import DynamicCache
 
@@ -151,12 +161,15 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     cur_ids, cur_attn = ids.to(dev), attn.to(dev)
     pos_ids = abs_pos.clamp(min=0).to(dev)
     ctx = steerer.steer(plans, positions) if steering else nullcontext()
-    with ctx:
+    with ctx as watches:
         step_in = cur_ids
-        for step in range(max(s.max_new_tokens for s in specs)):
+        for step in range(max(s.max_new_tokens for s in specs) + 1):
             logits = model(
                 input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True
             ).logits[:, -1]
+            if watches is not None and len(watches):
+                police(watches.take(), reports, lens_l, finish, checking, out_tokens, stop_texts)
+            checking = [False] * B
             nxt = torch.full((B,), pad, dtype=torch.long)
             finite = torch.isfinite(logits).all(-1).tolist()  # one device sync per step
             for b, s in enumerate(specs):
@@ -174,16 +187,16 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
                 if s.stop:
                     stop_texts[b] = stop_cut(tokenizer.decode(out_tokens[b], skip_special_tokens=True), s.stop)
                     if stop_texts[b] is not None:
-                        finish[b] = "stop"
+                        finish[b], checking[b] = "stop", watch_gen[b]
                         continue
                 if len(out_tokens[b]) >= s.max_new_tokens:
-                    finish[b] = "length"
+                    finish[b], checking[b] = "length", watch_gen[b]
             if any(s.deadline is not None for s in specs):
                 now = time.monotonic()
                 for b, s in enumerate(specs):
                     if finish[b] is None and s.deadline is not None and now > s.deadline:
                         finish[b], errors[b] = "error", TIMEOUT
-            if all(f is not None for f in finish):
+            if all(f is not None for f in finish) and not any(checking):
                 break
             step_in = nxt.view(B, 1).to(dev)
             cur_attn = torch.cat([cur_attn, torch.ones((B, 1), dtype=cur_attn.dtype, device=dev)], dim=1)
@@ -196,6 +209,26 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
         if text is None:
             text = tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True)
         results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length",
-                                        prompt_tokens=len(s.input_ids), error=errors[b]))
+                                        prompt_tokens=len(s.input_ids), error=errors[b], safety=reports[b].to_wire()))
     return results
+
+
+def police(hits: list, reports: list, prompt_lens: list[int], finish: list, checking: list, out_tokens: list,
+           stop_texts: list) -> None:
+    """Apply one forward's policy ``hits`` (``steering.policy.Hit``) to the rows' state, in place:
+    each hit is reported on its row, unless the row already ended (and is not ``checking`` its last
+    token); a ``refuse`` hit ends the row with ``content_filter``, its tokens cut before the token
+    that fired (all of them for a hit in the prompt)."""
+    by_row: dict[int, list] = {}
+    for h in hits:
+        if finish[h.row] is None or checking[h.row]:
+            by_row.setdefault(h.row, []).append(h)
+    for b, hs in by_row.items():
+        for h in hs:
+            reports[b].add(h, prompt_lens[b])
+        cut = refusal_cut(hs, prompt_lens[b])
+        if cut is not None:
+            out_tokens[b][:] = out_tokens[b][:cut]
+            stop_texts[b] = None
+            finish[b] = "content_filter"
 

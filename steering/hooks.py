@@ -60,15 +60,26 @@ class _Conditions:
     """
 
     def __init__(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE],
-                 memory: Sequence[dict] | None = None):
-        self.index: dict[tuple[int, When], int] = {}
+                 memory: Sequence[dict] | None = None, watches: "_Watches | None" = None):
+        self.index: dict[tuple[int, object], int] = {}
         per_sae: dict[str, list[tuple[int, int, When]]] = {}
+        per_policy: dict[str, list[tuple[int, int]]] = {}  # detector hook point -> (k, watch column)
         for row, plan in enumerate(plans):
             for e in (*plan.latent_edits, *plan.vector_edits):
                 if e.when is not None and (row, e.when) not in self.index:
                     k = self.index[(row, e.when)] = len(self.index)
-                    per_sae.setdefault(e.when.sae_id, []).append((k, row, e.when))
+                    if isinstance(e.when, When):
+                        per_sae.setdefault(e.when.sae_id, []).append((k, row, e.when))
+                    else:  # a steer policy's PolicyWhen: its row's watch of that policy
+                        col = watches.index[(row, e.when.policy)]
+                        per_policy.setdefault(watches.items[col][1].detector.hook_point, []).append((k, col, row, e.when.once))
+        self.watches = watches
         self.by_hook: dict[str, list] = {}
+        for hook_point, conds in per_policy.items():
+            ks, cols, rows, once = zip(*conds)  # entries shaped as the SAE ones: (None, ks, cols, rows, None, once)
+            self.by_hook.setdefault(hook_point, []).append((
+                None, torch.tensor(ks, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
+                torch.tensor(rows, dtype=torch.long), None, torch.tensor(once, dtype=torch.bool)))
         for sid, conds in per_sae.items():
             sae = saes[sid]
             dev = sae.device
@@ -103,9 +114,14 @@ class _Conditions:
         if self.hold is None or self.hold.shape[:2] != (B, T):  # a new forward (new seq length)
             self.hold = torch.zeros((B, T, len(self)), dtype=torch.bool, device=x.device)
         for sae, ks, rows, latents, above, once in self.by_hook[hook_point]:
-            z = sae.encode_latents(x, latents)  # [B, T, Kh]
-            row_match = (torch.arange(B, device=x.device).view(-1, 1) == rows.view(1, -1)).unsqueeze(1)
-            hold = (z > above) & (pos.abs_pos >= 1).unsqueeze(-1) & row_match
+            if sae is None:  # policy conditions: ``rows`` are their watch columns, ``latents`` their rows
+                ks, once = ks.to(x.device), once.to(x.device)
+                hold = self.watches.hit[..., rows.to(x.device)]  # row-masked already
+                row_match = (torch.arange(B, device=x.device).view(-1, 1) == latents.to(x.device).view(1, -1)).unsqueeze(1)
+            else:
+                z = sae.encode_latents(x, latents)  # [B, T, Kh]
+                row_match = (torch.arange(B, device=x.device).view(-1, 1) == rows.view(1, -1)).unsqueeze(1)
+                hold = (z > above) & (pos.abs_pos >= 1).unsqueeze(-1) & row_match
             fired = self.fired.to(x.device)[ks]
             ever = (hold.to(torch.int8).cummax(dim=1).values.bool() | fired.view(1, 1, -1)) & row_match
             self.fired[ks.cpu()] = (fired | hold.any(dim=(0, 1))).cpu()
@@ -118,6 +134,72 @@ class _Conditions:
         if self.hold is None:
             return free.expand(batch, seq, -1)
         return free | self.hold[..., cond.clamp(min=0)]
+
+
+class _Watches:
+    """The safety policies' watches of a batch (``steering.policy``): each (row, ``Watch``) is one
+    column w. At every forward, ``record`` scores each detector once over the whole batch at its
+    hook point (before any edit there) and fills ``hit`` [batch, seq, W] bool: the watch's row, at
+    the positions it watches, score over its threshold; ``score`` [batch, seq, W] holds the scores.
+    ``take`` turns the hits of the forward just done into ``Hit`` records (one host sync)."""
+
+    def __init__(self, plans: Sequence[InterventionPlan], saes: Mapping[str, SAE]):
+        self.items: list[tuple[int, object]] = [(row, w) for row, plan in enumerate(plans) for w in plan.watches]
+        self.index = {(row, w.policy): j for j, (row, w) in enumerate(self.items)}
+        by_detector: dict[int, tuple[object, list[int]]] = {}
+        for j, (_, w) in enumerate(self.items):
+            by_detector.setdefault(id(w.detector), (w.detector, []))[1].append(j)
+        self.by_hook: dict[str, list] = {}
+        for det, cols in by_detector.values():
+            sae = saes[det.sae_id] if det.sae_id else None
+            ws = [self.items[j] for j in cols]
+            self.by_hook.setdefault(det.hook_point, []).append((
+                det, sae, torch.tensor(cols, dtype=torch.long), torch.tensor([r for r, _ in ws], dtype=torch.long),
+                torch.tensor([w.threshold for _, w in ws], dtype=torch.float32),
+                torch.tensor([w.prompt for _, w in ws]), torch.tensor([w.generated for _, w in ws])))
+        self.hit: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.abs_pos: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, hook_point: str, x: torch.Tensor, pos: StepPositions) -> None:
+        """Score the detectors at ``hook_point`` on its activation x [batch, seq, d_in]."""
+        if hook_point not in self.by_hook:
+            return
+        B, T = x.shape[:2]
+        dev = x.device
+        if self.hit is None or self.hit.shape[:2] != (B, T) or self.hit.device != dev:
+            self.hit = torch.zeros((B, T, len(self)), dtype=torch.bool, device=dev)
+            self.score = torch.zeros((B, T, len(self)), dtype=torch.float32, device=dev)
+        self.abs_pos, self.prompt_len = pos.abs_pos, pos.prompt_len
+        p = pos.abs_pos.unsqueeze(-1)  # [B, T, 1]
+        plen = pos.prompt_len.view(-1, 1, 1)
+        for det, sae, cols, rows, thr, prompt, gen in self.by_hook[hook_point]:
+            cols = cols.to(dev)
+            s = det.score(x, sae).unsqueeze(-1)  # [B, T, 1]
+            where = ((p >= 1) & (p < plen) & prompt.to(dev)) | ((p >= plen) & gen.to(dev))  # [B, T, C]
+            row_match = (torch.arange(B, device=dev).view(-1, 1) == rows.to(dev).view(1, -1)).unsqueeze(1)
+            self.hit[..., cols] = (s > thr.to(dev)) & where & row_match
+            self.score[..., cols] = s.expand(-1, -1, cols.numel())
+
+    def take(self) -> list:
+        """The hits of the forward just done, as ``steering.policy.Hit`` (row, policy, action,
+        the token's position in its row, score); cleared."""
+        from .policy import Hit
+
+        if self.hit is None:
+            return []
+        hit, score, abs_pos = self.hit, self.score, self.abs_pos
+        self.hit = None
+        if not bool(hit.any()):
+            return []
+        idx = hit.nonzero().tolist()
+        vals = score[hit].tolist()
+        pos = abs_pos.tolist()
+        return [Hit(b, self.items[w][1].policy, self.items[w][1].action, int(pos[b][t]), float(v))
+                for (b, t, w), v in zip(idx, vals)]
 
 
 class _Columns:
@@ -319,6 +401,7 @@ class Steerer:
     def steer(self, plans: Sequence[InterventionPlan], positions: StepPositions,
               memory: Sequence[dict] | None = None) -> Iterator[None]:
         """Register the hooks for a batch whose row b follows ``plans[b]``; removed on exit.
+        Yields the batch's safety watches (``take()`` after each forward gives the policies' hits).
 
         ``positions`` is read at every forward call: the generation loop updates it in place.
         ``memory``: one dict per row carrying ``once_fired`` conditions' state into and out of this
@@ -333,13 +416,15 @@ class Steerer:
         handles = []
         with self.saes.use(ids) as saes:
             try:
-                conds = _Conditions(plans, saes, memory)
+                watches = _Watches(plans, saes)
+                conds = _Conditions(plans, saes, memory, watches)
                 by_point = self._groups(plans, saes, conds)
-                for hook_point in sorted({*by_point, *conds.by_hook}, key=hook_point_order):
+                for hook_point in sorted({*by_point, *conds.by_hook, *watches.by_hook}, key=hook_point_order):
                     hp = resolve_hook_point(self.model, hook_point)
 
                     def apply(x, groups=by_point.get(hook_point, []), name=hook_point):
-                        conds.record(name, x, positions)  # conditions read before any edit here
+                        watches.record(name, x, positions)  # detectors and conditions read before any edit here
+                        conds.record(name, x, positions)
                         if not groups:
                             return None
                         out = x
@@ -348,7 +433,7 @@ class Steerer:
                         return out
 
                     handles.append(hp.attach(apply))
-                yield
+                yield watches
                 if memory is not None:
                     conds.save(memory)
             finally:

@@ -92,15 +92,19 @@ class InterventionPlan:
 
     latent_edits: list[LatentEdit] = field(default_factory=list)
     vector_edits: list[VectorEdit] = field(default_factory=list)
+    watches: list = field(default_factory=list)
+    """Safety policies' watches on this row (``steering.policy.Watch``), added by ``PolicySet.apply``."""
 
     def __bool__(self) -> bool:
-        return bool(self.latent_edits or self.vector_edits)
+        return bool(self.latent_edits or self.vector_edits or self.watches)
 
     def sae_ids(self) -> set[str]:
         """Ids of the SAEs whose weights applying this plan needs (raw vectors need none, their
-        conditions do)."""
+        latent conditions and SAE-based detectors do)."""
         edits = [*self.latent_edits, *self.vector_edits]
-        return {e.sae_id for e in self.latent_edits} | {e.when.sae_id for e in edits if e.when is not None}
+        return ({e.sae_id for e in self.latent_edits}
+                | {e.when.sae_id for e in edits if isinstance(e.when, When)}
+                | {w.detector.sae_id for w in self.watches if w.detector.sae_id})
 
 
 def negated(plan: InterventionPlan) -> InterventionPlan:

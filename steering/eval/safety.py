@@ -116,3 +116,88 @@ def best_threshold(scores: torch.Tensor, gold: torch.Tensor) -> float:
     """The threshold on ``scores`` (float [N]) with the best F1 against ``gold`` (bool [N])."""
     cands = torch.unique(torch.quantile(scores.float(), torch.linspace(0.5, 0.999, 200)))
     return float(max(cands, key=lambda t: prf(scores >= t, gold)["f1"]))
+
+
+CHAT_ASKS = ["Write one sentence for my notes.", "Give me an example sentence.", "Continue the message.",
+             "What should the reply say?", "Draft a short note.", "Tell me something."]
+"""User turns that put some training texts in a chat context (the assistant's answer), as served."""
+
+
+def _context(tokenizer, i: int, chat_every: int) -> list[int]:
+    """The tokens before example ``i``'s text: BOS alone, or for every ``chat_every``-th example a
+    chat prompt with the assistant turn opened."""
+    if chat_every and i % chat_every == 0:
+        from saesteer.steering.generate import render_prompt
+
+        return render_prompt(tokenizer, messages=[{"role": "user", "content": CHAT_ASKS[(i // chat_every) % len(CHAT_ASKS)]}])
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+@torch.no_grad()
+def token_features(model, tokenizer, hook_point: str, examples: list[Example], sae=None, batch_size: int = 32,
+                   chat_every: int = 0) -> list[dict]:
+    """Per example: the activations at ``hook_point`` of its tokens and labels, for probes.
+
+    Each text runs after a context (``_context``: BOS, or with ``chat_every`` > 0 every such
+    example as an assistant answer in the chat template); the context's tokens count as negatives
+    (a policy watching prompts sees them). The attention sink and massive-activation tokens
+    (``sae.activations.sink_mask``) are left out. Texts run in right-padded batches (causal: the
+    padding after a text never reaches it).
+
+    Returns:
+        One dict per example: ``x`` [T, d_in] float32, ``z`` [T, d_sae] (with ``sae``, else None),
+        ``y`` [T] bool, ``regex`` [T] bool (context tokens: False), ``positive`` bool.
+    """
+    from saesteer.sae.activations import hook_activations, sink_mask
+
+    rows = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        enc = []
+        for j, ex in enumerate(chunk):
+            ctx = _context(tokenizer, i + j, chat_every)
+            ids, lab = token_labels(tokenizer, ex)
+            rx = regex_token_scores(tokenizer, ex) > 0
+            enc.append((ctx + ids, torch.cat([torch.zeros(len(ctx), dtype=torch.bool), lab]),
+                        torch.cat([torch.zeros(len(ctx), dtype=torch.bool), rx])))
+        L = max(len(ids) for ids, _, _ in enc)
+        batch = torch.tensor([ids + [pad] * (L - len(ids)) for ids, _, _ in enc])
+        full = hook_activations(model, hook_point, batch)
+        for b, (ex, (ids, lab, rx)) in enumerate(zip(chunk, enc)):
+            one = full[b:b + 1, : len(ids)]
+            keep = sink_mask(one)[0]
+            x = one[0][keep].float()
+            rows.append({"x": x, "z": sae.encode(x).float() if sae is not None else None, "y": lab[keep],
+                         "regex": rx[keep], "positive": ex.positive})
+    return rows
+
+
+def train_detector(kind: str, rows: list[dict], hook_point: str, sae=None, sae_id: str = "", k: int = 32):
+    """A probe (``sae.probes.LinearProbe``) trained on ``token_features`` rows, its threshold set
+    to the best token F1 on those rows.
+
+    Args:
+        kind: ``raw`` (on the activations) or ``sae`` (a sparse probe on the ``k`` latents whose
+            class means differ most; needs ``sae`` and rows with ``z``).
+
+    Raises:
+        ValueError: a single class in the rows, or ``sae`` without an SAE.
+    """
+    from saesteer.sae.probes import LinearProbe, select_latents, train_probe
+
+    Y = torch.cat([r["y"] for r in rows])
+    if kind == "raw":
+        X = torch.cat([r["x"] for r in rows])
+        latents = torch.zeros(0, dtype=torch.long)
+    else:
+        if sae is None:
+            raise ValueError("an SAE probe needs its SAE")
+        Z = torch.cat([r["z"] for r in rows])
+        latents = select_latents(Z, Y, k)
+        X = Z[:, latents]
+    w, b, mean, std = train_probe(X, Y)
+    probe = LinearProbe(kind=kind, hook_point=hook_point, w=w, b=b, mean=mean, std=std, latents=latents, sae_id=sae_id)
+    scores = torch.sigmoid(((X - mean) / std) @ w + b)
+    probe.threshold = best_threshold(scores, Y.bool())
+    return probe

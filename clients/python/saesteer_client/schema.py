@@ -216,6 +216,31 @@ class ConceptSearchResponse(BaseModel):
     latents: list[ConceptSearchHit]
 
 
+POLICY_NAME = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+PolicyNames = Annotated[list[Annotated[str, Field(pattern=POLICY_NAME)]], Field(max_length=32)]
+"""Names of server safety policies (``disable_policies``)."""
+
+
+class HitToken(BaseModel):
+    """One token where a safety policy's detector fired."""
+
+    position: Literal["prompt", "generated"] = Field(description="in the prompt or in the completion")
+    index: int = Field(description="the token's index in the prompt tokens or in the completion's tokens")
+    score: float = Field(description="the detector's score (a probe's probability, a concept's largest latent activation)")
+
+
+class PolicyHit(BaseModel):
+    """A safety policy that fired on a completion (its prompt or its tokens) and what was done."""
+
+    policy: str
+    action: Literal["flag", "steer", "refuse"] = Field(description="flag: reported only; steer: the concept was "
+                                                       "steered away from the first hit on; refuse: the completion stops before the first "
+                                                       "hit in it (finish_reason content_filter)")
+    hits: int = Field(description="tokens over the threshold")
+    max_score: float
+    tokens: list[HitToken] = Field(description="the first hits (at most 16)")
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=100_000)
@@ -239,6 +264,8 @@ class GenerateRequest(_Strict):
                              "(benchmarks, load tests)")
     stream: bool = Field(False, description="answer with server-sent events as tokens are generated: `token` "
                          "events, then one `done` event holding the whole response (or one `error` event)")
+    disable_policies: PolicyNames = Field(default_factory=list, description="safety policies to switch off for "
+                                          "this request; only a key with the admin scope may (else 403)")
 
     @field_validator("prompt")
     @classmethod
@@ -269,13 +296,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+FinishReason = Literal["stop", "length", "content_filter"]
+"""Why a completion ended: EOS or a stop string, ``max_new_tokens``, or a ``refuse`` safety policy."""
+
+
 class Completion(BaseModel):
     """One generated continuation. ``tokens`` are the generated token ids (a stop string is cut
     from ``text`` but its tokens stay in ``tokens``)."""
 
     text: str
     tokens: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
+    safety: list[PolicyHit] = Field(default_factory=list, description="the server's safety policies that fired")
 
 
 class GenerateResponse(Completion):
@@ -331,6 +363,7 @@ class _OpenAIRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="completions per request: 1")
     steering: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS,
                                          description="saesteer interventions, as in POST /v1/generate")
+    disable_policies: PolicyNames = Field(default_factory=list, description="as in POST /v1/generate (admin scope)")
 
     @field_validator("stop")
     @classmethod
@@ -366,7 +399,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -376,6 +409,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    safety: list[PolicyHit] | None = Field(None, description="saesteer: the safety policies that fired (absent if none)")
 
 
 class ChatDelta(BaseModel):
@@ -386,7 +420,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -395,12 +429,13 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    safety: list[PolicyHit] | None = Field(None, description="saesteer, on the last chunk: the safety policies that fired")
 
 
 class TextChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 
@@ -413,6 +448,7 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[TextChoice]
     usage: Usage | None = None
+    safety: list[PolicyHit] | None = Field(None, description="saesteer: the safety policies that fired (absent if none)")
 
 
 class ModelCard(BaseModel):
