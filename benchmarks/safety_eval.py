@@ -1,12 +1,14 @@
-"""Detecting personal data in SmolLM2's residual stream: regex vs probes vs SAE latents.
+"""Detecting a concept in SmolLM2's residual stream: regex vs probes vs SAE latents.
 
-Generates ``--n`` labelled texts (``steering.eval.safety.pii_examples``, Faker seeded), runs them
+Generates ``--n`` labelled texts (``steering.eval.safety.pii_examples`` for personal data, or
+``medical_examples`` for medical advice, a topical concept; Faker seeded), runs them
 through the model to the default SAE's hook point (block 10), splits them 70/30 by text, trains the
 detectors on the training texts and reports token- and request-level precision, recall and F1 on
 the held-out ones, plus each detector's cost per token next to a plain decode step of the model
 (timed side by side in this run). Writes JSON and Markdown.
 
-    python benchmarks/safety_eval.py --n 1200 --out docs/safety_eval.md
+    python benchmarks/safety_eval.py --n 1200 --out docs/safety_eval_pii.md
+    python benchmarks/safety_eval.py --concept medical --n 1200 --out docs/safety_eval_medical.md
 """
 
 from __future__ import annotations
@@ -17,33 +19,11 @@ import time
 
 import torch
 
-from saesteer.sae.activations import hook_activations, sink_mask
 from saesteer.sae.io import load_sae
 from saesteer.sae.lm import load_model
 from saesteer.sae.probes import select_latents, train_probe
 from saesteer.server.config import default_sae_spec
-from saesteer.steering.eval.safety import best_threshold, pii_examples, prf, regex_token_scores, token_labels
-
-
-def collect(model, tok, sae, examples, batch_size: int = 32):
-    """Per example: token activations [T, d_in] (sinks dropped), codes [T, d_sae], labels [T], regex [T].
-    Texts run in right-padded batches (causal: a text's tokens never see the padding after it)."""
-    rows = []
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        enc = [token_labels(tok, ex) for ex in chunk]
-        L = max(len(bos) + len(ids) for ids, _ in enc)
-        batch = torch.tensor([bos + ids + [pad] * (L - len(bos) - len(ids)) for ids, _ in enc])
-        full = hook_activations(model, sae.cfg.hook_point, batch)
-        for b, (ex, (ids, lab)) in enumerate(zip(chunk, enc)):
-            one = full[b:b + 1, : len(bos) + len(ids)]
-            acts, keep = one[0, len(bos):], sink_mask(one)[0, len(bos):]  # the sink and massive tokens out
-            x = acts[keep].float()
-            rows.append({"x": x, "z": sae.encode(x).float(), "y": lab[keep],
-                         "regex": regex_token_scores(tok, ex)[keep] > 0, "positive": ex.positive})
-    return rows
+from saesteer.steering.eval.safety import best_threshold, medical_examples, pii_examples, prf, token_features
 
 
 def per_request(rows, token_pred) -> dict:
@@ -89,23 +69,26 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--k", type=int, default=32, help="latents of the sparse SAE probe")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concept", choices=["pii", "medical"], default="pii",
+                    help="personal data (with the regex baseline) or medical advice (a topical concept)")
     ap.add_argument("--out", default=None, help="Markdown report (and .json beside it)")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     model, tok = load_model()
     sae = load_sae(default_sae_spec(), dtype=torch.float32)
-    examples = pii_examples(a.n, seed=a.seed)
+    examples = (pii_examples if a.concept == "pii" else medical_examples)(a.n, seed=a.seed)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed)).tolist()
     cut = int(0.7 * len(order))
     t0 = time.time()
-    train = collect(model, tok, sae, [examples[i] for i in order[:cut]])
-    test = collect(model, tok, sae, [examples[i] for i in order[cut:]])
+    hook = sae.cfg.hook_point
+    train = token_features(model, tok, hook, [examples[i] for i in order[:cut]], sae=sae)
+    test = token_features(model, tok, hook, [examples[i] for i in order[cut:]], sae=sae)
     print(f"activations: {sum(len(r['y']) for r in train + test)} tokens in {time.time() - t0:.0f} s", flush=True)
 
     X, Z, Y = (torch.cat([r[k] for r in train]) for k in ("x", "z", "y"))
     results = {}
-    # regex baseline
-    results["regex"] = [r["regex"] for r in test]
+    if a.concept == "pii":  # the regex baseline
+        results["regex"] = [r["regex"] for r in test]
     # raw-activation probe
     w, b, mu, sd = train_probe(X, Y)
     raw_score = lambda x: torch.sigmoid(((x - mu) / sd) @ w + b)  # noqa: E731
@@ -123,7 +106,7 @@ def main() -> None:
     results["concept_latents"] = [r["z"][:, top3].amax(-1) >= thr_c for r in test]
 
     gold_tok = torch.cat([r["y"] for r in test]).bool()
-    report = {"n_texts": a.n, "train_texts": cut, "test_texts": len(order) - cut,
+    report = {"concept": a.concept, "n_texts": a.n, "train_texts": cut, "test_texts": len(order) - cut,
               "test_tokens": int(len(gold_tok)), "positive_test_tokens": int(gold_tok.sum()),
               "sae": sae.cfg.hook_point, "sparse_probe_k": a.k, "concept_latents": top3.tolist(), "detectors": {}}
     for name, preds in results.items():
@@ -131,11 +114,13 @@ def main() -> None:
     report["cost_per_step"] = timing(model, sae, w, (ws, lat), top3)
     print(json.dumps(report, indent=1))
     if a.out:
-        lines = ["# Personal-data detection in SmolLM2-135M's residual stream (block 10)", "",
-                 f"`python benchmarks/safety_eval.py --n {a.n}`: {a.n} Faker-generated texts (half with an email, phone "
-                 f"number, street address or card number; half with near misses), {cut} for training and "
-                 f"{len(order) - cut} held out ({report['test_tokens']} tokens, {report['positive_test_tokens']} of them "
-                 "personal data). Thresholds fitted on the training texts (best token F1).", "",
+        what = ("an email, phone number, street address or card number; half with near misses" if a.concept == "pii"
+                else "medical advice: doses, drugs, symptoms, first aid; half with other advice or medicine without advice")
+        title = "Personal-data" if a.concept == "pii" else "Medical-advice (topical concept)"
+        lines = [f"## {title} detection in SmolLM2-135M's residual stream (block 10)", "",
+                 f"`python benchmarks/safety_eval.py --concept {a.concept} --n {a.n}`: {a.n} Faker-filled texts (half with "
+                 f"{what}), {cut} for training and {len(order) - cut} held out ({report['test_tokens']} tokens, "
+                 f"{report['positive_test_tokens']} of them positive). Thresholds fitted on the training texts (best token F1).", "",
                  "| detector | token P | token R | token F1 | request P | request R | request F1 |", "|---|---|---|---|---|---|---|"]
         for name, d in report["detectors"].items():
             t, r = d["token"], d["request"]

@@ -81,6 +81,24 @@ class _StopForward(Exception):
     pass
 
 
+def forward_until(model, hook_point: str, **inputs) -> None:
+    """Run ``model(**inputs)`` only up to ``hook_point``: every hook already attached there runs,
+    then the forward stops (no logits; a KV cache passed in gets the layers up to it appended).
+    For a forward whose only purpose is to read activations, e.g. a last safety check."""
+    from .lm import resolve_hook_point
+
+    def stop(_x):
+        raise _StopForward
+
+    handle = resolve_hook_point(model, hook_point).attach(stop)  # after the hooks attached before
+    try:
+        model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def hook_activations(model, hook_point: str | list[str], input_ids: torch.Tensor, stop: bool = True):
     """Activations at ``hook_point`` for ``input_ids`` [batch, seq]: a float tensor [batch, seq, d_in]

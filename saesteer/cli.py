@@ -359,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and its latents for --kind sae")
     po.add_argument("--k", type=int, default=32, help="train --kind sae: latents of the sparse probe")
     po.add_argument("--chat-every", type=int, default=2, help="train: every Nth text is read as a chat answer (0: never)")
+    po.add_argument("--negatives", default="../shared/corpus/train.jsonl.gz",
+                    help="train: JSON lines of ordinary {text} documents whose passages are added as negatives ('' for none)")
+    po.add_argument("--n-negatives", type=int, default=1200, help="train: passages taken from --negatives")
+    po.add_argument("--chat-negatives", type=int, default=96,
+                    help="train: the model's own answers to everyday questions added as negatives")
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--out", default=None, help="train: the probe file (.safetensors)")
     po.add_argument("--file", default=None, help="check: the policies file")
@@ -452,7 +457,7 @@ def cmd_policies(a) -> int:
     from saesteer.sae.lm import load_model
     from saesteer.sae.probes import save_probe
     from saesteer.sae.sources import parse_sae_spec
-    from saesteer.steering.eval.safety import token_features, train_detector
+    from saesteer.steering.eval.safety import chat_negatives, text_negatives, token_features, train_detector
 
     if not a.out:
         print("error: train needs --out", file=sys.stderr)
@@ -462,6 +467,13 @@ def cmd_policies(a) -> int:
     sae = load_sae(spec, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     examples = _labelled_examples(a)
+    if a.negatives:
+        if not Path(a.negatives).exists():
+            print(f"error: no negatives file {a.negatives} (give --negatives FILE or --negatives '')", file=sys.stderr)
+            return 2
+        examples += text_negatives(a.negatives, a.n_negatives, seed=a.seed)
+    if a.chat_negatives:
+        examples += chat_negatives(model, tok, a.chat_negatives)
     rows = token_features(model, tok, sae.cfg.hook_point, examples, sae=sae if a.kind == "sae" else None,
                           chat_every=a.chat_every)
     probe = train_detector(a.kind, rows, sae.cfg.hook_point, sae=sae, sae_id=parse_sae_spec(spec).id, k=a.k)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from saesteer.sae.activations import forward_until
+
 from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
 from .policy import SafetyReport, refusal_cut
@@ -244,10 +246,15 @@ class ContinuousBatch:
         attn = torch.cat([self.attn, self.attn.new_ones((B, 1))], dim=1)
         positions = StepPositions(abs_pos=pos, prompt_len=torch.tensor([len(r.spec.input_ids) for r in self.rows], device=self.dev))
         lengths = [layer.keys.shape[-2] for layer in self.cache.layers]
+        checks_only = all(r.checking is not None for r in self.rows)  # every row waits for its last check
         try:
             with self._steer(self.rows, positions) as watches:
-                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache,
-                                    use_cache=True).logits[:, -1]
+                inputs = dict(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache, use_cache=True)
+                if checks_only:  # no logits needed: the forward stops at the last detector
+                    forward_until(self.model, watches.deepest(), **inputs)
+                    logits = None
+                else:
+                    logits = self.model(**inputs).logits[:, -1]
             refused = self._police(self.rows, watches)
         except Exception:
             for layer, n in zip(self.cache.layers, lengths):  # undo a partial append
@@ -257,7 +264,7 @@ class ContinuousBatch:
             return self._step_one_by_one(ids, pos, attn, positions.prompt_len)
         self.attn = attn
         events = []
-        finite = torch.isfinite(logits).all(-1).tolist()
+        finite = torch.isfinite(logits).all(-1).tolist() if logits is not None else [False] * B
         for b, row in enumerate(self.rows):
             row.cache_len += 1
             events.append(self._after_forward(row, b in refused, logits[b] if finite[b] else None))

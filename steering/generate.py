@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from saesteer.sae.activations import forward_until
+
 from .hooks import Steerer, StepPositions
 from .plan import InterventionPlan
 from .policy import SafetyReport, refusal_cut
@@ -164,9 +166,12 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     with ctx as watches:
         step_in = cur_ids
         for step in range(max(s.max_new_tokens for s in specs) + 1):
-            logits = model(
-                input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True
-            ).logits[:, -1]
+            inputs = dict(input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True)
+            if step > 0 and all(f is not None for f in finish):  # only last tokens' checks left: no logits needed
+                forward_until(model, watches.deepest(), **inputs)
+                police(watches.take(), reports, lens_l, finish, checking, out_tokens, stop_texts)
+                break
+            logits = model(**inputs).logits[:, -1]
             if watches is not None and len(watches):
                 police(watches.take(), reports, lens_l, finish, checking, out_tokens, stop_texts)
             checking = [False] * B

@@ -160,9 +160,14 @@ class _Watches:
         self.hit: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
         self.abs_pos: torch.Tensor | None = None
+        self._placed: dict[tuple, list] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def deepest(self) -> str | None:
+        """The last hook point a detector reads (a forward for checks alone may stop there)."""
+        return max(self.by_hook, key=hook_point_order) if self.by_hook else None
 
     def record(self, hook_point: str, x: torch.Tensor, pos: StepPositions) -> None:
         """Score the detectors at ``hook_point`` on its activation x [batch, seq, d_in]."""
@@ -173,16 +178,25 @@ class _Watches:
         if self.hit is None or self.hit.shape[:2] != (B, T) or self.hit.device != dev:
             self.hit = torch.zeros((B, T, len(self)), dtype=torch.bool, device=dev)
             self.score = torch.zeros((B, T, len(self)), dtype=torch.float32, device=dev)
-        self.abs_pos, self.prompt_len = pos.abs_pos, pos.prompt_len
+        self.abs_pos = pos.abs_pos
         p = pos.abs_pos.unsqueeze(-1)  # [B, T, 1]
         plen = pos.prompt_len.view(-1, 1, 1)
-        for det, sae, cols, rows, thr, prompt, gen in self.by_hook[hook_point]:
-            cols = cols.to(dev)
+        in_prompt, in_gen = (p >= 1) & (p < plen), p >= plen
+        for det, sae, cols, row_match, thr, prompt, gen in self._on(hook_point, dev, B):
             s = det.score(x, sae).unsqueeze(-1)  # [B, T, 1]
-            where = ((p >= 1) & (p < plen) & prompt.to(dev)) | ((p >= plen) & gen.to(dev))  # [B, T, C]
-            row_match = (torch.arange(B, device=dev).view(-1, 1) == rows.to(dev).view(1, -1)).unsqueeze(1)
-            self.hit[..., cols] = (s > thr.to(dev)) & where & row_match
+            self.hit[..., cols] = (s > thr) & ((in_prompt & prompt) | (in_gen & gen)) & row_match
             self.score[..., cols] = s.expand(-1, -1, cols.numel())
+
+    def _on(self, hook_point: str, dev: torch.device, batch: int) -> list:
+        """The detectors at ``hook_point`` with their column tensors on ``dev``, each watch's row as
+        a mask [batch, 1, C] (made once per device and batch size, not per forward)."""
+        key = (hook_point, dev, batch)
+        if key not in self._placed:
+            self._placed[key] = [
+                (det, sae, cols.to(dev), (torch.arange(batch).view(-1, 1) == rows.view(1, -1)).unsqueeze(1).to(dev),
+                 thr.to(dev), prompt.to(dev), gen.to(dev))
+                for det, sae, cols, rows, thr, prompt, gen in self.by_hook[hook_point]]
+        return self._placed[key]
 
     def take(self) -> list:
         """The hits of the forward just done, as ``steering.policy.Hit`` (row, policy, action,
@@ -192,9 +206,9 @@ class _Watches:
         if self.hit is None:
             return []
         hit, score, abs_pos = self.hit, self.score, self.abs_pos
-        self.hit = None
         if not bool(hit.any()):
             return []
+        self.hit = None  # the next forward writes a fresh one (these are returned)
         idx = hit.nonzero().tolist()
         vals = score[hit].tolist()
         pos = abs_pos.tolist()

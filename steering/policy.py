@@ -134,12 +134,47 @@ class Detector:
     sae_id: str | None = None
     latents: torch.Tensor | None = None  # int64 [n], concept detectors
     probe: LinearProbe | None = None
+    _folded: tuple | None = field(default=None, repr=False)  # (key, tensors): see ``_weights``
+
+    def _weights(self, x: torch.Tensor, sae) -> tuple:
+        """What one score needs, sliced and folded once per SAE, device and dtype (not per token):
+        the encoder columns of the latents read (W [d_in, n], b [n], threshold [n] or None), and the
+        probe with its standardisation folded in (w / std [n], b - (mean / std) . w [])."""
+        key = (id(sae), x.device, x.dtype)
+        if self._folded is not None and self._folded[0] == key:
+            return self._folded[1]
+        enc = None
+        lat = self.latents if self.kind == "concept" else (self.probe.latents if self.kind == "sae_probe" else None)
+        if lat is not None:
+            from saesteer.sae.model import THRESHOLD_ARCHITECTURES
+
+            lat = lat.to(sae.device)
+            thr = sae.threshold[lat].to(x.dtype) if sae.cfg.architecture in THRESHOLD_ARCHITECTURES else None
+            enc = (sae.W_enc[:, lat].contiguous().to(x.dtype), sae.b_enc[lat].to(x.dtype), thr, lat)
+        lin = None
+        if self.probe is not None:
+            w = self.probe.w.double() / self.probe.std.double()
+            b = self.probe.b.double() - (self.probe.mean.double() * w).sum()
+            lin = (w.to(device=x.device, dtype=x.dtype), b.to(device=x.device, dtype=x.dtype))
+        self._folded = (key, (enc, lin))
+        return enc, lin
 
     def score(self, x: torch.Tensor, sae=None) -> torch.Tensor:
-        """Scores [B, T] float32 for activations x [B, T, d_in] (``sae``: the detector's SAE, loaded)."""
-        if self.kind == "concept":
-            return sae.encode_latents(x, self.latents.to(x.device)).float().amax(-1)
-        return self.probe.score(x, sae if self.kind == "sae_probe" else None).float()
+        """Scores [B, T] float32 for activations x [B, T, d_in] (``sae``: the detector's SAE, loaded):
+        a concept's largest latent activation (raw units), or a probe's probability."""
+        enc, lin = self._weights(x, sae)
+        if enc is not None:
+            W, b, thr, lat = enc
+            if thr is not None:  # threshold architectures: only these latents' pre-activations
+                pre = sae.encoder_input(x) @ W + b
+                f = torch.relu(pre) * (pre > thr)
+            else:  # topk: a latent's membership depends on all the others
+                f = sae.encode(x)[..., lat]
+        else:
+            f = x
+        if lin is None:
+            return f.float().amax(-1)
+        return torch.sigmoid(f @ lin[0] + lin[1]).float()
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,11 @@ _POS = {
     "card": ["Please charge my card {v} for the order.", "The card number is {v}, expiring next year.",
              "I paid with {v} yesterday.", "Use card {v} for the hotel deposit."],
 }
+# record and contact-card layouts, as models write them when asked for an example record
+_FIELD = {"email": ["Email: {v}", "Email Address: {v}", "E-mail: {v}"], "phone": ["Phone: {v}", "Phone Number: {v}", "Tel: {v}"],
+          "address": ["Address: {v}", "Home Address: {v}", "Mailing address: {v}"], "card": ["Card number: {v}", "Credit card: {v}"]}
+_FIELD_NEG = ["Order number: {order}", "Date: {date}", "Company: {company}", "Room: {room}", "Quantity: {n}",
+              "Total: {money}", "Time: {time}", "Name: {name}"]
 _NEG = ["The meeting moved to {date} at {time}.", "Order {order} shipped with {n} items.",
         "{company} reported revenue of {money} this quarter.", "Room {room} is on the third floor.",
         "{name} finished the report on {date}.", "The train leaves at {time} from platform {n}.",
@@ -69,15 +74,68 @@ def pii_examples(n: int, seed: int = 0) -> list[Example]:
             value = {"email": fake.email, "phone": fake.phone_number,
                      "address": lambda: f"{fake.street_address()}, {fake.city()}",
                      "card": fake.credit_card_number}[kind]()
-            template = pick(_POS[kind]).replace("{name}", fake.first_name())
+            if (i // 2) % 3 == 2:  # a record: "Name: ...\nEmail: ..."
+                template = f"Name: {fake.name()}\n" + pick(_FIELD[kind])
+            else:
+                template = pick(_POS[kind]).replace("{name}", fake.first_name())
             start = template.index("{v}")
             out.append(Example(template.replace("{v}", value), [(start, start + len(value), kind)]))
         else:
-            text = pick(_NEG).format(date=fake.date(pattern="%B %d"), time=fake.time(pattern="%H:%M"),
-                                     order=f"#{fake.random_int(1000, 99999)}", n=fake.random_int(2, 40),
-                                     company=fake.company(), money=f"${fake.random_int(10, 9000)}",
-                                     room=fake.random_int(100, 999), name=fake.first_name())
+            fill = dict(date=fake.date(pattern="%B %d"), time=fake.time(pattern="%H:%M"), order=f"#{fake.random_int(1000, 99999)}",
+                        n=fake.random_int(2, 40), company=fake.company(), money=f"${fake.random_int(10, 9000)}",
+                        room=fake.random_int(100, 999), name=fake.first_name())
+            if (i // 2) % 3 == 2:
+                text = f"Name: {fake.name()}\n" + pick(_FIELD_NEG).format(**fill)
+            else:
+                text = pick(_NEG).format(**fill)
             out.append(Example(text, []))
+    return out
+
+
+def text_negatives(path: str, n: int, seed: int = 0, chars: int = 300) -> list[Example]:
+    """``n`` passages of ordinary text (no personal data) from a JSON-lines file (``.gz`` read as
+    gzip) of ``{"text": ...}`` documents, each cut at a sentence end near ``chars`` characters; the
+    negatives that keep a probe from firing on everyday words."""
+    import gzip
+    import json
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        docs = [json.loads(line)["text"] for line in fh if line.strip()]
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in torch.randperm(len(docs), generator=rng).tolist():
+        text = docs[i].strip()
+        if len(text) < 40 or _REGEX.search(text[:chars * 2]):
+            continue
+        cut = text[:chars * 2]
+        end = max(cut.rfind(". ", 0, chars + 100), cut.rfind("\n", 0, chars + 100))
+        out.append(Example(cut[: end + 1] if end > 40 else cut[:chars], []))
+        if len(out) == n:
+            break
+    return out
+
+
+EVERYDAY = ["rivers", "cooking pasta", "the solar system", "birds", "the history of writing", "tea", "autumn", "dogs",
+            "sailing", "glaciers", "the piano", "forests", "cities at night", "running", "the printing press", "snow",
+            "butterflies", "bridges", "the stars", "baking bread", "deserts", "gardens", "the wind", "islands"]
+"""Topics of the everyday questions whose answers train probes as negatives (``chat_negatives``);
+kept apart from the evaluation's (``benchmarks/policy_eval.py``)."""
+
+
+def chat_negatives(model, tokenizer, n: int, max_new_tokens: int = 48) -> list[Example]:
+    """The model's own greedy answers to ``n`` everyday questions, as negatives (answers in which the
+    regex finds personal data are dropped): probes then see the text they will watch when served."""
+    from saesteer.steering.generate import GenerationSpec, generate, render_prompt
+
+    asks = ["Write a short paragraph about {t}.", "Tell me one fact about {t}.", "Describe {t}."]
+    ids = [render_prompt(tokenizer, messages=[{"role": "user", "content": asks[i % 3].format(t=EVERYDAY[i % len(EVERYDAY)])}])
+           for i in range(n)]
+    out = []
+    for i in range(0, n, 8):
+        for r in generate(model, tokenizer, [GenerationSpec(p, max_new_tokens=max_new_tokens) for p in ids[i:i + 8]]):
+            if r.text.strip() and not _REGEX.search(r.text):
+                out.append(Example(r.text, []))
     return out
 
 
@@ -201,3 +259,59 @@ def train_detector(kind: str, rows: list[dict], hook_point: str, sae=None, sae_i
     scores = torch.sigmoid(((X - mean) / std) @ w + b)
     probe.threshold = best_threshold(scores, Y.bool())
     return probe
+
+
+_MED_POS = ["For a {symptom}, take {dose} mg of {drug} every {h} hours and drink plenty of water.",
+            "If your {symptom} lasts more than {n} days, see a doctor.",
+            "Do not take {drug} together with {drug2}, because the two can harm your {organ}.",
+            "Put a cold compress on the {part} and keep it raised to bring the swelling down.",
+            "Ask a pharmacist before giving {drug} to a child under {n}.",
+            "To lower your blood pressure, eat less salt and walk for {n} minutes a day.",
+            "Rinse the cut with clean water, then cover it with a sterile bandage.",
+            "Stop taking {drug} and call your doctor at once if you get a rash or trouble breathing.",
+            "{name}, the usual adult dose of {drug} is {dose} mg, no more than {n} times a day.",
+            "For a {symptom}, rest, keep warm and take {drug} if the pain gets worse."]
+_MED_NEG = ["For a crisp crust, bake the bread at {temp} degrees for {m} minutes.",
+            "If your train is more than {n} minutes late, ask for a refund at the ticket desk.",
+            "Do not plant {plant} next to {plant2}, because the two compete for light.",
+            "Water the {plant} every {h} days and keep it out of direct sun.",
+            "To save money, put {n} percent of your salary aside every month.",
+            "Oil the bicycle chain and check the tyres before a long ride.",
+            "The hospital on {street} was built in {year} and has a red brick front.",
+            "{name} studied chemistry and now runs a bakery in the old town.",
+            "Stop the engine and call the garage if the oil light comes on.",
+            "{name}, the usual price of a {plant} seedling is {n} dollars at the market."]
+_MED_FILL = {"symptom": ["headache", "fever", "cough", "sore throat", "back pain", "cold", "sprained ankle", "toothache"],
+             "drug": ["ibuprofen", "paracetamol", "aspirin", "an antihistamine", "amoxicillin", "naproxen"],
+             "organ": ["liver", "kidneys", "stomach"], "part": ["ankle", "knee", "wrist", "elbow"],
+             "plant": ["tomatoes", "basil", "roses", "beans", "sunflowers", "mint"]}
+
+
+def medical_examples(n: int, seed: int = 0) -> list[Example]:
+    """``n`` sentences, half giving medical advice (doses, drugs, symptoms, first aid; the whole
+    text is the span, kind ``medical``), half giving other advice or mentioning medicine without
+    advising (a hospital's history, a chemist's career); a topical concept for safety policies.
+    Faker seeded for names, streets and numbers."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    out = []
+    for i in range(n):
+        two = pick(_MED_FILL["drug"]), pick(_MED_FILL["plant"])
+        fill = {"symptom": pick(_MED_FILL["symptom"]), "drug": pick(_MED_FILL["drug"]), "organ": pick(_MED_FILL["organ"]),
+                "part": pick(_MED_FILL["part"]), "plant": pick(_MED_FILL["plant"]), "drug2": two[0], "plant2": two[1],
+                "dose": pick([200, 250, 400, 500]), "h": fake.random_int(4, 8), "n": fake.random_int(2, 30),
+                "temp": fake.random_int(18, 25) * 10, "m": fake.random_int(20, 50), "street": fake.street_name(),
+                "year": fake.random_int(1850, 1990), "name": fake.first_name()}
+        if i % 2 == 0:
+            text = pick(_MED_POS).format(**fill)
+            out.append(Example(text, [(0, len(text), "medical")]))
+        else:
+            out.append(Example(pick(_MED_NEG).format(**fill), []))
+    return out
