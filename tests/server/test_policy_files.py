@@ -48,3 +48,19 @@ def test_audit_lines_carry_no_text_unless_configured(caplog):
     assert plain == {"event": "policy_hit", "request": "abc123", "role": "steered", "policy": "pii", "action": "refuse",
                      "hits": 2, "max_score": 0.97, "finish_reason": "content_filter", "tokens": [["generated", 4]]}
     assert with_text["text"] == "call me at"
+
+
+def test_policies_check_cli(tmp_path, capsys):
+    from pathlib import Path
+
+    import saesteer.steering as steering_pkg
+    from saesteer.cli import main
+
+    shipped = Path(steering_pkg.__file__).parent / "policies" / "pii.json"
+    assert main(["policies", "check", "--file", str(shipped)]) == 0
+    assert capsys.readouterr().out.startswith("pii\trefuse\traw_probe at blocks.10.hook_resid_post")
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"policies": [{"name": "x", "detector": {"kind": "concept", "concept": "nope"},
+                                             "threshold": 1, "action": "flag"}]}))
+    assert main(["policies", "check", "--file", str(bad)]) == 1
+    assert "policies.0.detector.concept: unknown concept 'nope'" in capsys.readouterr().err
