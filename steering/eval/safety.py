@@ -56,8 +56,9 @@ class Example:
         return bool(self.spans)
 
 
-def pii_examples(n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples, half positive (the four kinds in turn), half negative; Faker seeded."""
+def _seeded(seed: int):
+    """A Faker seeded with ``seed`` and ``pick(options)``, a seeded uniform choice: the two
+    sources of every generated example set here."""
     from faker import Faker
 
     fake = Faker("en_US")
@@ -67,6 +68,12 @@ def pii_examples(n: int, seed: int = 0) -> list[Example]:
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=rng))]
 
+    return fake, pick
+
+
+def pii_examples(n: int, seed: int = 0) -> list[Example]:
+    """``n`` examples, half positive (the four kinds in turn), half negative; Faker seeded."""
+    fake, pick = _seeded(seed)
     out = []
     for i in range(n):
         if i % 2 == 0:
@@ -292,15 +299,7 @@ def medical_examples(n: int, seed: int = 0) -> list[Example]:
     text is the span, kind ``medical``), half giving other advice or mentioning medicine without
     advising (a hospital's history, a chemist's career); a topical concept for safety policies.
     Faker seeded for names, streets and numbers."""
-    from faker import Faker
-
-    fake = Faker("en_US")
-    fake.seed_instance(seed)
-    rng = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=rng))]
-
+    fake, pick = _seeded(seed)
     out = []
     for i in range(n):
         two = pick(_MED_FILL["drug"]), pick(_MED_FILL["plant"])
