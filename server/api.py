@@ -15,6 +15,7 @@ the process boundary.
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import litserve as ls
@@ -164,6 +165,27 @@ class ModelAPI(ls.LitAPI):
 
         return load_policies(self.settings.policies, self.saes.configs, self.concepts.get,
                              self.saes.units.resid_norm, hook_point_width(self.model))
+
+    def record_hits(self, fingerprint: str, results) -> None:
+        """Audit a finished request's policy hits (``audit``) and count them per policy and action
+        into ``<runtime_dir>/policy_hits/<pid>.json`` (``/metrics``' ``saesteer_policy_hits_total``;
+        one file per worker process, so a restarted worker's counts stay counted)."""
+        audit(fingerprint, results, self.policies.audit_text)
+        hits = [h for res in results if res is not None for h in (getattr(res, "safety", None) or [])]
+        rd = getattr(self, "runtime_dir", None)
+        if not hits or rd is None:
+            return
+        import json
+
+        from .runtime import POLICY_HITS_DIR, write_atomic
+
+        counts = self.__dict__.setdefault("_hit_counts", {})
+        for h in hits:
+            key = f"{h['policy']}|{h['action']}"
+            counts[key] = counts.get(key, 0) + 1
+        folder = Path(rd) / POLICY_HITS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{os.getpid()}.json", json.dumps(counts))
 
     def _policies_mark(self):
         """The reload signal's state: ``<runtime_dir>/policies.reload``'s modification time."""
@@ -357,7 +379,7 @@ class GenerateAPI(ModelAPI):
                 bad = d["steered"].error or (d.get("unsteered") and d["unsteered"].error)
                 outputs[i] = row_failure(bad, bool(items[i].request.interventions), self.settings) if bad else d
                 if not bad:
-                    audit(items[i].fingerprint, [d["steered"], d.get("unsteered")], self.policies.audit_text)
+                    self.record_hits(items[i].fingerprint, [d["steered"], d.get("unsteered")])
         return outputs
 
     def unbatch(self, output):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .runtime import SharedState, read_workers
+from .runtime import POLICY_HITS_DIR, SharedState, read_workers
 
 access_log = logging.getLogger("saesteer.access")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -67,6 +67,38 @@ class Metrics:
                                ("tokens_total", "tokens the continuous-batching worker generated (rate(): tokens/s)")):
             g = Gauge(f"saesteer_stream_{key}", help_text, registry=r)
             g.set_function(lambda key=key: stream_status(state.runtime_dir).get(key, 0))
+        r.register(_PolicyHits(state.runtime_dir))
+
+
+class _PolicyHits:
+    """``saesteer_policy_hits_total{policy, action}``: completions a safety policy fired on, summed
+    over the workers' count files (``api.ModelAPI.record_hits``) at scrape time."""
+
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily("saesteer_policy_hits", "completions a safety policy fired on (flagged, steered or "
+                                  "refused), by policy and action", labels=["policy", "action"])
+        for (policy, action), n in sorted(policy_hits(self.runtime_dir).items()):
+            fam.add_metric([policy, action], n)
+        yield fam
+
+
+def policy_hits(runtime_dir: str) -> dict[tuple[str, str], int]:
+    """(policy, action) -> completions it fired on, over every worker's ``policy_hits/<pid>.json``."""
+    out: dict[tuple[str, str], int] = {}
+    for f in (Path(runtime_dir) / POLICY_HITS_DIR).glob("*.json"):
+        try:
+            counts = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, n in counts.items():
+            policy, _, action = key.partition("|")
+            out[(policy, action)] = out.get((policy, action), 0) + int(n)
+    return out
 
 
 def batch_rows(runtime_dir: str) -> int:

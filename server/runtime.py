@@ -24,6 +24,10 @@ def request_fingerprint(request) -> str:
     return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
 
 
+POLICY_HITS_DIR = "policy_hits"
+"""The runtime folder's subfolder where each worker counts its policy hits (``<pid>.json``)."""
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part:
     into a temporary file beside it, then renamed over it (safe with several writers)."""

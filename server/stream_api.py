@@ -31,7 +31,7 @@ from saesteer_client.schema import DoneEvent, ErrorEvent, GenerateRequest, Token
 
 from saesteer.steering.pool import SAEPool
 
-from .api import ModelAPI, Prepared, Rejected, audit, response_of, row_failure
+from .api import ModelAPI, Prepared, Rejected, response_of, row_failure
 from .config import ServerSettings
 from .runtime import release_free_memory, write_atomic
 
@@ -268,7 +268,7 @@ class StreamAPI(ModelAPI):
             del self.requests[uid]
             n = len(req.prepared.input_ids)
             results = [_Result(req.done[role], n) for role in req.roles]
-            audit(req.fingerprint, results, self.policies.audit_text)
+            self.record_hits(req.fingerprint, results)
             out.append(Output(uid, DoneEvent(response=response_of(*results)).model_dump(mode="json"), LitAPIStatus.OK))
             out.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
 

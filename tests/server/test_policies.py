@@ -139,3 +139,18 @@ def test_policies_reload_without_a_restart(client):
         assert client.post("/v1/admin/policies/reload", headers=auth("admin")).status_code == 200
     assert client.post("/v1/generate", json=PII, headers=auth("gen")).json()["finish_reason"] == "content_filter"
 
+
+
+def test_policy_hits_are_counted_in_metrics(client):
+    import re
+
+    def refused() -> float:
+        text = client.get("/metrics", headers=auth("admin")).text
+        m = re.search(r'^saesteer_policy_hits_total\{action="refuse",policy="pii"\} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = refused()
+    assert client.post("/v1/generate", json=PII, headers=auth("gen")).json()["finish_reason"] == "content_filter"
+    with client.stream("POST", "/v1/generate", json=dict(PII, stream=True), headers=auth("gen")) as r:
+        list(r.iter_lines())
+    assert refused() == before + 2  # the static worker's and the streaming worker's
