@@ -31,7 +31,7 @@ from pathlib import Path
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from saesteer_client.schema import ErrorItem, LatentInfo, SAEList
+from saesteer_client.schema import ErrorItem, LatentInfo, PolicyInfo, PolicyList, SAEList
 from starlette.responses import JSONResponse, Response
 
 from saesteer.sae.model import LatentRangeError, check_latent
@@ -225,13 +225,14 @@ def install_policies(server, settings: ServerSettings, policies, check, runtime_
     current = {"set": policies, "generation": 0}
     lock = threading.Lock()
 
-    def listing() -> dict:
-        return {"file": os.path.basename(settings.policies) if settings.policies else None,
-                "generation": current["generation"],
-                "policies": [{"name": p.spec.name, "action": p.spec.action, "detector": p.spec.detector.kind,
-                              "threshold": p.spec.threshold, "watch": list(p.spec.watch)} for p in current["set"].policies]}
+    def listing() -> PolicyList:
+        return PolicyList(file=os.path.basename(settings.policies) if settings.policies else None,
+                          generation=current["generation"],
+                          policies=[PolicyInfo(name=p.spec.name, action=p.spec.action, detector=p.spec.detector.kind,
+                                               threshold=p.spec.threshold, watch=list(p.spec.watch))
+                                    for p in current["set"].policies])
 
-    def reload() -> dict:
+    def reload() -> PolicyList:
         with lock:
             fresh = check()  # PolicyError: the old policies stay
             current["set"], current["generation"] = fresh, current["generation"] + 1
@@ -251,7 +252,7 @@ def install_policies(server, settings: ServerSettings, policies, check, runtime_
             return field_error(422, ["policies_file", *e.loc], e.msg, "bad_policies")
 
     server.saesteer_reload_policies = reload
-    server.app.add_api_route("/v1/admin/policies", get_policies, methods=["GET"])
+    server.app.add_api_route("/v1/admin/policies", get_policies, methods=["GET"], response_model=PolicyList)
     server.app.add_api_route("/v1/admin/policies/reload", post_reload, methods=["POST"])
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from saesteer_client import PolicyList
+
 from saesteer.server.auth import hash_key
 from saesteer.server.config import ServerSettings
 from saesteer.steering.eval.safety import _REGEX
-from saesteer.steering.policy import PolicyError
 
 import saesteer.steering as steering_pkg
 
@@ -117,7 +118,8 @@ def test_only_an_admin_key_switches_a_policy_off(client):
 
 def test_policies_reload_without_a_restart(client):
     assert client.post("/v1/admin/policies/reload", headers=auth("gen")).status_code == 403
-    assert client.get("/v1/admin/policies", headers=auth("admin")).json()["policies"][0]["action"] == "refuse"
+    listed = PolicyList.model_validate(client.get("/v1/admin/policies", headers=auth("admin")).json())  # the SDK's model
+    assert (listed.file, listed.policies[0].name, listed.policies[0].action) == ("policies.json", "pii", "refuse")
     folder = client.policy_path.parent
     try:
         policy_file(folder, action="flag")
@@ -154,3 +156,28 @@ def test_policy_hits_are_counted_in_metrics(client):
     with client.stream("POST", "/v1/generate", json=dict(PII, stream=True), headers=auth("gen")) as r:
         list(r.iter_lines())
     assert refused() == before + 2  # the static worker's and the streaming worker's
+
+
+def test_the_sdk_reads_safety_and_manages_policies(client):
+    import httpx
+    from saesteer_client import Client, SaesteerError
+
+    class ViaTestClient(httpx.BaseTransport):  # the SDK's own httpx client, answered by the in-process server
+        def handle_request(self, request):
+            r = client.request(request.method, request.url.raw_path.decode(), content=request.read(), headers=request.headers)
+            return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+    gen = Client("http://testserver", api_key=KEYS["gen"], transport=ViaTestClient(), retries=0)
+    admin = Client("http://testserver", api_key=KEYS["admin"], transport=ViaTestClient(), retries=0)
+    r = gen.generate(PII["prompt"], max_new_tokens=PII["max_new_tokens"])
+    assert r.finish_reason == "content_filter" and r.safety[0].policy == "pii" and r.safety[0].tokens[0].position == "generated"
+    with pytest.raises(SaesteerError) as e:
+        gen.generate(PII["prompt"], max_new_tokens=8, disable_policies=["pii"])
+    assert e.value.status_code == 403
+    free = admin.generate(PII["prompt"], max_new_tokens=PII["max_new_tokens"], disable_policies=["pii"])
+    assert free.safety == [] and free.tokens[: len(r.tokens)] == r.tokens  # the same completion, not cut
+    assert [p.name for p in admin.policies().policies] == ["pii"]
+    assert admin.reload_policies().generation >= 1
+    with pytest.raises(SaesteerError) as e:
+        gen.reload_policies()
+    assert e.value.status_code == 403

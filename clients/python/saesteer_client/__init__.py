@@ -18,6 +18,8 @@ from .schema import (
     GenerateResponse,
     LatentInfo,
     LatentIntervention,
+    PolicyHit,
+    PolicyList,
     SAEInfo,
     TokenEvent,
     Usage,
@@ -29,5 +31,6 @@ __all__ = [
     "Concept", "ConceptIntervention",
     "Completion", "Condition", "FeaturesRequest", "FeaturesResponse", "ImagesRequest", "ImagesResponse", "GenerateRequest", "GenerateResponse", "LatentInfo", "LatentIntervention", "SAEInfo", "Usage",
     "VectorIntervention", "ChatCompletionRequest", "CompletionRequest", "TokenEvent", "DoneEvent", "ErrorEvent",
+    "PolicyHit", "PolicyList",
 ]
 __version__ = "0.1.0"

@@ -36,6 +36,7 @@ from .schema import (
     GenerateResponse,
     Intervention,
     LatentIntervention,
+    PolicyList,
     SAEInfo,
     LatentInfo,
     SAEList,
@@ -290,6 +291,15 @@ class Client:
         """``DELETE /v1/concepts/{name}``."""
         self._send("DELETE", f"/v1/concepts/{name}")
 
+    def policies(self) -> PolicyList:
+        """``GET /v1/admin/policies``: the safety policies in force (admin scope)."""
+        return PolicyList.model_validate(self._send("GET", "/v1/admin/policies").json())
+
+    def reload_policies(self) -> PolicyList:
+        """``POST /v1/admin/policies/reload``: re-read the server's policies file (admin scope);
+        ``SaesteerError`` 422 naming the field if it is bad (the policies in force then stay)."""
+        return PolicyList.model_validate(self._send("POST", "/v1/admin/policies/reload").json())
+
     def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
                         sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
         """``POST /v1/concepts/search``: latents that stand for a concept given as example
@@ -387,6 +397,12 @@ class AsyncClient:
 
     async def delete_concept(self, name: str) -> None:
         await self._send("DELETE", f"/v1/concepts/{name}")
+
+    async def policies(self) -> PolicyList:
+        return PolicyList.model_validate((await self._send("GET", "/v1/admin/policies")).json())
+
+    async def reload_policies(self) -> PolicyList:
+        return PolicyList.model_validate((await self._send("POST", "/v1/admin/policies/reload")).json())
 
     async def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
                               sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:

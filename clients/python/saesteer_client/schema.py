@@ -241,6 +241,24 @@ class PolicyHit(BaseModel):
     tokens: list[HitToken] = Field(description="the first hits (at most 16)")
 
 
+class PolicyInfo(BaseModel):
+    """One of the server's safety policies (``GET /v1/admin/policies``)."""
+
+    name: str
+    action: Literal["flag", "steer", "refuse"]
+    detector: Literal["concept", "sae_probe", "raw_probe"]
+    threshold: float
+    watch: list[Literal["prompt", "generated"]]
+
+
+class PolicyList(BaseModel):
+    """The safety policies in force: the policies file's name, how many reloads so far, the policies."""
+
+    file: str | None
+    generation: int
+    policies: list[PolicyInfo]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=100_000)
