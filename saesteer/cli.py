@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     po = sub.add_parser("policies", help="content-safety policies: train a detector probe, or check a policies file")
     po.add_argument("action", choices=["train", "check"], help="train: a probe from labelled examples; check: a policies file")
     _add_model_args(po)
-    po.add_argument("--examples", default="pii", help="train: 'pii' (Faker-generated personal data, seeded) or a "
+    po.add_argument("--examples", default="pii", help="train: 'pii' (Faker-generated personal data, seeded), 'medical' (medical advice) or a "
                     "JSONL file of {text, spans: [[start, end], ...]} or {text, label: 0|1}")
     po.add_argument("--n", type=int, default=1200, help="train with 'pii': texts generated")
     po.add_argument("--kind", choices=["raw", "sae"], default="raw", help="train: probe on the raw activation or on SAE latents")
@@ -409,10 +409,10 @@ def cmd_concepts(a) -> int:
 
 
 def _labelled_examples(a) -> list:
-    from saesteer.steering.eval.safety import Example, pii_examples
+    from saesteer.steering.eval.safety import Example, medical_examples, pii_examples
 
-    if a.examples == "pii":
-        return pii_examples(a.n, seed=a.seed)
+    if a.examples in ("pii", "medical"):
+        return (pii_examples if a.examples == "pii" else medical_examples)(a.n, seed=a.seed)
     out = []
     with open(a.examples) as fh:
         for i, line in enumerate(fh):
