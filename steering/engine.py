@@ -24,7 +24,7 @@ from saesteer.sae.activations import forward_until
 
 from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
-from .policy import SafetyReport, refusal_cut
+from .policy import SafetyReport, apply_hits
 
 CANCELLED = "cancelled"
 """``RowEvent.error`` of a row removed by ``ContinuousBatch.cancel`` (its client went away)."""
@@ -82,7 +82,7 @@ class _Row:
     @property
     def watch_gen(self) -> bool:
         """A safety policy watches this row's generated tokens (they are released one step late)."""
-        return any(w.generated for w in self.spec.plan.watches)
+        return self.spec.plan.watches_generated
 
 
 class ContinuousBatch:
@@ -286,20 +286,11 @@ class ContinuousBatch:
         the rows refused."""
         if watches is None or not len(watches):
             return set()
-        by_row: dict[int, list] = {}
-        for h in watches.take():
-            by_row.setdefault(h.row, []).append(h)
-        refused = set()
-        for b, hits in by_row.items():
-            row, plen = rows[b], len(rows[b].spec.input_ids)
-            for h in hits:
-                row.report.add(h, plen)
-            cut = refusal_cut(hits, plen)
-            if cut is not None:
-                del row.tokens[cut:]
-                row.stop_text = None
-                refused.add(b)
-        return refused
+        cuts = apply_hits(watches.take(), [r.report for r in rows], [len(r.spec.input_ids) for r in rows])
+        for b, cut in cuts.items():
+            del rows[b].tokens[cut:]
+            rows[b].stop_text = None
+        return set(cuts)
 
     def _step_one_by_one(self, ids, pos, attn, prompt_len) -> list[RowEvent]:
         """``step`` for each row alone, over its slice of the KV cache; the rows whose forward

@@ -19,7 +19,7 @@ from saesteer.sae.activations import forward_until
 
 from .hooks import Steerer, StepPositions
 from .plan import InterventionPlan
-from .policy import SafetyReport, refusal_cut
+from .policy import SafetyReport, apply_hits
 
 
 @dataclass
@@ -153,7 +153,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
     reports = [SafetyReport() for _ in specs]
     # a row whose generated tokens a policy watches is checked one forward after its last token
     # (a token's activation exists once it is fed back): ``checking`` rows have finished but wait
-    watch_gen = [any(w.generated for w in s.plan.watches) for s in specs]
+    watch_gen = [s.plan.watches_generated for s in specs]
     checking = [False] * B
     lens_l = lens.tolist()
 
@@ -224,16 +224,8 @@ def police(hits: list, reports: list, prompt_lens: list[int], finish: list, chec
     each hit is reported on its row, unless the row already ended (and is not ``checking`` its last
     token); a ``refuse`` hit ends the row with ``content_filter``, its tokens cut before the token
     that fired (all of them for a hit in the prompt)."""
-    by_row: dict[int, list] = {}
-    for h in hits:
-        if finish[h.row] is None or checking[h.row]:
-            by_row.setdefault(h.row, []).append(h)
-    for b, hs in by_row.items():
-        for h in hs:
-            reports[b].add(h, prompt_lens[b])
-        cut = refusal_cut(hs, prompt_lens[b])
-        if cut is not None:
-            out_tokens[b][:] = out_tokens[b][:cut]
-            stop_texts[b] = None
-            finish[b] = "content_filter"
+    for b, cut in apply_hits(hits, reports, prompt_lens, live=lambda b: finish[b] is None or checking[b]).items():
+        out_tokens[b][:] = out_tokens[b][:cut]
+        stop_texts[b] = None
+        finish[b] = "content_filter"
 

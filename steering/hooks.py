@@ -63,7 +63,7 @@ class _Conditions:
                  memory: Sequence[dict] | None = None, watches: "_Watches | None" = None):
         self.index: dict[tuple[int, object], int] = {}
         per_sae: dict[str, list[tuple[int, int, When]]] = {}
-        per_policy: dict[str, list[tuple[int, int]]] = {}  # detector hook point -> (k, watch column)
+        per_policy: dict[str, list[tuple[int, int, int, bool]]] = {}  # detector hook point -> (k, column, row, once)
         for row, plan in enumerate(plans):
             for e in (*plan.latent_edits, *plan.vector_edits):
                 if e.when is not None and (row, e.when) not in self.index:
@@ -74,12 +74,7 @@ class _Conditions:
                         col = watches.index[(row, e.when.policy)]
                         per_policy.setdefault(watches.items[col][1].detector.hook_point, []).append((k, col, row, e.when.once))
         self.watches = watches
-        self.by_hook: dict[str, list] = {}
-        for hook_point, conds in per_policy.items():
-            ks, cols, rows, once = zip(*conds)  # entries shaped as the SAE ones: (None, ks, cols, rows, None, once)
-            self.by_hook.setdefault(hook_point, []).append((
-                None, torch.tensor(ks, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
-                torch.tensor(rows, dtype=torch.long), None, torch.tensor(once, dtype=torch.bool)))
+        self.by_hook: dict[str, list] = {}  # SAE conditions: (sae, ks, rows, latents, above, once)
         for sid, conds in per_sae.items():
             sae = saes[sid]
             dev = sae.device
@@ -92,6 +87,9 @@ class _Conditions:
                 torch.tensor([w.above for w in ws], dtype=sae.dtype, device=dev),
                 torch.tensor([w.once for w in ws], dtype=torch.bool, device=dev),
             ))
+        self.policy_by_hook: dict[str, tuple] = {}  # steer policies' conditions: (ks, watch columns, rows, once)
+        for hook_point, conds in per_policy.items():
+            self.policy_by_hook[hook_point] = tuple(torch.tensor(c) for c in zip(*conds))
         self.fired = torch.zeros(len(self.index), dtype=torch.bool)
         if memory is not None:
             for (row, when), k in self.index.items():
@@ -106,26 +104,38 @@ class _Conditions:
     def __len__(self) -> int:
         return len(self.index)
 
+    def hook_points(self) -> set[str]:
+        """The hook points where conditions are read."""
+        return {*self.by_hook, *self.policy_by_hook}
+
     def record(self, hook_point: str, x: torch.Tensor, pos: StepPositions) -> None:
-        """Read the conditions at ``hook_point`` from its activation x [batch, seq, d_in]."""
-        if hook_point not in self.by_hook:
+        """Read the conditions at ``hook_point`` from its activation x [batch, seq, d_in] (a steer
+        policy's from its watch's hits, which ``_Watches.record`` has just filled)."""
+        if hook_point not in self.by_hook and hook_point not in self.policy_by_hook:
             return
         B, T = x.shape[:2]
+        dev = x.device
         if self.hold is None or self.hold.shape[:2] != (B, T):  # a new forward (new seq length)
-            self.hold = torch.zeros((B, T, len(self)), dtype=torch.bool, device=x.device)
-        for sae, ks, rows, latents, above, once in self.by_hook[hook_point]:
-            if sae is None:  # policy conditions: ``rows`` are their watch columns, ``latents`` their rows
-                ks, once = ks.to(x.device), once.to(x.device)
-                hold = self.watches.hit[..., rows.to(x.device)]  # row-masked already
-                row_match = (torch.arange(B, device=x.device).view(-1, 1) == latents.to(x.device).view(1, -1)).unsqueeze(1)
-            else:
-                z = sae.encode_latents(x, latents)  # [B, T, Kh]
-                row_match = (torch.arange(B, device=x.device).view(-1, 1) == rows.view(1, -1)).unsqueeze(1)
-                hold = (z > above) & (pos.abs_pos >= 1).unsqueeze(-1) & row_match
-            fired = self.fired.to(x.device)[ks]
-            ever = (hold.to(torch.int8).cummax(dim=1).values.bool() | fired.view(1, 1, -1)) & row_match
-            self.fired[ks.cpu()] = (fired | hold.any(dim=(0, 1))).cpu()
-            self.hold[..., ks] = torch.where(once.view(1, 1, -1), ever, hold)
+            self.hold = torch.zeros((B, T, len(self)), dtype=torch.bool, device=dev)
+
+        def rows_of(rows):  # [B, 1, K]: the batch row each condition belongs to
+            return (torch.arange(B, device=dev).view(-1, 1) == rows.to(dev).view(1, -1)).unsqueeze(1)
+
+        for sae, ks, rows, latents, above, once in self.by_hook.get(hook_point, ()):
+            row_match = rows_of(rows)
+            z = sae.encode_latents(x, latents)  # [B, T, Kh]
+            self._update(ks, once, (z > above) & (pos.abs_pos >= 1).unsqueeze(-1) & row_match, row_match)
+        if hook_point in self.policy_by_hook:
+            ks, cols, rows, once = self.policy_by_hook[hook_point]
+            self._update(ks.to(dev), once.to(dev), self.watches.hit[..., cols.to(dev)], rows_of(rows))
+
+    def _update(self, ks: torch.Tensor, once: torch.Tensor, hold: torch.Tensor, row_match: torch.Tensor) -> None:
+        """Conditions ``ks`` [K] hold where ``hold`` [B, T, K] is true, or for ``once`` ones from
+        their first firing on (also in earlier blocks, ``fired``); each in its own row only."""
+        fired = self.fired.to(hold.device)[ks]
+        ever = (hold.to(torch.int8).cummax(dim=1).values.bool() | fired.view(1, 1, -1)) & row_match
+        self.fired[ks.cpu()] = (fired | hold.any(dim=(0, 1))).cpu()
+        self.hold[..., ks] = torch.where(once.view(1, 1, -1), ever, hold)
 
     def mask(self, cond: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """[batch, seq, columns] bool: where the condition of each column (``cond`` [columns],
@@ -433,7 +443,7 @@ class Steerer:
                 watches = _Watches(plans, saes)
                 conds = _Conditions(plans, saes, memory, watches)
                 by_point = self._groups(plans, saes, conds)
-                for hook_point in sorted({*by_point, *conds.by_hook, *watches.by_hook}, key=hook_point_order):
+                for hook_point in sorted({*by_point, *conds.hook_points(), *watches.by_hook}, key=hook_point_order):
                     hp = resolve_hook_point(self.model, hook_point)
 
                     def apply(x, groups=by_point.get(hook_point, []), name=hook_point):

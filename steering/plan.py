@@ -98,6 +98,11 @@ class InterventionPlan:
     def __bool__(self) -> bool:
         return bool(self.latent_edits or self.vector_edits or self.watches)
 
+    @property
+    def watches_generated(self) -> bool:
+        """A safety policy watches this row's generated tokens (each is checked when fed back)."""
+        return any(w.generated for w in self.watches)
+
     def sae_ids(self) -> set[str]:
         """Ids of the SAEs whose weights applying this plan needs (raw vectors need none, their
         latent conditions and SAE-based detectors do)."""

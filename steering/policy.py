@@ -424,3 +424,21 @@ def refusal_cut(hits: list[Hit], prompt_len: int) -> int | None:
     kept (0 for a hit in the prompt), or None if no ``refuse`` policy hit."""
     cut = [max(0, h.abs_pos - prompt_len) for h in hits if h.action == "refuse"]
     return min(cut) if cut else None
+
+
+def apply_hits(hits: list[Hit], reports: list[SafetyReport], prompt_lens: list[int], live=lambda row: True) -> dict[int, int]:
+    """One forward's ``hits`` added to their rows' ``reports`` (rows for which ``live(row)`` is
+    false skipped: they ended before this forward). Returns the rows a ``refuse`` hit ends, each
+    with the number of generated tokens it keeps (``refusal_cut``)."""
+    by_row: dict[int, list[Hit]] = {}
+    for h in hits:
+        if live(h.row):
+            by_row.setdefault(h.row, []).append(h)
+    cuts = {}
+    for b, hs in by_row.items():
+        for h in hs:
+            reports[b].add(h, prompt_lens[b])
+        cut = refusal_cut(hs, prompt_lens[b])
+        if cut is not None:
+            cuts[b] = cut
+    return cuts
