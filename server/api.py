@@ -118,6 +118,8 @@ class ModelAPI(ls.LitAPI):
             whose copy loads the weights); its budget should be ``settings.sae_memory_bytes``.
     """
 
+    runtime_dir: str | None = None  # the server's runtime folder, where a subclass has one
+
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
         from .concepts import ConceptStore
 
@@ -125,6 +127,7 @@ class ModelAPI(ls.LitAPI):
         self.settings = settings
         self.saes = saes
         self.concepts = ConceptStore(settings.concepts_dir)  # named concepts, read from their files
+        self._hit_counts: dict[str, int] = {}  # "policy|action" -> completions it fired on, this process
 
     def setup(self, device):
         import torch
@@ -172,14 +175,14 @@ class ModelAPI(ls.LitAPI):
         one file per worker process, so a restarted worker's counts stay counted)."""
         audit(fingerprint, results, self.policies.audit_text)
         hits = [h for res in results if res is not None for h in (getattr(res, "safety", None) or [])]
-        rd = getattr(self, "runtime_dir", None)
+        rd = self.runtime_dir
         if not hits or rd is None:
             return
         import json
 
         from .runtime import POLICY_HITS_DIR, write_atomic
 
-        counts = self.__dict__.setdefault("_hit_counts", {})
+        counts = self._hit_counts
         for h in hits:
             key = f"{h['policy']}|{h['action']}"
             counts[key] = counts.get(key, 0) + 1
@@ -189,7 +192,7 @@ class ModelAPI(ls.LitAPI):
 
     def _policies_mark(self):
         """The reload signal's state: ``<runtime_dir>/policies.reload``'s modification time."""
-        rd = getattr(self, "runtime_dir", None)
+        rd = self.runtime_dir
         if rd is None or not self.settings.policies:
             return None
         try:
@@ -241,9 +244,7 @@ class ModelAPI(ls.LitAPI):
         """``request`` (a ``GenerateRequest``) checked against the loaded model: its plan and prompt
         ids, or why it cannot be served (422: plan errors, SAEs over the memory budget, too many
         tokens). Raises only on unexpected errors."""
-        from saesteer.steering.plan import PlanError, build_plan
-
-        from saesteer.steering.plan import InterventionPlan
+        from saesteer.steering.plan import InterventionPlan, PlanError, build_plan
 
         s = self.settings
         limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)

@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .middleware import GENERATE_PATHS, field_item, send_error
+from .middleware import GENERATE_PATHS, body_json, field_item, send_error
 
 Scope = Literal["generate", "images", "features", "concepts:write", "admin"]
 SCOPES: tuple[str, ...] = ("generate", "images", "features", "concepts:write", "admin")
@@ -150,10 +150,10 @@ class _Bucket:
         self.level -= cost
 
 
-def generate_cost(body: bytes | None) -> int:
-    """Tokens a generate body may produce: ``max_new_tokens`` (default 64), twice with ``compare``."""
+def generate_cost(d: object) -> int:
+    """Tokens a generate body ``d`` (parsed JSON) may produce: ``max_new_tokens`` (default 64),
+    twice with ``compare``."""
     try:
-        d = json.loads(body or b"{}")
         n = int(d.get("max_new_tokens") or d.get("max_completion_tokens") or d.get("max_tokens") or 64)
         return max(1, n) * (2 if d.get("compare") else 1)
     except (ValueError, TypeError, AttributeError):
@@ -190,7 +190,7 @@ class RateLimitMiddleware:
         req_b = self._bucket(who, "requests", rpm)
         is_gen = scope["path"] in GENERATE_PATHS and scope.get("method") == "POST"
         tok_b = self._bucket(who, "tokens", tpm) if is_gen else None
-        cost = generate_cost(scope.get("saesteer.body")) if tok_b is not None else 0
+        cost = generate_cost(body_json(scope)) if tok_b is not None else 0
         waits = [(req_b.wait_for(1), "requests") if req_b else (0.0, ""), (tok_b.wait_for(cost), "tokens") if tok_b else (0.0, "")]
         wait, what = max(waits)
         if wait > 0:
@@ -227,7 +227,7 @@ class PolicyGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] in GENERATE_PATHS and scope.get("method") == "POST":
-            asked = disabled_policies(scope.get("saesteer.body"))
+            asked = disabled_policies(body_json(scope))
             key: ApiKey | None = scope.get("saesteer.key")
             if asked and (key is None or "admin" not in key.scopes):
                 scope["saesteer.reject"] = "forbidden"
@@ -237,11 +237,7 @@ class PolicyGuard:
         await self.app(scope, receive, send)
 
 
-def disabled_policies(body: bytes | None) -> list:
-    """The ``disable_policies`` a generate body asks for (empty if none or malformed)."""
-    try:
-        d = json.loads(body or b"{}")
-        v = d.get("disable_policies") if isinstance(d, dict) else None
-        return list(v) if isinstance(v, list) else ([v] if v else [])
-    except (ValueError, TypeError):
-        return []
+def disabled_policies(d: object) -> list:
+    """The ``disable_policies`` a generate body ``d`` (parsed JSON) asks for (empty if none or malformed)."""
+    v = d.get("disable_policies") if isinstance(d, dict) else None
+    return list(v) if isinstance(v, list) else ([v] if v else [])

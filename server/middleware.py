@@ -16,6 +16,17 @@ MAX_MESSAGE_CHARS = 300
 field value is never echoed back whole."""
 
 
+def body_json(scope) -> object:
+    """The request body (``scope["saesteer.body"]``, buffered by ``BodyLimitMiddleware``) parsed as
+    JSON once per request for every middleware that reads it; ``{}`` if empty, None if not JSON."""
+    if "saesteer.json" not in scope:
+        try:
+            scope["saesteer.json"] = json.loads(scope.get("saesteer.body") or b"{}")
+        except (ValueError, TypeError):
+            scope["saesteer.json"] = None
+    return scope["saesteer.json"]
+
+
 def short(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """``text`` cut to ``limit`` characters, saying how long it was."""
     text = str(text)
