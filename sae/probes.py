@@ -47,8 +47,18 @@ class LinearProbe:
 
     def score(self, x: torch.Tensor, sae=None) -> torch.Tensor:
         """Probabilities [...] in [0, 1] for activations x [..., d_in]."""
-        f = (self.features(x, sae) - self.mean.to(x.device)) / self.std.to(x.device)
-        return torch.sigmoid(f @ self.w.to(x.device) + self.b.to(x.device))
+        return self.score_features(self.features(x, sae))
+
+    def score_features(self, f: torch.Tensor) -> torch.Tensor:
+        """Probabilities [...] for features f [..., n_features] (``features``' output)."""
+        f = (f - self.mean.to(f.device)) / self.std.to(f.device)
+        return torch.sigmoid(f @ self.w.to(f.device) + self.b.to(f.device))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standardisation folded into the weights, computed in float64: ``(w / std [F],
+        b - (mean / std) . w [])``, so that ``score_features(f) = sigmoid(f @ w' + b')``."""
+        w = self.w.double() / self.std.double()
+        return w, self.b.double() - (self.mean.double() * w).sum()
 
 
 def train_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3, max_iter: int = 200) -> tuple:

@@ -415,7 +415,7 @@ def _labelled_examples(a) -> list:
         return (pii_examples if a.examples == "pii" else medical_examples)(a.n, seed=a.seed)
     out = []
     with open(a.examples) as fh:
-        for i, line in enumerate(fh):
+        for line in fh:
             if not line.strip():
                 continue
             d = json.loads(line)

@@ -153,9 +153,7 @@ class Detector:
             enc = (sae.W_enc[:, lat].contiguous().to(x.dtype), sae.b_enc[lat].to(x.dtype), thr, lat)
         lin = None
         if self.probe is not None:
-            w = self.probe.w.double() / self.probe.std.double()
-            b = self.probe.b.double() - (self.probe.mean.double() * w).sum()
-            lin = (w.to(device=x.device, dtype=x.dtype), b.to(device=x.device, dtype=x.dtype))
+            lin = tuple(t.to(device=x.device, dtype=x.dtype) for t in self.probe.folded())
         self._folded = (key, (enc, lin))
         return enc, lin
 

@@ -263,8 +263,7 @@ def train_detector(kind: str, rows: list[dict], hook_point: str, sae=None, sae_i
         X = Z[:, latents]
     w, b, mean, std = train_probe(X, Y)
     probe = LinearProbe(kind=kind, hook_point=hook_point, w=w, b=b, mean=mean, std=std, latents=latents, sae_id=sae_id)
-    scores = torch.sigmoid(((X - mean) / std) @ w + b)
-    probe.threshold = best_threshold(scores, Y.bool())
+    probe.threshold = best_threshold(probe.score_features(X), Y.bool())
     return probe
 
 
