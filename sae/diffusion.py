@@ -111,9 +111,10 @@ class ShapesPipeline(_pipeline_base()):
     ``prompt_embeds``/``negative_prompt_embeds`` [batch, tokens, d_text] (what steering passes).
     """
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, default_steps: int = 20, default_guidance_scale: float = 1.5):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(default_steps=default_steps, default_guidance_scale=default_guidance_scale)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -123,11 +124,12 @@ class ShapesPipeline(_pipeline_base()):
         return self.text_encoder(ids.to(self.device))[0]
 
     @torch.no_grad()
-    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int = 25, guidance_scale: float = 4.0,
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, generator=None, num_images_per_prompt: int = 1,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "pil"):
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+        num_inference_steps, guidance_scale = pipeline_defaults(self, num_inference_steps, guidance_scale)
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds = self.encode(prompts)
@@ -151,8 +153,21 @@ class ShapesPipeline(_pipeline_base()):
         img = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return ImagePipelineOutput(images=img)
+        from PIL import Image
+
+        # not self.numpy_to_pil: it multiplies by 255 itself, and a uint8 array times 255 wraps
+        # around to the negative image
         arr = (img.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-        return ImagePipelineOutput(images=self.numpy_to_pil(arr))
+        return ImagePipelineOutput(images=[Image.fromarray(a) for a in arr])
+
+
+def pipeline_defaults(pipe, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
+    """``(steps, guidance_scale)``: the ones given, else the pipeline's (``default_steps`` and
+    ``default_guidance_scale`` in a ``ShapesPipeline``'s ``model_index.json``), else Stable
+    Diffusion's usual 25 steps and guidance 7.5."""
+    cfg = getattr(pipe, "config", {})
+    return (steps if steps is not None else int(cfg.get("default_steps", 25)),
+            guidance_scale if guidance_scale is not None else float(cfg.get("default_guidance_scale", 7.5)))
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -174,3 +189,79 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     pipe.set_progress_bar_config(disable=True)
     pipe.text_encoder.eval().requires_grad_(False)
     return pipe
+
+
+def prompt_token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids [len(prompts), model_max_length] int64, padded and truncated exactly as the
+    pipelines pad them before the text encoder (``StableDiffusionPipeline.encode_prompt``)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def prompt_activations(pipe, prompts: list[str], hook_point: str, batch_size: int = 256) -> torch.Tensor:
+    """The text encoder's activations at ``hook_point`` for ``prompts``: float32 [len(prompts),
+    model_max_length - 1, d_in], every position but the first.
+
+    Position 0 holds the start token, whose activation is the same for every prompt under CLIP's
+    causal mask (the text encoder's attention sink): it is left out of SAE training and statistics,
+    as the LLM's sinks are. The padding positions after the caption stay in: the UNet cross-attends
+    to them and, causally, they summarise the whole caption. The activation source of text-encoder
+    SAEs (Concept Steerers, Kim & Ghadiyaram 2025, Sec. 3: a k-sparse SAE on the text encoder's
+    residual stream over a prompt set).
+    """
+    from .activations import hook_activations
+
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids = prompt_token_ids(pipe.tokenizer, prompts[s:s + batch_size]).to(pipe.device)
+        out.append(hook_activations(pipe.text_encoder, hook_point, ids)[:, 1:].float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def prompt_latent_stats(pipe, sae, prompts: list[str], top_contexts: int = 5):
+    """``LatentStats`` of a text-encoder SAE over ``prompts`` (positions as in ``prompt_activations``):
+    frequency, typical and largest activation per latent, the mean activation norm, and each latent's
+    top prompts (distinct) with the activating token marked ``«»`` (a padding position reads
+    ``«<pad>»`` after the caption).
+
+    Raises:
+        ValueError: no prompts.
+    """
+    from .stats import LatentStats
+
+    if not prompts:
+        raise ValueError("no prompts for latent statistics")
+    acts = prompt_activations(pipe, prompts, sae.cfg.hook_point)  # [P, L-1, d]
+    P, L1, _ = acts.shape
+    x = acts.reshape(P * L1, -1)
+    z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()  # [P*(L-1), d_sae]
+    fired = z > 0
+    count = fired.sum(0)
+    typical = torch.where(count > 0, z.sum(0) / count.clamp(min=1), torch.zeros_like(count, dtype=torch.float32))
+    m = min(top_contexts * 8, z.shape[0])  # candidates: many prompts share a padding summary
+    vals, where = z.topk(m, dim=0)
+    ids = prompt_token_ids(pipe.tokenizer, prompts)
+    contexts: dict[int, list[dict]] = {}
+    for latent in torch.nonzero(count > 0).flatten().tolist():
+        rows = []
+        for v, w in zip(vals[:, latent].tolist(), where[:, latent].tolist()):
+            if v <= 0:
+                break
+            p, pos = divmod(w, L1)
+            toks = ids[p].tolist()
+            n_real = toks.index(pipe.tokenizer.eos_token_id) if pipe.tokenizer.eos_token_id in toks else len(toks)
+            words = [pipe.tokenizer.decode([t]).strip() for t in toks[1:n_real]]
+            at = pos  # index into toks[1:]
+            token = words[at] if at < len(words) else "<pad>"
+            text = " ".join(words[:at] + [f"«{token}»"] + words[at + 1:]) if at < len(words) else " ".join(words + ["«<pad>»"])
+            if any(r["text"] == text for r in rows):
+                continue
+            rows.append({"activation": round(v, 4), "text": text, "token": token})
+            if len(rows) == top_contexts:
+                break
+        contexts[latent] = rows
+    return LatentStats(frequency=fired.float().mean(0), typical_activation=typical.float(), max_activation=z.max(0).values,
+                       n_tokens=int(z.shape[0]), resid_norm_mean=float(x.norm(dim=-1).mean()), contexts=contexts,
+                       meta={"hook_point": sae.cfg.hook_point, "source": f"{P} prompts", "positions": "1.."})

@@ -41,12 +41,13 @@ def text_embeddings(pipe, prompts: list[str], plans: list[InterventionPlan] | No
 
 @dataclass
 class ImageSpec:
-    """One image request: what to draw, how, and its plan (``branches``: see the module docstring)."""
+    """One image request: what to draw, how, and its plan (``branches``: see the module docstring);
+    ``steps`` and ``guidance_scale`` None: the pipeline's (``saesteer.sae.diffusion.pipeline_defaults``)."""
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 25
-    guidance_scale: float = 4.0
+    steps: int | None = None
+    guidance_scale: float | None = None
     width: int | None = None
     height: int | None = None
     seed: int | None = None
@@ -64,7 +65,10 @@ def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None) -> li
     cond = text_embeddings(pipe, [spec.prompt], [cond_plan], steerer)
     uncond = text_embeddings(pipe, [spec.negative_prompt], [uncond_plan], steerer)
     gen = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else torch.seed() % 2**63)
-    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=spec.steps,
-               guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, generator=gen,
+    from saesteer.sae.diffusion import pipeline_defaults
+
+    steps, guidance = pipeline_defaults(pipe, spec.steps, spec.guidance_scale)
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+               guidance_scale=guidance, height=spec.height, width=spec.width, generator=gen,
                num_images_per_prompt=spec.n)
     return list(out.images)

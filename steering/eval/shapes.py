@@ -98,17 +98,28 @@ def colour_shares(img: np.ndarray, tol: float = 60.0) -> dict[str, float]:
     return {c: float((np.linalg.norm(px - np.array(v), axis=1) < tol).mean()) for c, v in COLOURS.items()}
 
 
-def read_image(img: np.ndarray) -> dict:
+def chroma(img: np.ndarray) -> np.ndarray:
+    """Per-pixel chroma [H, W] float32: the largest minus the smallest RGB channel. Every palette
+    colour has at least 120, every background (white, black, grey stripes) under 10."""
+    px = img.astype(np.float32)
+    return px.max(-1) - px.min(-1)
+
+
+def read_image(img: np.ndarray, min_chroma: float = 60.0) -> dict:
     """What the pixels show: ``colour`` (the palette colour with the largest share, None if no
-    colour covers 1 % of the image), ``shares`` (``colour_shares``) and ``shape`` (the shape whose
-    rendered mask, at the coloured region's centre and size, best overlaps it, by IoU; None when
-    there is no coloured region)."""
+    colour covers 1 % of the image), ``shares`` (``colour_shares``) and ``shape``.
+
+    The shape is read from the drawn region, the pixels with chroma above ``min_chroma`` (whatever
+    their colour, so a shape drawn in a colour off the palette, or in two, still reads): the shape
+    whose rendered mask, at the region's centre and over radii 4-13 pixels, overlaps it best by IoU
+    (``iou``); None when fewer than 1 % of the pixels are coloured."""
     shares = colour_shares(img)
     colour = max(shares, key=shares.get)
     if shares[colour] < 0.01:
-        return {"colour": None, "shape": None, "shares": shares}
-    px = img.astype(np.float32)
-    fg = np.linalg.norm(px - np.array(COLOURS[colour]), axis=-1) < 60.0
+        colour = None
+    fg = chroma(img) > min_chroma
+    if fg.mean() < 0.01:
+        return {"colour": colour, "shape": None, "shares": shares}
     ys, xs = np.nonzero(fg)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     best, best_iou = None, -1.0
@@ -119,3 +130,18 @@ def read_image(img: np.ndarray) -> dict:
             if iou > best_iou:
                 best, best_iou = shape, iou
     return {"colour": colour, "shape": best, "shares": shares, "iou": float(best_iou)}
+
+
+def prompt_set() -> list[str]:
+    """The prompts a text-encoder SAE of the shapes model trains on (sorted, no duplicates): the
+    empty prompt (the unconditional branch), every training caption (4 shapes x 5 colours x 2 sizes x
+    3 backgrounds = 120), and the same captions with size, background, colour or several of them left
+    out ("a red circle", "a small star on a black background", "a circle"): 289 prompts."""
+    out = {""}
+    for shape in SHAPES:
+        for colour in (*COLOURS, None):
+            for size in (*SIZES, None):
+                for bg in (*BACKGROUNDS, None):
+                    words = " ".join(w for w in ("a", size, colour, shape) if w)
+                    out.add(words + (f" on a {bg} background" if bg else ""))
+    return sorted(out)

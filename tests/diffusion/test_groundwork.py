@@ -97,3 +97,13 @@ def test_steering_hooks_run_on_the_text_encoder(tiny_pipe):
     with torch.no_grad(), steerer.steer([clamp], pos):
         steered = enc(ids)[0]
     assert torch.equal(steered[:, 0], plain[:, 0]) and not torch.allclose(steered[:, 1:], plain[:, 1:])
+
+
+def test_pil_output_is_the_tensor_output_not_its_negative(tiny_pipe):
+    """diffusers' numpy_to_pil multiplies by 255 itself; fed uint8 it wrapped around to the negative
+    image (every colour inverted), which is what the pipeline once returned."""
+    kw = dict(prompt=["a red circle on a white background"], num_inference_steps=3, generator=None)
+    pil = tiny_pipe(**{**kw, "generator": torch.Generator().manual_seed(2)}).images[0]
+    pt = tiny_pipe(**{**kw, "generator": torch.Generator().manual_seed(2)}, output_type="pt").images[0]
+    expect = (pt.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(pil), expect)

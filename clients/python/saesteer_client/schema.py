@@ -543,13 +543,14 @@ class ImagesRequest(_Strict):
 
     ``branches``: ``both`` adds the steer on the conditional pass and subtracts it on the
     unconditional one (Concept Steerers); ``cond`` or ``uncond`` steers that pass alone. Width,
-    height and steps default to the model's.
+    height, steps and guidance_scale default to the model's.
     """
 
     prompt: str = Field(min_length=1, max_length=2_000)
     negative_prompt: str = Field("", max_length=2_000)
     steps: int | None = Field(None, ge=1, le=100, description="denoising steps (default: the model's)")
-    guidance_scale: FiniteFloat = Field(4.0, ge=0.0, le=30.0)
+    guidance_scale: FiniteFloat | None = Field(None, ge=0.0, le=30.0,
+                                               description="classifier-free guidance (default: the model's)")
     width: int | None = Field(None, ge=8, le=1024, multiple_of=8)
     height: int | None = Field(None, ge=8, le=1024, multiple_of=8)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
