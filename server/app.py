@@ -208,8 +208,10 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         declare_bearer(server.app)
     if settings.streaming and not settings.serves_images:
         install_routes(server, settings, runtime_dir, settings.model_id)
-    if settings.features and not settings.serves_images:
-        install_search(server.app)  # before the concepts routes: /v1/concepts/{name} must not take it
+    if settings.serves_images:
+        install_search(server.app, "/v1/images")  # before the concepts routes: /v1/concepts/{name} must not take it
+    elif settings.features:
+        install_search(server.app)
     install_concepts(server.app, concepts, pool)
     install_policies(server, settings, policies, check_policies, runtime_dir)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)

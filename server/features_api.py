@@ -124,17 +124,18 @@ class FeaturesAPI(ModelAPI):
         return output
 
 
-def install_search(app) -> None:
-    """Add ``POST /v1/concepts/search`` to ``app``, answered by the ``/v1/features`` worker (see the
-    module docstring); call after LitServe registered ``/v1/features``."""
+def install_search(app, path: str = "/v1/features") -> None:
+    """Add ``POST /v1/concepts/search`` to ``app``, answered by the worker of ``path`` (the
+    ``/v1/features`` worker, see the module docstring; ``/v1/images`` on a text-to-image server);
+    call after LitServe registered ``path``."""
     from fastapi.routing import APIRoute
 
-    features = next((r.endpoint for r in app.router.routes if isinstance(r, APIRoute) and r.path == "/v1/features"), None)
-    if features is None:
-        raise RuntimeError("LitServe registered no /v1/features route")
+    worker = next((r.endpoint for r in app.router.routes if isinstance(r, APIRoute) and r.path == path), None)
+    if worker is None:
+        raise RuntimeError(f"LitServe registered no {path} route")
 
     async def search(request: ConceptSearchRequest):
-        return await features(request)
+        return await worker(request)
 
     app.add_api_route("/v1/concepts/search", search, methods=["POST"], response_model=ConceptSearchResponse,
                       summary="Rank latents across the attached SAEs for a concept given as sentences and/or words")

@@ -5,6 +5,10 @@ The SAEs attach to the pipeline's CLIP text encoder (``blocks.L.hook_resid_post`
 its layer L; ``saesteer.sae.diffusion``); requests are checked against their configs exactly as text
 requests are, and the steering itself is ``steering.diffusion.generate_images``. One request at a
 time per worker (a batch of diffusion requests would need equal sizes and steps).
+
+The same worker answers ``POST /v1/concepts/search`` on an image server (``features_api.install_search``
+hands it a ``ConceptSearchRequest``): contrasting prompts through the text encoder
+(``steering.concept_search.search_prompt_concepts``); each hit suggests scaling its latent by -1.
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's real annotation.
@@ -14,7 +18,15 @@ import logging
 from dataclasses import dataclass
 
 import litserve as ls
-from saesteer_client.schema import Image, ImagesRequest, ImagesResponse
+from saesteer_client.schema import (
+    ConceptSearchHit,
+    ConceptSearchRequest,
+    ConceptSearchResponse,
+    Image,
+    ImagesRequest,
+    ImagesResponse,
+    LatentIntervention,
+)
 
 from saesteer.steering.pool import SAEPool
 
@@ -51,6 +63,7 @@ class ImagesAPI(ls.LitAPI):
         super().__init__(max_batch_size=1, api_path="/v1/images", **kwargs)
         self.settings, self.saes = settings, saes
         self.concepts = ConceptStore(settings.concepts_dir)
+        self._stats: dict = {}  # {sae id: its saved statistics or None}, read on the first search
 
     def setup(self, device):
         import torch
@@ -69,6 +82,18 @@ class ImagesAPI(ls.LitAPI):
     def decode_request(self, request: ImagesRequest) -> _Job | Rejected:
         from saesteer.steering.plan import PlanError, build_plan
 
+        if isinstance(request, ConceptSearchRequest):
+            if request.sae is not None and request.sae not in self.saes.configs:
+                return Rejected.field(422, ["body", "sae"], f"unknown SAE {request.sae!r}; loaded SAEs: "
+                                      f"{', '.join(sorted(self.saes.configs))}")
+            if not request.positive:
+                return Rejected.field(422, ["body", "positive"], "a text-to-image server searches by contrasting "
+                                      "prompts: give positive prompts (words alone score a language model's outputs)")
+            if not request.negative:
+                return Rejected.field(422, ["body", "negative"], "a text encoder has no neutral default: give negative "
+                                      "prompts (the positive ones without the concept)")
+            return request
+
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
                               max_position=self.pipe.tokenizer.model_max_length, concepts=self.concepts.get)
@@ -76,14 +101,35 @@ class ImagesAPI(ls.LitAPI):
             return Rejected(422, [e.item])
         return _Job(request, plan)
 
+    def _search(self, r: ConceptSearchRequest) -> ConceptSearchResponse:
+        from saesteer.sae.stats import load_latent_stats
+        from saesteer.steering.concept_search import search_prompt_concepts
+
+        ids = [r.sae] if r.sae else sorted(self.saes.configs)
+        for sid in ids:
+            if sid not in self._stats:
+                self._stats[sid] = load_latent_stats(self.saes.folders[sid])
+        with self.saes.use(ids) as saes:
+            hits = search_prompt_concepts(self.pipe, saes, self._stats, r.positive, r.negative, r.top_k)
+        return ConceptSearchResponse(latents=[ConceptSearchHit(
+            sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score, top_tokens=[],
+            suggested=LatentIntervention(op="scale", sae=h.sae, latent=h.latent, value=h.value),
+        ) for h in hits])
+
     def predict(self, job):
         from saesteer.steering.diffusion import ImageSpec, generate_images
         from saesteer.steering.plan import InterventionPlan
 
         if isinstance(job, Rejected):
             return job
+        if isinstance(job, ConceptSearchRequest):
+            try:
+                return self._search(job)
+            except Exception as e:  # never a dead worker
+                log.error("concept search failed: %s: %s", type(e).__name__, e, exc_info=e)
+                return Rejected.field(500, ["body"], f"concept search failed ({type(e).__name__})", "internal_error")
         r = job.request
-        base = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps or 25, guidance_scale=r.guidance_scale,
+        base = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, guidance_scale=r.guidance_scale,
                     width=r.width, height=r.height, seed=r.seed if r.seed is not None else 0, n=r.n, branches=r.branches)
         try:
             with self.saes.use(job.plan.sae_ids()):

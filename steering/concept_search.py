@@ -212,3 +212,57 @@ def search_concepts(
         top = unembed(norm(d)).float()[0].topk(10).indices.tolist()
         h.top_tokens = [tokenizer.decode([t]) for t in top]
     return hits
+
+
+@torch.no_grad()
+def search_prompt_concepts(
+    pipe,
+    saes: Mapping[str, SAE],
+    stats: Mapping[str, LatentStats | None],
+    positive: Sequence[str],
+    negative: Sequence[str],
+    top_k: int = 10,
+    factor: float = -1.0,
+) -> list[ConceptHit]:
+    """Rank the latents of text-encoder SAEs (a diffusion pipeline's, ``saesteer.sae.diffusion``)
+    for a concept given as contrasting prompts, best first.
+
+    A text encoder has no unembedding, so there is no output score; the score is the input contrast
+    of Concept Steerers (Kim & Ghadiyaram, 2025, Sec. 3.2): each latent's activation averaged over a
+    prompt's positions (all but the start token; the padding positions carry the caption's summary
+    to the UNet, so a concept must be found there too), mean over ``positive`` minus mean over
+    ``negative``, in typical activations where the SAE has statistics. Ranked by the robust z-score
+    of that contrast within each SAE. The suggested intervention scales the latent by ``factor``
+    (``value``; unit ``"factor"``): -1 flips the concept's part of each embedding, Concept Steerers'
+    removal (their strength s is a factor of 1 + s).
+
+    Raises:
+        ValueError: no positive or no negative prompts (a text encoder has no neutral default).
+    """
+    from saesteer.sae.diffusion import prompt_activations
+
+    if not positive or not negative:
+        raise ValueError("give positive and negative prompts: the concept is their contrast")
+    hits: list[ConceptHit] = []
+    by_hook: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for sid, sae in saes.items():
+        hp = sae.cfg.hook_point
+        if hp not in by_hook:
+            by_hook[hp] = (prompt_activations(pipe, list(positive), hp), prompt_activations(pipe, list(negative), hp))
+        pos, neg = by_hook[hp]
+
+        def mean_z(a: torch.Tensor) -> torch.Tensor:  # [P, L-1, d] -> [d_sae]: mean over positions, then prompts
+            return sae.encode(a.reshape(-1, a.shape[-1]).to(sae.device, sae.dtype)).float().cpu().view(*a.shape[:2], -1).mean((0, 1))
+
+        diff = mean_z(pos) - mean_z(neg)
+        st = stats.get(sid)
+        typical = st.typical_activation.float() if st is not None else None
+        in_score = diff / typical.clamp(min=1e-6) if typical is not None else diff
+        score = robust_z(in_score)
+        if typical is not None:
+            score = torch.where(typical > 0, score, torch.full_like(score, float("-inf")))
+        for i in score.topk(min(top_k, sae.cfg.d_sae)).indices.tolist():
+            if score[i] != float("-inf"):
+                hits.append(ConceptHit(sid, i, float(score[i]), float(in_score[i]), 0.0, value=factor, unit="factor"))
+    hits.sort(key=lambda h: -h.score)
+    return hits[:top_k]

@@ -84,3 +84,30 @@ def test_bad_image_requests_are_a_422_naming_the_field(client, body, field, reas
     assert r.status_code == 422
     detail = json.dumps(r.json()["detail"])
     assert field in detail and reason in detail, detail
+
+
+def test_concept_search_on_an_image_server_contrasts_prompts(client):
+    body = {"positive": ["a small red circle on a white background", "a large red star on a black background"],
+            "negative": ["a small blue circle on a white background", "a large blue star on a black background"], "top_k": 3}
+    r = client.post("/v1/concepts/search", json=body)
+    assert r.status_code == 200, r.text
+    hits = r.json()["latents"]
+    assert 1 <= len(hits) <= 3 and all(h["sae"] == "te9" and 0 <= h["latent"] < 64 for h in hits)
+    assert all((h["suggested"]["op"], h["suggested"]["latent"], h["suggested"]["value"]) == ("scale", h["latent"], -1.0)
+               for h in hits)
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("body,field,reason", [
+    ({"positive": ["a red circle"]}, '"negative"', "no neutral default"),
+    ({"words": ["red"], "negative": ["a blue circle"]}, '"positive"', "contrasting prompts"),
+    ({"positive": ["a red circle"], "negative": ["a blue circle"], "sae": "nope"}, '"sae"', "unknown SAE"),
+])
+def test_bad_image_concept_searches_are_a_422_naming_the_field(client, body, field, reason):
+    import json
+
+    r = client.post("/v1/concepts/search", json=body)
+    assert r.status_code == 422
+    detail = json.dumps(r.json()["detail"])
+    assert field in detail and reason in detail, detail
