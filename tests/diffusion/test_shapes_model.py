@@ -79,3 +79,40 @@ def test_red_found_by_contrast_is_removed_and_the_shape_stays(pipe, sae):
     blue = colour_specs("blue", 8, seed=9)
     imgs = draw(pipe, [s.caption for s in blue], scale_plan("te9", [h.latent for h in hits], FACTOR), steerer, seed=9)
     assert read_batch(imgs, blue, "blue")["colour_acc"] >= 0.75
+
+
+@pytest.mark.slow
+def test_served_shapes_model_removes_a_searched_colour_over_http():
+    """``saesteer serve --model shapes-t2i`` end to end: the concept search route finds red's
+    latents, /v1/images with their suggested scales draws the asked shapes without red, and a bad
+    request sent beside good ones gets its 422 while they get their images."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from .test_images_api import serve
+
+    specs = colour_specs("red", 6, seed=21)
+    positive = [s.caption for s in specs]
+    negative = [s.caption.replace(" red ", f" {c} ") for s in specs for c in COLOURS if c != "red"]
+    with serve(ServerSettings(model="shapes-t2i", features=False)) as c:
+        r = c.post("/v1/concepts/search", json={"positive": positive, "negative": negative, "top_k": N_LATENTS})
+        assert r.status_code == 200, r.text
+        steer = [{**h["suggested"], "value": FACTOR} for h in r.json()["latents"]]
+        good = [{"prompt": s.caption, "seed": i, "n": 2, "compare": True, "interventions": steer} for i, s in enumerate(specs[:3])]
+        bad = {"prompt": specs[0].caption, "interventions": [{**steer[0], "latent": 512}]}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda b: c.post("/v1/images", json=b), [good[0], bad, good[1], good[2]]))
+    assert answers[1].status_code == 422 and '"latent"' in answers[1].text and "out of range" in answers[1].text
+    red_before = red_after = shapes_kept = 0
+    for spec, a in zip(specs[:3], [answers[0], answers[2], answers[3]]):
+        assert a.status_code == 200, a.text
+        for steered, plain in zip(a.json()["images"], a.json()["unsteered"]):
+            s_img, p_img = (np.asarray(Image.open(io.BytesIO(base64.b64decode(x["b64_png"])))) for x in (steered, plain))
+            assert s_img.shape == (32, 32, 3)
+            red_before += read_image(p_img)["shares"]["red"]
+            red_after += read_image(s_img)["shares"]["red"]
+            shapes_kept += read_image(s_img)["shape"] == spec.shape
+    assert red_before > 0 and red_after <= 0.3 * red_before and shapes_kept >= 5, (red_before, red_after, shapes_kept)
