@@ -93,3 +93,35 @@ def removal_eval(pipe, steerer, sae_id: str, latents: Sequence[int], colour: str
         figs = read_batch(run(scale_plan(sae_id, latents, f)), specs, colour)
         steered.append({"factor": f, "cut": 1 - figs["share"] / max(plain["share"], 1e-9), **figs})
     return {"colour": colour, "latents": list(map(int, latents)), "n": n, "plain": plain, "steered": steered}
+
+
+def insertion_eval(pipe, steerer, sae_id: str, latents: Sequence[int], typical: Sequence[float], shape: str,
+                   from_shape: str, values: Sequence[float], n: int = 40, seed: int = 0, batch: int = 20) -> dict:
+    """Insert ``shape`` into ``n`` prompts that ask for ``from_shape``: each of ``latents`` gets its
+    decoder direction added at every position but the start token, ``value`` times its typical
+    activation (``typical``, the same order), for each of ``values``; every image from the same
+    noise as its unsteered twin. Returns ``{"shape", "from", "latents", "n", "runs": [{"value",
+    "shape_rate" (read as ``shape``), "from_rate" (still read as ``from_shape``), "colour_kept"}]}``
+    (value 0 is the unsteered run).
+
+    Raises:
+        ValueError: an unknown shape.
+    """
+    from .shapes import SHAPES
+
+    for s in (shape, from_shape):
+        if s not in SHAPES:
+            raise ValueError(f"unknown shape {s!r}; expected one of {list(SHAPES)}")
+    rng = np.random.default_rng(seed)
+    specs = [sample(rng, shape=from_shape) for _ in range(n)]
+    prompts = [s.caption for s in specs]
+    runs = []
+    for v in (0.0, *values):
+        plan = InterventionPlan(latent_edits=[LatentEdit(sae_id, int(i), "add", float(v * t), "all")
+                                              for i, t in zip(latents, typical)]) if v else None
+        imgs = np.concatenate([draw(pipe, prompts[i:i + batch], plan, steerer, seed=seed + i) for i in range(0, n, batch)])
+        reads = [read_image(im) for im in imgs]
+        runs.append({"value": v, "shape_rate": float(np.mean([r["shape"] == shape for r in reads])),
+                     "from_rate": float(np.mean([r["shape"] == from_shape for r in reads])),
+                     "colour_kept": float(np.mean([r["colour"] == s.colour for r, s in zip(reads, specs)]))})
+    return {"shape": shape, "from": from_shape, "latents": list(map(int, latents)), "n": n, "runs": runs}
