@@ -303,7 +303,9 @@ class Client:
     def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
                         sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
         """``POST /v1/concepts/search``: latents that stand for a concept given as example
-        sentences and/or words, best first, each with a ready-to-send ``suggested`` clamp."""
+        sentences and/or words, best first, each with a ready-to-send ``suggested`` clamp. On a
+        text-to-image server: ``positive`` and ``negative`` prompts, both required, and each hit
+        suggests scaling its latent by -1 (the removal)."""
         body = _search_body(positive, words, negative, sae, top_k)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).latents
 
