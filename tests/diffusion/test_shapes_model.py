@@ -116,3 +116,23 @@ def test_served_shapes_model_removes_a_searched_colour_over_http():
             red_after += read_image(s_img)["shares"]["red"]
             shapes_kept += read_image(s_img)["shape"] == spec.shape
     assert red_before > 0 and red_after <= 0.3 * red_before and shapes_kept >= 5, (red_before, red_after, shapes_kept)
+
+
+@pytest.mark.slow
+def test_star_latents_found_by_contrast_turn_circles_into_stars(pipe, sae):
+    """Insertion (docs/image_steering_eval.md: 40 of 40 at one typical activation): the star
+    latents' decoder directions added to prompts that ask for circles draw stars in the asked colour."""
+    from saesteer.steering.eval.images import insertion_eval
+    from saesteer.steering.eval.shapes import SHAPES
+
+    rng = np.random.default_rng(5)
+    found = [sample(rng, shape="star") for _ in range(12)]
+    negative = [s.caption.replace(" star ", f" {c} ") for s in found for c in SHAPES if c != "star"]
+    stats = load_latent_stats(SAE_DIR)
+    hits = search_prompt_concepts(pipe, {"te9": sae}, {"te9": stats}, [s.caption for s in found], negative, top_k=N_LATENTS)
+    lat = [h.latent for h in hits]
+    res = insertion_eval(pipe, Steerer(pipe.text_encoder, {"te9": sae}), "te9", lat,
+                         [float(stats.typical_activation[i]) for i in lat], "star", "circle", [1.0], n=10, seed=3)
+    plain, steered = res["runs"]
+    assert plain["shape_rate"] == 0.0 and plain["from_rate"] >= 0.9
+    assert steered["shape_rate"] >= 0.8 and steered["colour_kept"] >= 0.9, res
