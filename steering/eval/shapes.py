@@ -44,11 +44,11 @@ class ShapeSpec:
         return f"a {self.size} {self.colour} {self.shape} on a {self.background} background"
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE, ss: int = 4) -> np.ndarray:
-    """Coverage [size, size] float32 in [0, 1] of ``shape`` centred at (cx, cy) with radius ``r``
-    (pixels), by ``ss`` x ``ss`` supersampling."""
-    n = size * ss
-    ys, xs = (np.mgrid[0:n, 0:n] + 0.5) / ss
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int | tuple[int, int] = SIZE, ss: int = 4) -> np.ndarray:
+    """Coverage [height, width] float32 in [0, 1] of ``shape`` centred at (cx, cy) with radius ``r``
+    (pixels), by ``ss`` x ``ss`` supersampling; ``size`` is the side, or (height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    ys, xs = (np.mgrid[0:height * ss, 0:width * ss] + 0.5) / ss
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         m = dx**2 + dy**2 <= r**2
@@ -66,7 +66,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE, ss:
         m = np.hypot(dx, dy) <= r * (0.45 + 0.55 * tri)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return m.reshape(size, ss, size, ss).mean(axis=(1, 3)).astype(np.float32)
+    return m.reshape(height, ss, width, ss).mean(axis=(1, 3)).astype(np.float32)
 
 
 def render(spec: ShapeSpec) -> np.ndarray:
@@ -125,7 +125,7 @@ def read_image(img: np.ndarray, min_chroma: float = 60.0) -> dict:
     best, best_iou = None, -1.0
     for shape in SHAPES:
         for r in np.linspace(4.0, 13.0, 10):
-            m = shape_mask(shape, cx, cy, r) > 0.5
+            m = shape_mask(shape, cx, cy, r, size=fg.shape) > 0.5
             iou = (m & fg).sum() / max((m | fg).sum(), 1)
             if iou > best_iou:
                 best, best_iou = shape, iou

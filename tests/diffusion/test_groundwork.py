@@ -37,6 +37,9 @@ def test_the_pixel_reader_reads_rendered_shapes():
     assert sum(r["colour"] == s.colour for r, s in zip(reads, specs)) == len(specs)
     assert sum(r["shape"] == s.shape for r, s in zip(reads, specs)) >= 0.95 * len(specs)
     assert {s.colour for s in specs} == set(COLOURS) and {s.shape for s in specs} == set(SHAPES)
+    wide = [s for s in specs if s.background == "black"][:20]  # a 32x48 image (the API takes any multiple of 8)
+    padded = [np.concatenate([np.full((32, 8, 3), 15, np.uint8), render(s), np.full((32, 8, 3), 15, np.uint8)], 1) for s in wide]
+    assert [read_image(im)["shape"] for im in padded] == [read_image(render(s))["shape"] for s in wide]
 
 
 def tiny_pipeline_folder(folder):
