@@ -161,6 +161,12 @@ class ShapesPipeline(_pipeline_base()):
         return ImagePipelineOutput(images=[Image.fromarray(a) for a in arr])
 
 
+def native_size(pipe) -> int:
+    """The side in pixels a pipeline draws by default: the UNet's ``sample_size`` times the VAE's
+    downsampling factor (``vae_scale_factor``, 8 for SD; 1 for a pixel-space ``ShapesPipeline``)."""
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1))
+
+
 def pipeline_defaults(pipe, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
     """``(steps, guidance_scale)``: the ones given, else the pipeline's (``default_steps`` and
     ``default_guidance_scale`` in a ``ShapesPipeline``'s ``model_index.json``), else Stable

@@ -100,6 +100,10 @@ class ServerSettings(BaseSettings):
         None, description="content-safety policies file (JSON or YAML; steering.policy): detectors that flag, "
         "steer or refuse on every generation; reloaded on SIGHUP or POST /v1/admin/policies/reload. A bad file, "
         "or one naming an unknown concept or SAE, stops the server from starting")
+    max_image_side: int | None = Field(
+        None, ge=8, le=4096, description="largest width or height POST /v1/images draws, in pixels (422 above); "
+        "None: twice the model's native size (64 for shapes-t2i, 1024 for SD 1.x). Work grows with the area: "
+        "a 1024x1024 image from the 32x32 shapes model would hold a CPU worker for minutes")
     pack_linears: bool = Field(
         True, description="on CPU in float32, pack the model's linear layers for oneDNN once at start "
         "(PyTorch's default MKL kernels read weights at a third of the memory bandwidth here: decoding "

@@ -68,7 +68,7 @@ class ImagesAPI(ls.LitAPI):
     def setup(self, device):
         import torch
 
-        from saesteer.sae.diffusion import load_pipeline
+        from saesteer.sae.diffusion import load_pipeline, native_size
         from saesteer.steering.hooks import Steerer
 
         s = self.settings
@@ -78,6 +78,8 @@ class ImagesAPI(ls.LitAPI):
         if self.saes.budget_bytes is None:
             self.saes.load_all()
         self.steerer = Steerer(self.pipe.text_encoder, self.saes)
+        self.native = native_size(self.pipe)
+        self.max_side = s.max_image_side or 2 * self.native
 
     def decode_request(self, request: ImagesRequest) -> _Job | Rejected:
         from saesteer.steering.plan import PlanError, build_plan
@@ -93,6 +95,11 @@ class ImagesAPI(ls.LitAPI):
                 return Rejected.field(422, ["body", "negative"], "a text encoder has no neutral default: give negative "
                                       "prompts (the positive ones without the concept)")
             return request
+        for name in ("width", "height"):
+            side = getattr(request, name)
+            if side is not None and side > self.max_side:
+                return Rejected.field(422, ["body", name], f"{name} {side} is above this server's limit of {self.max_side} "
+                                      f"pixels (the model draws {self.native} natively)", "image_too_large")
 
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,

@@ -70,6 +70,7 @@ def test_images_of_the_requested_size_and_idle_steering_is_exact(client):
 
 @pytest.mark.parametrize("body,field,reason", [
     ({"prompt": "x", "width": 20}, '"width"', "multiple of 8"),
+    ({"prompt": "x", "height": 40}, '"height"', "limit of 32 pixels"),  # twice the tiny model's 16
     ({"prompt": "x", "steps": 0}, '"steps"', "greater than or equal"),
     ({"prompt": "x", "steps": 101}, '"steps"', "less than or equal"),
     ({"prompt": "x", "n": 9}, '"n"', "less than or equal"),
