@@ -24,7 +24,7 @@ from saesteer.sae.io import load_sae
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import ServerSettings
 from saesteer.steering.concept_search import search_prompt_concepts
-from saesteer.steering.eval.images import colour_specs, draw, insertion_eval, removal_eval
+from saesteer.steering.eval.images import colour_specs, draw_in_batches, insertion_eval, removal_eval
 from saesteer.steering.eval.shapes import COLOURS, SHAPES, read_image, sample
 from saesteer.steering.hooks import Steerer
 
@@ -36,7 +36,7 @@ def caption_following(pipe, n: int, seed: int = 123) -> dict:
     rng = np.random.default_rng(seed)
     specs = [sample(rng) for _ in range(n)]
     t0 = time.perf_counter()
-    imgs = np.concatenate([draw(pipe, [s.caption for s in specs[i:i + 20]], seed=seed + i) for i in range(0, n, 20)])
+    imgs = draw_in_batches(pipe, [s.caption for s in specs], seed=seed)
     secs = (time.perf_counter() - t0) / n
     reads = [read_image(im) for im in imgs]
     per_shape = {sh: float(np.mean([r["shape"] == s.shape for r, s in zip(reads, specs) if s.shape == sh])) for sh in SHAPES}

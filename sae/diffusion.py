@@ -119,9 +119,7 @@ class ShapesPipeline(_pipeline_base()):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [len(prompts), model_max_length, d_text] (the encoder's last hidden state)."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.text_encoder(prompt_token_ids(self.tokenizer, prompts).to(self.device))[0]
 
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -245,23 +243,30 @@ def prompt_latent_stats(pipe, sae, prompts: list[str], top_contexts: int = 5):
     z = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()  # [P*(L-1), d_sae]
     fired = z > 0
     count = fired.sum(0)
-    typical = torch.where(count > 0, z.sum(0) / count.clamp(min=1), torch.zeros_like(count, dtype=torch.float32))
+    typical = z.sum(0) / count.clamp(min=1)  # 0 for a latent that never fires
     m = min(top_contexts * 8, z.shape[0])  # candidates: many prompts share a padding summary
     vals, where = z.topk(m, dim=0)
     ids = prompt_token_ids(pipe.tokenizer, prompts)
+    eos = pipe.tokenizer.eos_token_id
+    words_of: dict[int, list[str]] = {}  # prompt -> its caption's tokens (after the start token), decoded once
+
+    def words(p: int) -> list[str]:
+        if p not in words_of:
+            toks = ids[p].tolist()
+            end = toks.index(eos) if eos in toks else len(toks)
+            words_of[p] = [pipe.tokenizer.decode([t]).strip() for t in toks[1:end]]
+        return words_of[p]
+
     contexts: dict[int, list[dict]] = {}
     for latent in torch.nonzero(count > 0).flatten().tolist():
         rows = []
         for v, w in zip(vals[:, latent].tolist(), where[:, latent].tolist()):
             if v <= 0:
                 break
-            p, pos = divmod(w, L1)
-            toks = ids[p].tolist()
-            n_real = toks.index(pipe.tokenizer.eos_token_id) if pipe.tokenizer.eos_token_id in toks else len(toks)
-            words = [pipe.tokenizer.decode([t]).strip() for t in toks[1:n_real]]
-            at = pos  # index into toks[1:]
-            token = words[at] if at < len(words) else "<pad>"
-            text = " ".join(words[:at] + [f"«{token}»"] + words[at + 1:]) if at < len(words) else " ".join(words + ["«<pad>»"])
+            p, at = divmod(w, L1)  # at: the index into the positions after the start token
+            ws = words(p)
+            token = ws[at] if at < len(ws) else "<pad>"
+            text = " ".join(ws[:at] + [f"«{token}»"] + ws[at + 1:]) if at < len(ws) else " ".join(ws + ["«<pad>»"])
             if any(r["text"] == text for r in rows):
                 continue
             rows.append({"activation": round(v, 4), "text": text, "token": token})

@@ -44,7 +44,6 @@ class FeaturesAPI(ModelAPI):
 
     def __init__(self, settings: ServerSettings, saes, **kwargs):
         super().__init__(settings, saes, max_batch_size=1, api_path="/v1/features", **kwargs)
-        self._stats: dict = {}  # {sae id: its saved statistics or None}, read on the first search
 
     def decode_request(self, request: FeaturesRequest) -> _Job | Rejected:
         if isinstance(request, ConceptSearchRequest):
@@ -67,25 +66,15 @@ class FeaturesAPI(ModelAPI):
         return _Job(request, ids + extra, len(ids))
 
     def _decode_search(self, request: ConceptSearchRequest) -> ConceptSearchRequest | Rejected:
-        if request.sae is not None and request.sae not in self.saes.configs:
-            return Rejected.field(422, ["body", "sae"], f"unknown SAE {request.sae!r}; loaded SAEs: {', '.join(sorted(self.saes.configs))}")
-        ids = [request.sae] if request.sae else sorted(self.saes.configs)
-        if not self.saes.fits(ids):
-            return Rejected.field(422, ["body", "sae"], "these SAEs do not fit this server's SAE memory budget together; "
-                                  "search one at a time (sae)", "sae_memory")
-        return request
+        bad = check_search_saes(request, self.saes)
+        return bad if bad is not None else request
 
     def _search(self, r: ConceptSearchRequest):
-        from saesteer.sae.stats import load_latent_stats
         from saesteer.steering.concept_search import search_concepts
 
-        ids = [r.sae] if r.sae else sorted(self.saes.configs)
-        for sid in ids:
-            if sid not in self._stats:
-                self._stats[sid] = load_latent_stats(self.saes.folders[sid])
         try:
-            with self.saes.use(ids) as saes:
-                hits = search_concepts(self.model, self.tokenizer, saes, self._stats, r.positive, r.negative, r.words, r.top_k)
+            with self.saes.use(search_sae_ids(r, self.saes)) as saes:
+                hits = search_concepts(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative, r.words, r.top_k)
         except ValueError as e:  # no usable concept tokens
             field = "words" if r.words else "positive"
             return Rejected.field(422, ["body", field], str(e))
@@ -122,6 +111,22 @@ class FeaturesAPI(ModelAPI):
         if isinstance(output, Rejected):
             return error_response(output.status, output.detail)
         return output
+
+
+def search_sae_ids(request: ConceptSearchRequest, saes) -> list[str]:
+    """The SAEs a concept search covers: the one it names, else every attached one."""
+    return [request.sae] if request.sae else sorted(saes.configs)
+
+
+def check_search_saes(request: ConceptSearchRequest, saes) -> Rejected | None:
+    """The 422 for a concept search naming an unknown SAE, or covering SAEs that do not fit the
+    pool's memory budget together (``saes``: the ``SAEPool``); None when they are fine."""
+    if request.sae is not None and request.sae not in saes.configs:
+        return Rejected.field(422, ["body", "sae"], f"unknown SAE {request.sae!r}; loaded SAEs: {', '.join(sorted(saes.configs))}")
+    if not saes.fits(search_sae_ids(request, saes)):
+        return Rejected.field(422, ["body", "sae"], "these SAEs do not fit this server's SAE memory budget together; "
+                              "search one at a time (sae)", "sae_memory")
+    return None
 
 
 def install_search(app, path: str = "/v1/features") -> None:

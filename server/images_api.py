@@ -33,6 +33,7 @@ from saesteer.steering.pool import SAEPool
 from .api import Rejected
 from .config import ServerSettings
 from .errors import error_response
+from .features_api import check_search_saes, search_sae_ids
 
 log = logging.getLogger("saesteer.server")
 
@@ -63,7 +64,6 @@ class ImagesAPI(ls.LitAPI):
         super().__init__(max_batch_size=1, api_path="/v1/images", **kwargs)
         self.settings, self.saes = settings, saes
         self.concepts = ConceptStore(settings.concepts_dir)
-        self._stats: dict = {}  # {sae id: its saved statistics or None}, read on the first search
 
     def setup(self, device):
         import torch
@@ -85,9 +85,9 @@ class ImagesAPI(ls.LitAPI):
         from saesteer.steering.plan import PlanError, build_plan
 
         if isinstance(request, ConceptSearchRequest):
-            if request.sae is not None and request.sae not in self.saes.configs:
-                return Rejected.field(422, ["body", "sae"], f"unknown SAE {request.sae!r}; loaded SAEs: "
-                                      f"{', '.join(sorted(self.saes.configs))}")
+            bad = check_search_saes(request, self.saes)
+            if bad is not None:
+                return bad
             if not request.positive:
                 return Rejected.field(422, ["body", "positive"], "a text-to-image server searches by contrasting "
                                       "prompts: give positive prompts (words alone score a language model's outputs)")
@@ -109,15 +109,10 @@ class ImagesAPI(ls.LitAPI):
         return _Job(request, plan)
 
     def _search(self, r: ConceptSearchRequest) -> ConceptSearchResponse:
-        from saesteer.sae.stats import load_latent_stats
         from saesteer.steering.concept_search import search_prompt_concepts
 
-        ids = [r.sae] if r.sae else sorted(self.saes.configs)
-        for sid in ids:
-            if sid not in self._stats:
-                self._stats[sid] = load_latent_stats(self.saes.folders[sid])
-        with self.saes.use(ids) as saes:
-            hits = search_prompt_concepts(self.pipe, saes, self._stats, r.positive, r.negative, r.top_k)
+        with self.saes.use(search_sae_ids(r, self.saes)) as saes:
+            hits = search_prompt_concepts(self.pipe, saes, self.saes.stats, r.positive, r.negative, r.top_k)
         return ConceptSearchResponse(latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score, top_tokens=[],
             suggested=LatentIntervention(op="scale", sae=h.sae, latent=h.latent, value=h.value),

@@ -140,6 +140,23 @@ def concept_output_scores(model, sae: SAE, tokens: Sequence[int], batch_size: in
     return torch.cat(out)
 
 
+def _typical(st: LatentStats | None) -> torch.Tensor | None:
+    """The latents' typical activations [d_sae] float32 from statistics ``st``; None without."""
+    return st.typical_activation.float() if st is not None else None
+
+
+def _in_typical_units(diff: torch.Tensor, typical: torch.Tensor | None) -> torch.Tensor:
+    """An activation contrast [d_sae] in typical activations (raw without statistics), so that
+    latents compare across SAEs."""
+    return diff / typical.clamp(min=1e-6) if typical is not None else diff
+
+
+def _skip_never_fired(score: torch.Tensor, typical: torch.Tensor | None) -> torch.Tensor:
+    """``score`` with -inf for the latents that never fired in the statistics (no typical
+    activation to suggest a strength in); unchanged without statistics."""
+    return score if typical is None else torch.where(typical > 0, score, torch.full_like(score, float("-inf")))
+
+
 def robust_z(x: torch.Tensor) -> torch.Tensor:
     """``(x - median) / (1.4826 * MAD)`` (MAD: median absolute deviation; 1 where it is 0)."""
     x = x.double()
@@ -183,17 +200,14 @@ def search_concepts(
     p = next(model.parameters())
     hits: list[ConceptHit] = []
     for sid, sae in saes.items():
-        st = stats.get(sid)
-        typical = st.typical_activation.float() if st is not None else None
         out_score = concept_output_scores(model, sae, tokens)
         score = robust_z(out_score)
+        typical = _typical(stats.get(sid))
         in_score = None
         if positive:
-            diff = pos_acts[sid].mean(0) - neg_acts[sid].mean(0)
-            in_score = diff / typical.clamp(min=1e-6) if typical is not None else diff
+            in_score = _in_typical_units(pos_acts[sid].mean(0) - neg_acts[sid].mean(0), typical)
             score = score + robust_z(in_score)
-        if typical is not None:
-            score = torch.where(typical > 0, score, torch.full_like(score, float("-inf")))
+        score = _skip_never_fired(score, typical)
         best = score.topk(min(top_k, sae.cfg.d_sae)).indices
         for i in best.tolist():
             if score[i] == float("-inf"):
@@ -254,13 +268,9 @@ def search_prompt_concepts(
         def mean_z(a: torch.Tensor) -> torch.Tensor:  # [P, L-1, d] -> [d_sae]: mean over positions, then prompts
             return sae.encode(a.reshape(-1, a.shape[-1]).to(sae.device, sae.dtype)).float().cpu().view(*a.shape[:2], -1).mean((0, 1))
 
-        diff = mean_z(pos) - mean_z(neg)
-        st = stats.get(sid)
-        typical = st.typical_activation.float() if st is not None else None
-        in_score = diff / typical.clamp(min=1e-6) if typical is not None else diff
-        score = robust_z(in_score)
-        if typical is not None:
-            score = torch.where(typical > 0, score, torch.full_like(score, float("-inf")))
+        typical = _typical(stats.get(sid))
+        in_score = _in_typical_units(mean_z(pos) - mean_z(neg), typical)
+        score = _skip_never_fired(robust_z(in_score), typical)
         for i in score.topk(min(top_k, sae.cfg.d_sae)).indices.tolist():
             if score[i] != float("-inf"):
                 hits.append(ConceptHit(sid, i, float(score[i]), float(in_score[i]), 0.0, value=factor, unit="factor"))

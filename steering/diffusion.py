@@ -29,8 +29,9 @@ def text_embeddings(pipe, prompts: list[str], plans: list[InterventionPlan] | No
     state, as ``StableDiffusionPipeline.encode_prompt`` computes them), row b steered by ``plans[b]``.
     Every token position counts as prompt; position 0 (the start token, CLIP's attention sink) is
     steered only when listed explicitly."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    from saesteer.sae.diffusion import prompt_token_ids
+
+    ids = prompt_token_ids(pipe.tokenizer, prompts)
     B, L = ids.shape
     plans = plans or [InterventionPlan() for _ in prompts]
     pos = StepPositions(abs_pos=torch.arange(L).expand(B, L).to(pipe.device), prompt_len=torch.full((B,), L, device=pipe.device))
@@ -56,12 +57,18 @@ class ImageSpec:
     branches: Literal["both", "cond", "uncond"] = "both"
 
 
+def branch_plans(plan: InterventionPlan, branches: str) -> tuple[InterventionPlan, InterventionPlan]:
+    """``(conditional plan, unconditional plan)`` for ``branches`` (module docstring): ``both``
+    gives ``(plan, negated(plan))``, ``cond`` or ``uncond`` steers that pass alone."""
+    return (plan if branches in ("both", "cond") else InterventionPlan(),
+            negated(plan) if branches in ("both", "uncond") else InterventionPlan())
+
+
 @torch.no_grad()
 def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None) -> list:
     """``spec.n`` PIL images from ``pipe`` (``saesteer.sae.diffusion.load_pipeline``); the same seed
     and an idle plan give the same pixels as no plan."""
-    cond_plan = spec.plan if spec.branches in ("both", "cond") else InterventionPlan()
-    uncond_plan = negated(spec.plan) if spec.branches in ("both", "uncond") else InterventionPlan()
+    cond_plan, uncond_plan = branch_plans(spec.plan, spec.branches)
     cond = text_embeddings(pipe, [spec.prompt], [cond_plan], steerer)
     uncond = text_embeddings(pipe, [spec.negative_prompt], [uncond_plan], steerer)
     gen = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else torch.seed() % 2**63)

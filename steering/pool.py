@@ -77,8 +77,10 @@ class SAEPool(Mapping[str, SAE]):
         configs: every SAE's config by id (hook_point override applied), read at construction.
         device, budget_bytes: as given (``set_device`` moves resident SAEs).
         loads, evictions, hits: counters since construction (a hit is a use of a resident SAE).
-        units: ``steering.plan.StrengthUnits`` from the SAEs' saved latent statistics (for
-            requests that give strengths in typical activations or residual norms).
+        stats: every SAE's saved latent statistics by id (``sae.stats.LatentStats`` without
+            contexts, or None), read at construction like the configs (a few floats per latent).
+        units: ``steering.plan.StrengthUnits`` from ``stats`` (for requests that give strengths in
+            typical activations or residual norms).
 
     Raises:
         ValueError: two SAEs with one id, or an SAE that names no hook point.
@@ -107,16 +109,12 @@ class SAEPool(Mapping[str, SAE]):
                     f"budget of {_mib(budget_bytes)} ({budget_bytes} bytes); raise --sae-memory-mb"
                 )
             self.specs[s.id], self.folders[s.id], self.configs[s.id], self._nbytes[s.id] = s, folder, cfg, n
-        self.units = self._strength_units()
+        self.stats = {sid: load_latent_stats(f) for sid, f in self.folders.items()}
+        self.units = StrengthUnits.from_stats(self.stats, self.configs)
         self._resident: OrderedDict[str, SAE] = OrderedDict()  # least recently used first
         self._resident_bytes: dict[str, int] = {}
         self._pins: Counter[str] = Counter()
         self.loads = self.evictions = self.hits = 0
-
-    def _strength_units(self) -> StrengthUnits:
-        """Typical activations and residual norms from each SAE's saved latent statistics
-        (``sae.stats``; a few floats per latent, read at construction like the configs)."""
-        return StrengthUnits.from_stats({sid: load_latent_stats(f) for sid, f in self.folders.items()}, self.configs)
 
     # -- Mapping ----------------------------------------------------------------------------------
     def __getitem__(self, sid: str) -> SAE:

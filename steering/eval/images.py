@@ -7,8 +7,8 @@ Each image is read back by ``steering.eval.shapes.read_image``:
 
 - ``share``: the fraction of pixels within RGB distance 60 of c (``colour_shares``); the removal
   figure is ``cut = 1 - mean steered share / mean unsteered share``;
-- ``shape_acc``: the share of images whose drawn shape (read from the dominant palette colour's
-  region) is the one asked for; an image with no palette-coloured region reads as no shape;
+- ``shape_acc``: the share of images whose drawn shape (read from the chromatic pixels, whatever
+  their colour) is the one asked for; an image with no coloured region reads as no shape;
 - ``colour_read``: how often each colour dominates the steered images.
 
 The steer is a plan on the text encoder's SAE, applied as Concept Steerers do (Kim & Ghadiyaram,
@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from saesteer.steering.diffusion import text_embeddings
-from saesteer.steering.plan import InterventionPlan, LatentEdit, negated
+from saesteer.steering.diffusion import branch_plans, text_embeddings
+from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 from .shapes import COLOURS, ShapeSpec, read_image, sample
 
@@ -41,15 +41,21 @@ def draw(pipe, prompts: Sequence[str], plan: InterventionPlan | None = None, ste
     """Images uint8 [len(prompts), H, W, 3], all prompts in one batch, row b from the same noise for
     the same ``seed`` whatever the plan; ``plan`` steers every row (``branches``: both, cond, uncond);
     ``steps`` and ``guidance_scale`` default to the pipeline's."""
-    plan = plan or InterventionPlan()
-    cond_plan = plan if branches in ("both", "cond") else InterventionPlan()
-    uncond_plan = negated(plan) if branches in ("both", "uncond") else InterventionPlan()
+    cond_plan, uncond_plan = branch_plans(plan or InterventionPlan(), branches)
     B = len(prompts)
     cond = text_embeddings(pipe, list(prompts), [cond_plan] * B, steerer)
     uncond = text_embeddings(pipe, [""] * B, [uncond_plan] * B, steerer)
     out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=guidance_scale,
                generator=torch.Generator().manual_seed(seed), output_type="pt").images
     return (out.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def draw_in_batches(pipe, prompts: Sequence[str], plan: InterventionPlan | None = None, steerer=None, seed: int = 0,
+                    batch: int = 20, steps: int | None = None) -> np.ndarray:
+    """``draw`` over ``prompts`` in batches of ``batch`` (batch i from seed ``seed + i``): uint8
+    [len(prompts), H, W, 3]."""
+    return np.concatenate([draw(pipe, prompts[i:i + batch], plan, steerer, seed=seed + i, steps=steps)
+                           for i in range(0, len(prompts), batch)])
 
 
 def read_batch(images: np.ndarray, specs: Sequence[ShapeSpec], colour: str) -> dict:
@@ -83,14 +89,10 @@ def removal_eval(pipe, steerer, sae_id: str, latents: Sequence[int], colour: str
     specs = colour_specs(colour, n, seed)
     prompts = [s.caption for s in specs]
 
-    def run(plan):
-        return np.concatenate([draw(pipe, prompts[i:i + batch], plan, steerer, seed=seed + i, steps=steps)
-                               for i in range(0, n, batch)])
-
-    plain = read_batch(run(None), specs, colour)
+    plain = read_batch(draw_in_batches(pipe, prompts, None, steerer, seed, batch, steps), specs, colour)
     steered = []
     for f in factors:
-        figs = read_batch(run(scale_plan(sae_id, latents, f)), specs, colour)
+        figs = read_batch(draw_in_batches(pipe, prompts, scale_plan(sae_id, latents, f), steerer, seed, batch, steps), specs, colour)
         steered.append({"factor": f, "cut": 1 - figs["share"] / max(plain["share"], 1e-9), **figs})
     return {"colour": colour, "latents": list(map(int, latents)), "n": n, "plain": plain, "steered": steered}
 
@@ -119,8 +121,7 @@ def insertion_eval(pipe, steerer, sae_id: str, latents: Sequence[int], typical: 
     for v in (0.0, *values):
         plan = InterventionPlan(latent_edits=[LatentEdit(sae_id, int(i), "add", float(v * t), "all")
                                               for i, t in zip(latents, typical)]) if v else None
-        imgs = np.concatenate([draw(pipe, prompts[i:i + batch], plan, steerer, seed=seed + i) for i in range(0, n, batch)])
-        reads = [read_image(im) for im in imgs]
+        reads = [read_image(im) for im in draw_in_batches(pipe, prompts, plan, steerer, seed, batch)]
         runs.append({"value": v, "shape_rate": float(np.mean([r["shape"] == shape for r in reads])),
                      "from_rate": float(np.mean([r["shape"] == from_shape for r in reads])),
                      "colour_kept": float(np.mean([r["colour"] == s.colour for r, s in zip(reads, specs)]))})
