@@ -112,3 +112,20 @@ def test_bad_image_concept_searches_are_a_422_naming_the_field(client, body, fie
     assert r.status_code == 422
     detail = json.dumps(r.json()["detail"])
     assert field in detail and reason in detail, detail
+
+
+def test_refused_image_requests_beside_good_ones_leave_them_unchanged(client):
+    """An oversized image and a search without negatives, sent concurrently with good requests:
+    each bad one gets its 422, the good ones the same pixels as when sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"prompt": "a small red circle on a white background", "steps": 3, "seed": 11}
+    alone = pixels(client.post("/v1/images", json=good).json()["images"][0])
+    calls = [("/v1/images", good), ("/v1/images", {**good, "width": 40}),
+             ("/v1/concepts/search", {"positive": ["a red circle"]}), ("/v1/images", good)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda c: client.post(c[0], json=c[1]), calls))
+    assert answers[1].status_code == 422 and '"width"' in answers[1].text and "limit of 32" in answers[1].text
+    assert answers[2].status_code == 422 and '"negative"' in answers[2].text
+    for a in (answers[0], answers[3]):
+        assert a.status_code == 200 and np.array_equal(pixels(a.json()["images"][0]), alone)
