@@ -131,8 +131,10 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     from saesteer.sae.formats import load_any
     from saesteer.sae.stats import load_latent_stats
     from saesteer.steering.eval.evaluate import (
-        DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep, write_reports,
+        AXBENCH_METHODS, DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep,
+        write_reports,
     )
+    from saesteer.sae.output_scores import load_latent_output
     from saesteer.steering.eval.judge import SentenceJudge
     from saesteer.sae.lm import load_model
 
@@ -152,7 +154,11 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     if a.latent is not None:
         for c in concepts:
             c.latent = a.latent
-    methods = tuple(a.method or METHODS)
+    methods = tuple(a.method or (AXBENCH_METHODS if a.axbench else METHODS))
+    output = load_latent_output(a.stats or a.sae)
+    if "latent_output" in methods and output is None:
+        print(f"error: latent_output needs output scores; run `saesteer stats {a.sae} --output-scores` first", file=sys.stderr)
+        return 2
     strengths = {m: tuple(a.strengths) if a.strengths else DEFAULT_STRENGTHS[m] for m in methods}
     prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
@@ -160,7 +166,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
-    reports = [sweep(model, tok, sae, stats, c, judge, cfg, sae_id=Path(a.sae).name) for c in concepts]
+    reports = [sweep(model, tok, sae, stats, c, judge, cfg, sae_id=Path(a.sae).name, output=output and output[0]) for c in concepts]
     paths = write_reports(reports, a.out)
     if "plot" not in paths:
         print("matplotlib is not installed: no plot (pip install 'saesteer[eval]')", file=sys.stderr)
@@ -304,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--negative", nargs="+", default=None, help="neutral contrast sentences")
     es.add_argument("--keyword", action="append", default=None, help="a word that marks the concept (repeatable)")
     es.add_argument("--latent", type=int, default=None, help="the concept latent (default: found by contrast)")
-    es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder"],
-                    help="repeatable; default all four")
+    es.add_argument("--axbench", action="store_true", help="the AxBench comparison: latents chosen by input score, by output "
+                    "score and by concept search, against mean-difference vectors and prompting (needs `saesteer stats --output-scores`)")
+    es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder", "latent_input", "latent_output", "latent_search", "prompting"],
+                    help="repeatable; default latent_clamp, latent_add, mean_diff, decoder (--axbench: its five)")
     es.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")
     es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")

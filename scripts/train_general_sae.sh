@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
-# A general-English SAE at block 10 (issue 15 part 2) on the corpus of `saesteer corpus build`:
-# the default SAE's recipe (BatchTopK, k 32, sinks and chat-template specials kept out), more latents.
-# Figures on the corpus's validation split (figures.json) and on shared/corpus (figures_shared.json).
-# Run with `nice -n 10` on a shared machine. OUT defaults to runs/sae-general-res10-6144.
+# The general-English SAEs (issue 15 part 2) on the corpus of `saesteer corpus build`: the default
+# SAE's recipe (BatchTopK, sinks and chat-template specials kept out) with more latents and k 64,
+# at block 10 and at block 18 (after SmolLM2's attention sink has formed, where output features live).
+# One collection pass serves both hook points. Per SAE: figures on the corpus's validation split
+# (figures.json), on shared/corpus (figures_shared.json) and on text outside the corpus's domains
+# (figures_emails.json, figures_python_source.json; scripts/build_ood_text.py), then latent
+# statistics and output scores (what concept search and eval-steering read).
+# Run with `nice -n 10` on a shared machine. BLOCKS defaults to "10 18"; OUT_ROOT to runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HOOK=blocks.10.hook_resid_post
+BLOCKS=${BLOCKS:-10 18}
 D_SAE=${D_SAE:-6144}
+K=${K:-64}
 N_COLLECT=${N_COLLECT:-2000000}
 N_TRAIN=${N_TRAIN:-3000000}
-OUT=${OUT:-runs/sae-general-res10-$D_SAE}
+OUT_ROOT=${OUT_ROOT:-runs}
 CORPUS=${CORPUS:-runs/corpus}
+OOD=${OOD:-runs/ood}
 mkdir -p .cache
 [ -f "$CORPUS/manifest.json" ] || saesteer corpus build --out "$CORPUS"
-[ -f .cache/acts_general_l10_train.safetensors ] || saesteer collect --hook $HOOK --data "$CORPUS" --split train \
-  --n-tokens "$N_COLLECT" --out .cache/acts_general_l10_train.safetensors
-[ -f .cache/acts_general_l10_val.safetensors ] || saesteer collect --hook $HOOK --data "$CORPUS" --split validation \
-  --n-tokens 120000 --out .cache/acts_general_l10_val.safetensors
-saesteer train --hook $HOOK --data "$CORPUS" --acts .cache/acts_general_l10_train.safetensors \
-  --val-acts .cache/acts_general_l10_val.safetensors --architecture batchtopk --d-sae "$D_SAE" --k 32 \
-  --n-tokens "$N_TRAIN" --lr 7e-4 --seed 0 --dtype float16 --out "$OUT"
-saesteer eval "$OUT" --data ../shared/corpus --split validation --n-tokens 120000 --json "$OUT/figures_shared.json"
+[ -f "$OOD/emails.jsonl.gz" ] || python scripts/build_ood_text.py --out "$OOD"
+HOOKS=()
+for b in $BLOCKS; do HOOKS+=(--hook "blocks.$b.hook_resid_post"); done
+# one pass of the model per split collects every hook point (--out is then a folder)
+[ -d .cache/acts_general_val ] || saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split validation \
+  --n-tokens 120000 --out .cache/acts_general_val
+[ -d .cache/acts_general_train ] || saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split train \
+  --n-tokens "$N_COLLECT" --out .cache/acts_general_train
+for b in $BLOCKS; do
+  HOOK=blocks.$b.hook_resid_post
+  OUT=$OUT_ROOT/smollm2-135m-general-res$b-k$K
+  [ -f "$OUT/cfg.json" ] || saesteer train --hook $HOOK --data "$CORPUS" --acts ".cache/acts_general_train/$HOOK.safetensors" \
+    --val-acts ".cache/acts_general_val/$HOOK.safetensors" --architecture batchtopk --d-sae "$D_SAE" --k "$K" \
+    --n-tokens "$N_TRAIN" --lr 7e-4 --seed 0 --dtype float16 --out "$OUT"
+  saesteer eval "$OUT" --data ../shared/corpus --split validation --n-tokens 60000 --json "$OUT/figures_shared.json"
+  for ood in emails python_source; do
+    saesteer eval "$OUT" --data "$OOD/$ood.jsonl.gz" --n-tokens 60000 --json "$OUT/figures_$ood.json"
+  done
+  saesteer stats "$OUT" --data "$CORPUS" --split validation
+  saesteer stats "$OUT" --output-scores
+done

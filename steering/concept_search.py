@@ -166,6 +166,33 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def input_scores(
+    model, tokenizer, saes: Mapping[str, SAE], stats: Mapping[str, LatentStats | None],
+    positive: Sequence[str], negative: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """{sae id: [d_sae] float32}: each latent's input score (module docstring), in typical
+    activations where the SAE has statistics (raw otherwise), -inf for latents that never fired.
+
+    Args:
+        positive, negative: sentences with and without the concept (negative defaults to
+            ``NEUTRAL_SENTENCES``).
+
+    Raises:
+        ValueError: no positive sentence.
+    """
+    if not positive:
+        raise ValueError("input scores need at least one positive sentence")
+    negative = list(negative) or list(NEUTRAL_SENTENCES)
+    pos = max_activations(model, tokenizer, saes, positive)
+    neg = max_activations(model, tokenizer, saes, negative)
+    out = {}
+    for sid in saes:
+        typical = _typical(stats.get(sid))
+        out[sid] = _skip_never_fired(_in_typical_units(pos[sid].mean(0) - neg[sid].mean(0), typical), typical)
+    return out
+
+
+@torch.no_grad()
 def search_concepts(
     model,
     tokenizer,

@@ -12,6 +12,19 @@ families of interventions are swept over strength, each on the same held-out neu
   ``s x`` the mean residual norm at the hook point, added at every position;
 - ``decoder``: the concept latent's decoder direction scaled the same way.
 
+and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 6; each a clamp to
+``s x`` the chosen latent's typical activation):
+
+- ``latent_input``: the top latent by input score (activation contrast of the concept sentences
+  against the contrast set, in typical activations; Arad et al. 2025's "input features");
+- ``latent_output``: among the ``OUTPUT_POOL`` best latents by input score, the one with the
+  highest output score (Arad, Mueller & Belinkov 2025, Sec. 3.2, saved beside the SAE by
+  ``saesteer stats --output-scores``): their selection by effect on the output;
+- ``latent_search``: the top hit of concept search (``steering.concept_search``) given the
+  sentences only, i.e. what the server suggests to a user;
+- ``prompting``: no intervention, a system prompt asking the model to bring the concept in
+  (AxBench's strongest baseline); one strength, 1.
+
 Each generation is scored for
 
 - concept: the all-MiniLM-L6-v2 judge (``steering.eval.judge``): ``similarity = cos(g, c+)`` where c+ is
@@ -25,6 +38,20 @@ Each generation is scored for
   (``exp`` of the mean next-token NLL), with the distinct-bigram ratio beside it because repetitive
   text can have a low perplexity;
 - relevance: cosine similarity of the prompt's and the answer's embeddings.
+
+Perplexity and relevance are always taken against the plain user prompt (for ``prompting`` too: the
+scorer does not see its system prompt).
+
+**AxBench score.** Wu et al. (2025) rate concept, instruction relevance and fluency 0-2 with an LLM
+judge and take the harmonic mean per answer. We have no LLM judge, so each part is in [0, 1]:
+
+- ``concept`` is 1 when the judge finds the concept;
+- ``fluency`` is 1 when the answer's perplexity is within ``fluency_budget`` x the unsteered mean
+  and its distinct-bigram ratio is at least ``FLUENT_DISTINCT_BIGRAMS``;
+- ``relevance`` is its prompt cosine over the unsteered answer's for the same prompt, clipped to [0, 1].
+
+``axbench`` is the mean over answers of the harmonic mean of the three (0 when any is 0). As in
+AxBench, each method is also summarised at its strength of best mean score.
 
 Strength 0 is the unsteered baseline of every family.
 """
@@ -53,12 +80,29 @@ from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, 
 from .concepts import contrast_latents
 
 METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
+"""The default families (``saesteer eval-steering`` without ``--method``)."""
+AXBENCH_METHODS = ("latent_input", "latent_output", "latent_search", "mean_diff", "prompting")
+"""How a latent is chosen, against the two baselines (``saesteer eval-steering --axbench``)."""
+SELECTED = {"latent_input": "input", "latent_output": "output", "latent_search": "search"}
+"""Families that clamp a latent chosen by a rule, and the rule's key in ``SteeringSetup.selected``."""
+ALL_METHODS = METHODS + tuple(SELECTED) + ("prompting",)
 DEFAULT_STRENGTHS = {
     "latent_clamp": (2.0, 4.0, 8.0),
     "latent_add": (2.0, 4.0, 8.0),
     "mean_diff": (0.25, 0.5, 0.75),
     "decoder": (0.25, 0.5, 0.75),
+    "latent_input": (2.0, 4.0, 8.0),
+    "latent_output": (2.0, 4.0, 8.0),
+    "latent_search": (2.0, 4.0, 8.0),
+    "prompting": (1.0,),
 }
+OUTPUT_POOL = 10
+"""``latent_output`` takes the best output score among this many best latents by input score."""
+FLUENT_DISTINCT_BIGRAMS = 0.6
+"""For the AxBench score an answer is fluent only with at least this distinct-bigram ratio (a loop
+that repeats itself can have a low perplexity)."""
+PROMPTING_SYSTEM = "Whatever the user asks, bring {concept} into your answer."
+"""The prompting baseline's system prompt; ``{concept}`` is the concept's name."""
 """Strength grids: latent families in multiples of the latent's typical activation, vector families
 in multiples of the mean residual norm at the hook point. Strength 0 (unsteered) is always added.
 Measured on SmolLM2 block 10 (``docs/steering_eval.md``): vectors degenerate the text beyond about
@@ -180,7 +224,7 @@ class ConceptScorer:
         self.c_pos = F.normalize(e[:n].mean(0), dim=0)
         self.c_neg = F.normalize(e[n:].mean(0), dim=0)
         self.keyword_re = (
-            re.compile(r"\b(" + "|".join(re.escape(k) for k in concept.keywords) + r")", re.IGNORECASE)
+            re.compile(r"\b(" + "|".join(re.escape(k) for k in concept.keywords) + r")(s|es|ed|ing)?\b", re.IGNORECASE)
             if concept.keywords else None
         )
 
@@ -224,19 +268,69 @@ class SteeringSetup:
     mean_diff: torch.Tensor
     decoder: torch.Tensor
     latent_search: list[dict] = field(default_factory=list)
+    selected: dict[str, dict] = field(default_factory=dict)
+    """By selection rule (``"input"``, ``"output"``, ``"search"``): ``latent``, ``typical``,
+    ``input_score``, ``output_score`` (None where not computed)."""
 
 
-def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept) -> SteeringSetup:
-    """Find the concept latent (unless given) and build the steering directions.
+def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, rules: Sequence[str],
+                   output=None) -> dict[str, dict]:
+    """The concept's latent by each selection rule in ``rules`` (module docstring: ``latent_input``,
+    ``latent_output``, ``latent_search``).
+
+    Args:
+        output: the SAE's ``LatentOutput`` (``sae.output_scores.load_latent_output``); needed for ``"output"``.
+
+    Returns:
+        {rule: {"latent", "typical", "input_score", "output_score"}}.
 
     Raises:
-        ValueError: the chosen latent never fired in the statistics (no unit).
+        ValueError: ``"output"`` without output scores; an unknown rule.
+    """
+    from saesteer.steering.concept_search import input_scores, search_concepts
+
+    unknown = set(rules) - set(SELECTED.values())
+    if unknown:
+        raise ValueError(f"unknown selection rules {sorted(unknown)}")
+    if "output" in rules and output is None:
+        raise ValueError("latent_output needs the SAE's output scores: run `saesteer stats SAE --output-scores`")
+    out: dict[str, int] = {}
+    score = None
+    if {"input", "output"} & set(rules):
+        score = input_scores(model, tokenizer, {"sae": sae}, {"sae": stats}, concept.positive, concept.negative)["sae"]
+        pool = score.topk(OUTPUT_POOL).indices.tolist()
+        out["input"] = pool[0]
+        if output is not None:
+            out["output"] = max(pool, key=lambda i: float(output.output_score[i]))
+    if "search" in rules:
+        hits = search_concepts(model, tokenizer, {"sae": sae}, {"sae": stats}, concept.positive, concept.negative, top_k=1)
+        out["search"] = hits[0].latent
+    return {
+        rule: {"latent": int(i), "typical": stats.typical(int(i)),
+               "input_score": None if score is None else float(score[i]),
+               "output_score": None if output is None else float(output.output_score[i])}
+        for rule, i in out.items() if rule in rules
+    }
+
+
+def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
+                  methods: Sequence[str] = METHODS, output=None) -> SteeringSetup:
+    """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
+    and build the steering directions.
+
+    Args:
+        output: the SAE's output scores, for ``latent_output``.
+
+    Raises:
+        ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
+            without output scores.
     """
     search = []
     latent = concept.latent
     if latent is None:
         search = contrast_latents(model, tokenizer, sae, concept.positive, concept.negative, top=5)
         latent = next((r["latent"] for r in search if stats.typical_activation[r["latent"]] > 0), search[0]["latent"])
+    selected = select_latents(model, tokenizer, sae, stats, concept, [SELECTED[m] for m in methods if m in SELECTED], output)
     hook_point = sae.cfg.hook_point
     diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
@@ -247,19 +341,24 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
         mean_diff=F.normalize(diff, dim=0),
         decoder=F.normalize(dec, dim=0),
         latent_search=search,
+        selected=selected,
     )
 
 
 def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook_point: str) -> InterventionPlan:
-    """The plan of one sweep point (an empty plan at strength 0 or for ``"unsteered"``).
+    """The plan of one sweep point: empty at strength 0, for ``"unsteered"``, and for ``"prompting"``
+    (whose change is its system prompt, ``PROMPTING_SYSTEM``).
 
     Raises:
         ValueError: an unknown method.
     """
-    if method == "unsteered" or strength == 0:
+    if method in ("unsteered", "prompting") or strength == 0:
         return InterventionPlan()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
+    if method in SELECTED:
+        sel = setup.selected[SELECTED[method]]
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, sel["latent"], "clamp", typical_to_raw(strength, sel["typical"]), "all")])
     if method in ("latent_clamp", "latent_add"):
         op = "clamp" if method == "latent_clamp" else "add"
         return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), "all")])
@@ -286,25 +385,32 @@ class SweepConfig:
 
 
 def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judge, cfg: SweepConfig | None = None,
-          sae_id: str = "sae", progress: bool = True) -> dict:
+          sae_id: str = "sae", progress: bool = True, output=None) -> dict:
     """Generate and score every (method, strength, prompt) point for one concept.
 
+    Args:
+        output: the SAE's output scores (``sae.output_scores.load_latent_output``), for ``latent_output``.
+
     Returns:
-        A JSON-ready report: ``concept``, ``setup`` (latent, units), ``points`` (one per method and
-        strength: ``concept_rate``, ``concept_margin``, ``keyword_rate``, ``latent_activation``,
-        ``perplexity``, ``distinct_bigrams``, ``relevance``, ``samples``) and ``best`` (per method,
-        the strongest concept rate among fluent points).
+        A JSON-ready report: ``concept``, ``setup`` (latent, units, the selected latents), ``points``
+        (one per method and strength: ``concept_rate``, ``concept_margin``, ``keyword_rate``,
+        ``latent_activation``, ``perplexity``, ``distinct_bigrams``, ``relevance``, ``fluent_rate``,
+        ``axbench``, ``samples``), ``best`` (per method, the strongest concept rate among fluent
+        points) and ``best_axbench`` (per method, the point of best AxBench score).
     """
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
-    setup = setup_concept(model, tokenizer, sae, stats, concept)
+    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
+    system = PROMPTING_SYSTEM.format(concept=concept.name)
+    prompted_ids = [render_prompt(tokenizer, None, [{"role": "system", "content": system}, {"role": "user", "content": p}])
+                    for p in cfg.prompts]
     grid = [("unsteered", 0.0)] + [(m, float(s)) for m in cfg.methods for s in cfg.strengths[m] if s != 0]
     specs, owners = [], []
     for m, s in grid:
         plan = make_plan(m, s, setup, sae_id, hook_point)
-        for j, ids in enumerate(prompt_ids):
+        for j, ids in enumerate(prompted_ids if m == "prompting" else prompt_ids):
             specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan))
             owners.append((m, s, j))
     steerer = Steerer(model, {sae_id: sae})
@@ -317,7 +423,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     eos = tokenizer.eos_token_id
     comp = [[t for t in r.tokens if t != eos] for r in results]
     texts = [r.text for r in results]
-    nll, acts = completion_nll(model, [specs[i].input_ids for i in range(len(specs))], comp, hook_point=hook_point)
+    nll, acts = completion_nll(model, [prompt_ids[j] for _, _, j in owners], comp, hook_point=hook_point)
     lat = torch.tensor([setup.latent], device=sae.device)
     lat_act = [float(sae.encode_latents(a.to(sae.device), lat).max()) if a is not None else 0.0 for a in acts]
     emb = judge.embed(texts)
@@ -325,6 +431,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     kw = scorer.keyword_hits(texts)
     prompt_emb = judge.embed(list(cfg.prompts))
     rel = (emb * prompt_emb[[j for _, _, j in owners]]).sum(-1)
+    parts = axbench_parts(owners, [math.exp(x) for x in nll], [distinct_bigrams(c) for c in comp], sim > cfg.judge_threshold,
+                          rel, cfg.fluency_budget)
     points = []
     for m, s in grid:
         idx = [i for i, (mm, ss, _) in enumerate(owners) if mm == m and ss == s]
@@ -340,6 +448,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
             "perplexity": sum(ppl) / len(ppl) if ppl else math.nan,
             "distinct_bigrams": sum(distinct_bigrams(comp[i]) for i in idx) / len(idx),
             "relevance": float(rel[idx].mean()),
+            "fluent_rate": sum(parts["fluent"][i] for i in idx) / len(idx),
+            "axbench": sum(parts["hm"][i] for i in idx) / len(idx),
             "samples": [{"prompt": cfg.prompts[owners[i][2]], "text": texts[i], "concept_similarity": round(float(sim[i]), 4)}
                         for i in idx],
         })
@@ -350,13 +460,54 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         "concept": asdict(concept),
         "sae": {"id": sae_id, "hook_point": hook_point, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
         "setup": {"latent": setup.latent, "typical_activation": setup.typical, "resid_norm_mean": setup.resid_norm,
-                  "latent_search": setup.latent_search},
+                  "latent_search": setup.latent_search, "selected": setup.selected, "prompting_system": system},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
                    "judge_threshold": cfg.judge_threshold},
         "points": points,
         "best": best_at_fluency(points, cfg.methods, cfg.fluency_budget),
+        "best_axbench": best_axbench(points, cfg.methods),
     }
+
+
+def axbench_parts(owners: Sequence[tuple[str, float, int]], perplexity: Sequence[float], distinct: Sequence[float],
+                  concept_hit: torch.Tensor, relevance: torch.Tensor, fluency_budget: float) -> dict[str, list[float]]:
+    """Per answer, the AxBench parts and their harmonic mean (module docstring).
+
+    Args:
+        owners: (method, strength, prompt index) of each answer; strength 0 marks the unsteered ones.
+        perplexity: each answer's perplexity under the unsteered model (NaN for an empty answer).
+        distinct: each answer's distinct-bigram ratio.
+        concept_hit: [n] bool, the judge found the concept; relevance: [n] float32 prompt cosine.
+
+    Returns:
+        ``{"fluent": [0/1], "relevance": [0..1], "hm": [0..1]}``, one entry per answer.
+    """
+    base = [i for i, (_, s, _) in enumerate(owners) if s == 0]
+    base_ppl = [perplexity[i] for i in base if not math.isnan(perplexity[i])]
+    limit = fluency_budget * (sum(base_ppl) / len(base_ppl)) if base_ppl else math.inf
+    base_rel = {owners[i][2]: float(relevance[i]) for i in base}
+    fluent, rel, hm = [], [], []
+    for i, (_, _, j) in enumerate(owners):
+        f = float(not math.isnan(perplexity[i]) and perplexity[i] <= limit and distinct[i] >= FLUENT_DISTINCT_BIGRAMS)
+        r = min(1.0, max(0.0, float(relevance[i]) / base_rel[j])) if base_rel.get(j, 0.0) > 0 else 0.0
+        c = float(concept_hit[i])
+        fluent.append(f)
+        rel.append(r)
+        hm.append(3.0 / (1.0 / c + 1.0 / f + 1.0 / r) if min(c, f, r) > 0 else 0.0)
+    return {"fluent": fluent, "relevance": rel, "hm": hm}
+
+
+def best_axbench(points: list[dict], methods: Sequence[str]) -> dict:
+    """Per method: the point (the unsteered one included) of highest mean AxBench score, as AxBench
+    picks each method's steering factor."""
+    base = next(p for p in points if p["strength"] == 0)
+    out = {}
+    for m in methods:
+        b = max([base] + [p for p in points if p["method"] == m], key=lambda p: (p.get("axbench", 0.0), p["concept_rate"]))
+        out[m] = {k: b.get(k) for k in ("strength", "axbench", "concept_rate", "keyword_rate", "fluent_rate", "perplexity_ratio",
+                                        "relevance")}
+    return out
 
 
 def best_at_fluency(points: list[dict], methods: Sequence[str], budget: float) -> dict:
@@ -403,23 +554,79 @@ def markdown_report(reports: Sequence[dict]) -> str:
             cells = [cell(r["best"][m]) for m in methods]
             lines.append(f"| {r['concept']['name']} (latent {r['setup']['latent']}) | " + " | ".join(cells) + " |")
         lines.append("")
+        if all("best_axbench" in r for r in reports):
+            lines += axbench_table(reports)
     for r in reports:
         lines += [
             f"### {r['concept']['name']}: latent {r['setup']['latent']} (typical activation {r['setup']['typical_activation']:.3g}), "
             f"residual norm {r['setup']['resid_norm_mean']:.4g} at {r['sae']['hook_point']}",
             "",
-            "| method | strength | concept rate | similarity | margin | keyword rate | latent act | perplexity (x unsteered) | distinct-2 | relevance |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rule, sel in r["setup"].get("selected", {}).items():
+            scores = ", ".join(f"{k} {sel[k]:.3g}" for k in ("input_score", "output_score") if sel.get(k) is not None)
+            lines.append(f"- latent_{rule}: latent {sel['latent']} (typical {sel['typical']:.3g}; {scores})")
+        if r["setup"].get("selected"):
+            lines.append("")
+        lines += [
+            "| method | strength | concept rate | similarity | margin | keyword rate | latent act | perplexity (x unsteered) | distinct-2 | relevance | AxBench |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in r["points"]:
             kw = "-" if p["keyword_rate"] is None else f"{p['keyword_rate']:.2f}"
+            ax = "-" if p.get("axbench") is None else f"{p['axbench']:.3f}"
             lines.append(
                 f"| {p['method']} | {p['strength']:g} | {p['concept_rate']:.2f} | {p['concept_similarity']:.3f} | "
                 f"{p['concept_margin']:+.3f} | {kw} | {p['latent_activation']:.2f} | {p['perplexity']:.2f} "
-                f"({p['perplexity_ratio']:.2f}) | {p['distinct_bigrams']:.2f} | {p['relevance']:.2f} |"
+                f"({p['perplexity_ratio']:.2f}) | {p['distinct_bigrams']:.2f} | {p['relevance']:.2f} | {ax} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def axbench_summary(reports: Sequence[dict], against: str = "mean_diff") -> dict:
+    """Across concepts, per method: the mean AxBench score at each concept's best strength, the mean
+    concept rate within the fluency budget, and on how many concepts it matches or beats ``against``
+    at equal fluency (its best fluent concept rate is above 0 and at least the other's: two zeros
+    are not a match).
+
+    Returns:
+        {method: {"axbench", "concept_rate_fluent", "matches_or_beats", "concepts"}}.
+    """
+    methods = reports[0]["config"]["methods"]
+    out = {}
+    for m in methods:
+        hm = [r["best_axbench"][m]["axbench"] for r in reports]
+        cr = [r["best"][m]["concept_rate"] for r in reports]
+        wins = (sum(0 < r["best"][m]["concept_rate"] >= r["best"][against]["concept_rate"] for r in reports)
+                if against in methods else None)
+        out[m] = {"axbench": sum(hm) / len(hm), "concept_rate_fluent": sum(cr) / len(cr), "matches_or_beats": wins,
+                  "concepts": len(reports)}
+    return out
+
+
+def axbench_table(reports: Sequence[dict]) -> list[str]:
+    """Markdown lines: each concept's AxBench score per method (at its best strength), and the means."""
+    methods = reports[0]["config"]["methods"]
+    lines = [
+        "### AxBench score (harmonic mean of concept, fluency, relevance) at each method's best strength",
+        "",
+        "Each cell: mean score (strength), concept rate, fluent rate.",
+        "",
+        "| concept | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for r in reports:
+        cells = [f"{b['axbench']:.3f} (s={b['strength']:g}), {b['concept_rate']:.2f}, {b['fluent_rate']:.2f}"
+                 for b in (r["best_axbench"][m] for m in methods)]
+        lines.append(f"| {r['concept']['name']} | " + " | ".join(cells) + " |")
+    summ = axbench_summary(reports)
+    lines.append("| **mean** | " + " | ".join(f"**{summ[m]['axbench']:.3f}**" for m in methods) + " |")
+    lines.append("| concept rate within the fluency budget, mean | " + " | ".join(f"{summ[m]['concept_rate_fluent']:.2f}" for m in methods) + " |")
+    if summ[methods[0]]["matches_or_beats"] is not None:
+        lines.append("| concepts where it matches or beats mean_diff at equal fluency | "
+                     + " | ".join(f"{summ[m]['matches_or_beats']} of {summ[m]['concepts']}" for m in methods) + " |")
+    lines.append("")
+    return lines
 
 
 def plot_report(reports: Sequence[dict], path: str | Path) -> Path:

@@ -12,8 +12,8 @@ import torch
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import default_sae_spec
 from saesteer.steering.eval.evaluate import (
-    Concept, ConceptScorer, SweepConfig, completion_nll, distinct_bigrams, load_concepts, make_plan, setup_concept, sweep,
-    write_reports,
+    OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll, distinct_bigrams,
+    load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
 )
 from saesteer.steering.generate import render_prompt
 
@@ -77,6 +77,53 @@ def test_fluency_is_the_models_own_perplexity(lm):
     assert math.isnan(completion_nll(model, prompts[:1], [[]])[0][0])
     assert distinct_bigrams([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5)
     assert distinct_bigrams([1, 2, 3, 4]) == 1.0
+
+
+def test_axbench_score_is_the_harmonic_mean_of_its_parts():
+    # two prompts; unsteered answers (strength 0) set the fluency limit (3 x mean perplexity 2.0 = 6.0)
+    # and each prompt's relevance unit (0.5 and 0.4)
+    owners = [("unsteered", 0.0, 0), ("unsteered", 0.0, 1), ("m", 1.0, 0), ("m", 1.0, 1), ("m", 2.0, 0), ("m", 2.0, 1)]
+    ppl = [2.0, 2.0, 5.0, 3.0, 7.0, 3.0]
+    distinct = [1.0, 1.0, 0.9, 0.9, 0.9, 0.4]
+    hit = torch.tensor([False, False, True, True, True, True])
+    rel = torch.tensor([0.5, 0.4, 0.25, 0.6, 0.5, 0.4])
+    parts = axbench_parts(owners, ppl, distinct, hit, rel, fluency_budget=3.0)
+    assert parts["fluent"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]  # 7.0 > 6.0; distinct-2 0.4 < 0.6
+    assert parts["relevance"] == pytest.approx([1.0, 1.0, 0.5, 1.0, 1.0, 1.0])  # 0.6 / 0.4 clipped to 1
+    assert parts["hm"] == pytest.approx([0.0, 0.0, 3 / (1 + 1 + 2), 1.0, 0.0, 0.0])
+    # a tie at zero is not a match; a win or a tie above zero is
+    reports = [{"config": {"methods": ["a", "mean_diff"]},
+                "best": {"a": {"concept_rate": ca}, "mean_diff": {"concept_rate": cm}},
+                "best_axbench": {"a": {"axbench": 0.5}, "mean_diff": {"axbench": 0.25}}}
+               for ca, cm in ((0.0, 0.0), (0.5, 0.5), (0.75, 0.5), (0.25, 0.5))]
+    summ = axbench_summary(reports)
+    assert summ["a"]["matches_or_beats"] == 2 and summ["mean_diff"]["matches_or_beats"] == 3
+    assert summ["a"]["axbench"] == pytest.approx(0.5) and summ["a"]["concept_rate_fluent"] == pytest.approx(0.375)
+
+
+def test_latents_are_selected_by_their_rules(lm, default_sae):
+    from saesteer.sae.output_scores import load_latent_output
+    from saesteer.steering.concept_search import input_scores, search_concepts
+
+    model, tok = lm
+    stats = load_latent_stats(default_sae_spec())
+    output, _ = load_latent_output(default_sae_spec())
+    sel = select_latents(model, tok, default_sae, stats, CATS, ["input", "output", "search"], output)
+    score = input_scores(model, tok, {"s": default_sae}, {"s": stats}, CATS.positive, CATS.negative)["s"]
+    pool = score.topk(OUTPUT_POOL).indices.tolist()
+    assert sel["input"]["latent"] == int(score.argmax())
+    assert sel["output"]["latent"] in pool
+    assert float(output.output_score[sel["output"]["latent"]]) == max(float(output.output_score[i]) for i in pool)
+    hit = search_concepts(model, tok, {"s": default_sae}, {"s": stats}, CATS.positive, CATS.negative, top_k=1)[0]
+    assert sel["search"]["latent"] == hit.latent
+    setup = setup_concept(model, tok, default_sae, stats, CATS, ("latent_output", "prompting"), output)
+    plan = make_plan("latent_output", 4.0, setup, "s", default_sae.cfg.hook_point)
+    edit = plan.latent_edits[0]
+    assert edit.latent == sel["output"]["latent"] and edit.op == "clamp"
+    assert edit.value == pytest.approx(4.0 * float(stats.typical_activation[edit.latent]))
+    assert not make_plan("prompting", 1.0, setup, "s", default_sae.cfg.hook_point)  # its change is the system prompt
+    with pytest.raises(ValueError, match="output scores"):
+        select_latents(model, tok, default_sae, stats, CATS, ["output"], None)
 
 
 def test_plans_use_meaningful_units(lm, default_sae):
