@@ -14,10 +14,13 @@ Issue 15, part 4. Each latent i of each searched SAE gets two scores:
   norm_f(d_i))[c]`` on the concept tokens C. C is the first token of each word in ``words`` (as
   written, lower-case and capitalised, with and without a leading space); without words, the
   alphabetic tokens of at least 3 letters that occur in the positive sentences but in no negative
-  one, the 8 most frequent.
+  one and are not function words (``FUNCTION_WORDS``), the 8 most frequent.
 
-Ranking: each available score becomes a robust z-score within its SAE, ``(s - median) / (1.4826 *
-MAD)``, and latents are ranked by the sum over the available scores, best first. Latents that never
+Ranking: each available score becomes a robust z-score within its SAE, ``(s - median) /
+max(1.4826 * MAD, std)`` (``robust_z``), and latents are ranked by the sum over the available scores, best first. The output score
+enters as its logarithm: the mass spans orders of magnitude (most latents put about 1e-5 on the
+concept tokens, a few over 0.1), so the raw mass has a MAD near zero and z-scores in the millions
+(measured on the general SAE), which drowned the input score. Latents that never
 fired in the SAE's statistics are skipped (they have no typical activation to suggest a strength
 in). Every result carries a ready-to-send intervention: a clamp to ``SUGGESTED_TYPICAL`` times the
 latent's typical activation (``unit: "typical"``; the useful range on the default SAE is 2-4,
@@ -41,6 +44,18 @@ from saesteer.sae.stats import LatentStats
 
 SUGGESTED_TYPICAL = 4.0
 MAX_DERIVED_TOKENS = 8
+FUNCTION_WORDS = frozenset("""
+about above across after again against along also among and another any are around because been before behind
+being below beneath beside besides between beyond both but can could did does doing down during each either
+every few for from had has have having her here hers herself him himself his how into its itself just like many
+more most much must near neither never nor not now off once one only onto other our ours out outside over own
+per rather same several she should since some such than that the their theirs them themselves then there these
+they this those though through throughout till too toward towards under underneath unless until upon very was
+were what when where whether which while who whom whose why will with within without would yet you your yours
+""".split())
+"""Words never taken as concept tokens when they are derived from sentences (prepositions,
+pronouns, auxiliaries, conjunctions): they occur in any topic's sentences, and their logit-lens mass
+would rank latents that promote "from" or "outside" for any concept."""
 NEUTRAL_SENTENCES = (
     "The meeting was moved to Thursday afternoon.",
     "She opened the window and sat down at the desk.",
@@ -97,7 +112,8 @@ def concept_tokens(tokenizer, words: Sequence[str], positive: Sequence[str] = ()
     counts: Counter = Counter()
     for s in positive:
         for t in tokenizer(s, add_special_tokens=False)["input_ids"]:
-            if t not in neg and re.fullmatch(r"[A-Za-z]{3,}", tokenizer.decode([t]).strip() or ""):
+            word = tokenizer.decode([t]).strip()
+            if t not in neg and re.fullmatch(r"[A-Za-z]{3,}", word or "") and word.lower() not in FUNCTION_WORDS:
                 counts[t] += 1
     ids = [t for t, _ in counts.most_common(MAX_DERIVED_TOKENS)]
     if not ids:
@@ -158,11 +174,17 @@ def _skip_never_fired(score: torch.Tensor, typical: torch.Tensor | None) -> torc
 
 
 def robust_z(x: torch.Tensor) -> torch.Tensor:
-    """``(x - median) / (1.4826 * MAD)`` (MAD: median absolute deviation; 1 where it is 0)."""
+    """``(x - median) / max(1.4826 * MAD, std)`` over the finite entries (MAD: median absolute
+    deviation; 1 where both are 0).
+
+    The standard deviation floors the scale: most latents score about 0 for any one concept, so the
+    MAD alone can be near zero and blow one score's z-values up by orders of magnitude over the
+    other's (measured on the general SAE: input z-scores near 100, output ones in the millions)."""
     x = x.double()
-    med = x.median()
-    mad = (x - med).abs().median() * 1.4826
-    return ((x - med) / (mad if mad > 0 else 1.0)).float()
+    fin = x[torch.isfinite(x)]
+    med = fin.median()
+    scale = max(float((fin - med).abs().median()) * 1.4826, float(fin.std()) if fin.numel() > 1 else 0.0)
+    return ((x - med) / (scale if scale > 0 else 1.0)).float()
 
 
 @torch.no_grad()
@@ -228,7 +250,7 @@ def search_concepts(
     hits: list[ConceptHit] = []
     for sid, sae in saes.items():
         out_score = concept_output_scores(model, sae, tokens)
-        score = robust_z(out_score)
+        score = robust_z(out_score.clamp(min=1e-12).log())
         typical = _typical(stats.get(sid))
         in_score = None
         if positive:
