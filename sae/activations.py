@@ -160,8 +160,12 @@ def collect_activations(
     """Collect up to ``n_tokens`` activations [n, d_in] (``dtype``) at ``hook_point``; for a list of
     hook points, a dict of them from one pass over the text (several SAEs train from one pass).
 
-    Sinks are left out (see the module docstring), judged by the first hook point's norms so that
-    every hook point keeps the same tokens; the result is in corpus order (shuffle when training).
+    Sinks are left out (see the module docstring): a token that is a sink at any of the hook points
+    is left out at all of them, so that every hook point keeps the same tokens. (Judging by the
+    first hook point alone let SmolLM2's later sinks through: at block 10 they have ordinary norms,
+    at block 18 norms up to 25,700 against a median of 200, and 14 such tokens in 120,000 held 68 %
+    of the variance of the block-18 activations collected beside block 10.) The result is in corpus
+    order (shuffle when training).
     """
     names = [hook_point] if isinstance(hook_point, str) else list(hook_point)
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -173,7 +177,9 @@ def collect_activations(
         nonlocal have
         ids = torch.tensor(batch)
         acts = hook_activations(model, names, ids)
-        keep = sink_mask(acts[names[0]], sink_factor) & special_token_mask(ids, tokenizer).to(acts[names[0]].device)
+        keep = special_token_mask(ids, tokenizer).to(acts[names[0]].device)
+        for name in names:
+            keep = keep & sink_mask(acts[name], sink_factor)
         n_new = 0
         for name in names:
             kept = acts[name][keep].to("cpu", dtype)[: n_tokens - have]
