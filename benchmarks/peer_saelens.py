@@ -84,7 +84,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of reaching fo
 import torch  # noqa: E402
 
 from saesteer.sae.io import load_sae  # noqa: E402
-from saesteer.server.config import default_sae_spec  # noqa: E402
+from saesteer.server.config import python_sae_spec  # noqa: E402
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt  # noqa: E402
 from saesteer.steering.hooks import Steerer  # noqa: E402
 from saesteer.sae.lm import load_model  # noqa: E402
@@ -178,7 +178,7 @@ def main() -> int:
     n = a.new_tokens
     t0 = time.perf_counter()
     model, tok = load_model()
-    ours_sae = load_sae(default_sae_spec(), dtype=torch.float32)
+    ours_sae = load_sae(python_sae_spec(), dtype=torch.float32)
     hook = ours_sae.cfg.hook_point
     steerer = Steerer(model, {"s": ours_sae})
     ids = render_prompt(tok, messages=[{"role": "user", "content": PROMPT}])
@@ -191,7 +191,7 @@ def main() -> int:
         for t in tried:
             print(f"  - {t}")
         return 0
-    sl_sae = SAE.load_from_disk(default_sae_spec(), device="cpu", dtype="float32")
+    sl_sae = SAE.load_from_disk(python_sae_spec(), device="cpu", dtype="float32")
     if sl_sae.cfg.metadata.hook_name is None:
         # a cfg.json without sae_lens_version (saved before saesteer recorded it) reads as a pre-6.0
         # config whose metadata is rebuilt from top-level keys only: hook_name is dropped.

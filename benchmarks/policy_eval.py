@@ -39,7 +39,7 @@ from saesteer.sae.lm import load_model, pack_linears
 from saesteer.sae.probes import load_probe
 from saesteer.sae.sources import parse_sae_spec
 from saesteer.sae.stats import load_latent_stats
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.evaluate import completion_nll, distinct_bigrams
 from saesteer.steering.eval.safety import _REGEX, prf
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
@@ -135,7 +135,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model, tok = load_model()
     pack_linears(model)  # as the server runs it
-    spec = default_sae_spec()
+    spec = python_sae_spec()
     sid = parse_sae_spec(spec).id
     sae = load_sae(spec, dtype=torch.float32)
     steer = Steerer(model, {sid: sae})

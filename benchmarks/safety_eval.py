@@ -22,7 +22,7 @@ import torch
 from saesteer.sae.io import load_sae
 from saesteer.sae.lm import load_model
 from saesteer.sae.probes import select_latents, train_probe
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.safety import best_threshold, medical_examples, pii_examples, prf, token_features
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     model, tok = load_model()
-    sae = load_sae(default_sae_spec(), dtype=torch.float32)
+    sae = load_sae(python_sae_spec(), dtype=torch.float32)
     examples = (pii_examples if a.concept == "pii" else medical_examples)(a.n, seed=a.seed)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed)).tolist()
     cut = int(0.7 * len(order))

@@ -20,7 +20,7 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
 from saesteer.sae.lm import load_model
@@ -36,7 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_model()
-    sae = load_sae(default_sae_spec(), dtype=torch.float32)
+    sae = load_sae(python_sae_spec(), dtype=torch.float32)
     fast, full = Steerer(model, {"s": sae}), Steerer(model, {"s": sae}, full=True)
     ids = render_prompt(tok, messages=[{"role": "user", "content": "Tell me something interesting."}])
     n = a.new_tokens

@@ -26,7 +26,7 @@ import torch
 
 from saesteer.sae.io import load_sae
 from saesteer.sae.model import SAE, SAEConfig
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 from saesteer.steering.hooks import Steerer, StepPositions
 from saesteer.sae.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit
@@ -65,7 +65,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_model()
-    default = load_sae(default_sae_spec(), dtype=torch.float32)
+    default = load_sae(python_sae_spec(), dtype=torch.float32)
     from transformers import DynamicCache
 
     def step_timer(batch: int, steerer: Steerer | None, plans):

@@ -15,14 +15,28 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 from .auth import ApiKey
 
 DEFAULT_SAE_DIR = Path(__file__).resolve().parent.parent / "sae" / "pretrained"
-DEFAULT_SAE_NAME = "smollm2-135m-res10-k32"
+DEFAULT_SAE_NAME = "smollm2-135m-general-res10-k64"
+"""The general-English SAE at block 10 (``scripts/train_general_sae.sh``, issue 15)."""
+PYTHON_SAE_NAME = "smollm2-135m-res10-k32"
+"""The first shipped SAE, trained on Python documentation and quotes (``scripts/train_default_sae.sh``):
+the shipped policies' probes read its latents, and its latent 3656 writes Python code."""
+
+
+def pretrained_sae_spec(name: str) -> str:
+    """The folder of an SAE shipped in the package (``sae/pretrained/NAME``)."""
+    import saesteer.sae as pkg
+
+    return str(Path(pkg.__file__).resolve().parent / "pretrained" / name)
 
 
 def default_sae_spec() -> str:
-    """The SAE shipped in the repo (``sae/pretrained/smollm2-135m-res10-k32``)."""
-    import saesteer.sae as pkg
+    """The default SAE: the general-English SAE at block 10 (``sae/pretrained/smollm2-135m-general-res10-k64``)."""
+    return pretrained_sae_spec(DEFAULT_SAE_NAME)
 
-    return str(Path(pkg.__file__).resolve().parent / "pretrained" / DEFAULT_SAE_NAME)
+
+def python_sae_spec() -> str:
+    """The Python-documentation SAE at block 10 (``sae/pretrained/smollm2-135m-res10-k32``)."""
+    return pretrained_sae_spec(PYTHON_SAE_NAME)
 
 
 SHAPES_MODEL_NAME = "shapes-t2i"
@@ -38,8 +52,8 @@ def shapes_model_dir() -> str:
 
 
 def default_saes() -> list[str]:
-    """The ``saes`` setting's default: the shipped SAE alone."""
-    return [default_sae_spec()]
+    """The ``saes`` setting's default: the general-English SAE, then the Python-documentation one."""
+    return [pretrained_sae_spec(n) for n in (DEFAULT_SAE_NAME, PYTHON_SAE_NAME)]
 
 
 class ServerSettings(BaseSettings):
@@ -53,7 +67,8 @@ class ServerSettings(BaseSettings):
     saes: list[str] = Field(
         default_factory=default_saes,
         description="an SAE to attach, [ID=]PATH_OR_REPO[@HOOK_POINT]; repeat the flag for several "
-        "(a path with a comma: give the list as JSON); unset: the shipped smollm2-135m-res10-k32",
+        "(a path with a comma: give the list as JSON); unset: the shipped smollm2-135m-general-res10-k64 and "
+        "smollm2-135m-res10-k32",
     )
     host: str = Field("127.0.0.1", description="address to listen on: 127.0.0.1, 0.0.0.0 or ::")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct (loaded once per session) and the default SAE."""
+"""Shared fixtures: the real SmolLM2-135M-Instruct (loaded once per session) and the shipped Python-documentation SAE
+(smollm2-135m-res10-k32), whose latents the mechanics tests use."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ def lm():
 
 
 @pytest.fixture(scope="session")
-def default_sae():
+def python_sae():
     from saesteer.sae.io import load_sae
-    from saesteer.server.config import default_sae_spec
+    from saesteer.server.config import python_sae_spec
 
-    return load_sae(default_sae_spec(), dtype=torch.float32)
+    return load_sae(python_sae_spec(), dtype=torch.float32)

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from saesteer_client import Client, SaesteerError, add, add_vector, clamp
 
-from saesteer.server.config import DEFAULT_SAE_NAME
+from saesteer.server.config import PYTHON_SAE_NAME
 
 pytestmark = pytest.mark.slow  # a real server process: model load and worker start, ~25 s
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 KEY = "test-key-123"
 MSG = [{"role": "user", "content": "Describe a place you like."}]
 

@@ -12,7 +12,7 @@ import torch
 sae_lens = pytest.importorskip("sae_lens")
 
 from saesteer.sae.io import load_sae, save_sae  # noqa: E402
-from saesteer.server.config import default_sae_spec  # noqa: E402
+from saesteer.server.config import python_sae_spec  # noqa: E402
 
 from .test_model import ARCHS, random_sae  # noqa: E402
 
@@ -36,8 +36,8 @@ def test_saelens_loads_our_checkpoints_with_our_numerics(arch, tmp_path):
 
 
 def test_saelens_reads_the_default_sae_as_a_jumprelu_with_the_same_code():
-    ours = load_sae(default_sae_spec(), dtype=torch.float32)
-    theirs = sae_lens.SAE.load_from_disk(default_sae_spec(), device="cpu", dtype="float32")
+    ours = load_sae(python_sae_spec(), dtype=torch.float32)
+    theirs = sae_lens.SAE.load_from_disk(python_sae_spec(), device="cpu", dtype="float32")
     assert theirs.cfg.metadata.hook_name == "blocks.10.hook_resid_post"
     x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * 6
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from saesteer.sae.activations import hook_activations, sink_mask, token_windows
 from saesteer.sae.evaluate import compute_latent_stats
 from saesteer.sae.stats import latent_record, load_latent_stats, save_latent_stats, search_latents
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -20,14 +20,14 @@ TEXTS = [
 ] * 4
 
 
-def test_stats_match_direct_computation(lm, default_sae, tmp_path):
+def test_stats_match_direct_computation(lm, python_sae, tmp_path):
     model, tok = lm
-    stats = compute_latent_stats(model, tok, default_sae, TEXTS, n_tokens=10_000, context_size=32, batch_size=4,
+    stats = compute_latent_stats(model, tok, python_sae, TEXTS, n_tokens=10_000, context_size=32, batch_size=4,
                                  top_contexts=3, progress=False)
     windows = list(token_windows(TEXTS, tok, 32))
-    acts = hook_activations(model, default_sae.cfg.hook_point, torch.tensor(windows))
+    acts = hook_activations(model, python_sae.cfg.hook_point, torch.tensor(windows))
     x = acts[sink_mask(acts)].float()
-    z = default_sae.encode(x)
+    z = python_sae.encode(x)
     assert stats.n_tokens == x.shape[0]
     fires = (z > 0).float()
     torch.testing.assert_close(stats.frequency, fires.mean(0))
@@ -59,17 +59,17 @@ def test_stats_match_direct_computation(lm, default_sae, tmp_path):
     assert load_latent_stats(tmp_path / "nowhere") is None
 
 
-def test_default_sae_ships_its_statistics(default_sae):
-    stats = load_latent_stats(default_sae_spec())
+def test_default_sae_ships_its_statistics(python_sae):
+    stats = load_latent_stats(python_sae_spec())
     assert stats is not None and stats.n_tokens >= 50_000
-    assert stats.frequency.shape == (default_sae.cfg.d_sae,)
+    assert stats.frequency.shape == (python_sae.cfg.d_sae,)
     # BatchTopK at k 32: the mean L0 on held-out text is the sum of the frequencies
     assert 25 < float(stats.frequency.sum()) < 40
-    assert stats.meta["hook_point"] == default_sae.cfg.hook_point
+    assert stats.meta["hook_point"] == python_sae.cfg.hook_point
 
 
 def test_search_and_show_latents_by_their_contexts():
-    stats = load_latent_stats(default_sae_spec(), contexts=True)
+    stats = load_latent_stats(python_sae_spec(), contexts=True)
     rec = latent_record(stats, 3656)
     assert rec["typical_activation"] == float(stats.typical_activation[3656]) and len(rec["contexts"]) == 5
     found = search_latents(stats, "func", top=5)
@@ -85,7 +85,7 @@ def test_search_and_show_latents_by_their_contexts():
     with pytest.raises(IndexError):
         latent_record(stats, stats.frequency.shape[0])
     with pytest.raises(ValueError, match="no contexts"):
-        search_latents(load_latent_stats(default_sae_spec()), "func")
+        search_latents(load_latent_stats(python_sae_spec()), "func")
 
 
 def test_latents_cli_shows_and_searches_without_a_model(capsys, tmp_path):
@@ -93,10 +93,10 @@ def test_latents_cli_shows_and_searches_without_a_model(capsys, tmp_path):
 
     from saesteer.cli import main
 
-    assert main(["latents", default_sae_spec(), "--show", "3656"]) == 0
+    assert main(["latents", python_sae_spec(), "--show", "3656"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown[0]["latent"] == 3656 and len(shown[0]["contexts"]) == 5
-    assert main(["latents", default_sae_spec(), "--search", "func", "--top", "2"]) == 0
+    assert main(["latents", python_sae_spec(), "--search", "func", "--top", "2"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert main(["latents", str(tmp_path), "--search", "func"]) == 2  # no statistics there: says so
     assert "saesteer stats" in capsys.readouterr().err

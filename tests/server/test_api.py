@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings, default_sae_spec
+from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings, python_sae_spec
 
 from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model, ~20 s per server
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 MSG = [{"role": "user", "content": "Tell me something interesting."}]
 
 
@@ -33,7 +33,7 @@ def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
 
 def settings_for(root, **kw) -> ServerSettings:
     gemma = write_gemma_scope(root)
-    return ServerSettings(saes=[default_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
+    return ServerSettings(saes=[python_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
                           max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000, **kw)
 
 
@@ -75,7 +75,7 @@ def test_latent_lookup(client):
     assert info["contexts"][0]["activation"] == pytest.approx(info["max_activation"], rel=1e-3)
     from saesteer.sae.output_scores import load_latent_output  # shipped with the default SAE
 
-    out, top = load_latent_output(default_sae_spec(), top_tokens=True)
+    out, top = load_latent_output(python_sae_spec(), top_tokens=True)
     assert info["output_score"] == pytest.approx(float(out.output_score[3656])) and info["top_tokens"] == top[3656]
     assert len(info["top_tokens"]) == 10
     for path, status, needle in [
@@ -169,9 +169,9 @@ def test_strength_units_resolve_from_the_saes_statistics(client):
     """``unit: typical`` is value x the latent's typical activation, ``unit: resid_norm`` is the unit
     vector x strength x the mean residual norm, both from the default SAE's latent_stats."""
     from saesteer.sae.stats import load_latent_stats
-    from saesteer.server.config import default_sae_spec
+    from saesteer.server.config import python_sae_spec
 
-    stats = load_latent_stats(default_sae_spec())
+    stats = load_latent_stats(python_sae_spec())
     typical = float(stats.typical_activation[3656])
 
     def tokens(iv):
@@ -268,7 +268,7 @@ def test_sae_memory_budget_loads_on_demand_with_the_same_tokens(client, budget_c
         assert r.json() == client.post("/v1/generate", json=b).json()
 
 
-def test_features_equal_encoding_the_hook_activation_directly(client, lm, default_sae):
+def test_features_equal_encoding_the_hook_activation_directly(client, lm, python_sae):
     """POST /v1/features reads what SAE.encode gives on the hook point's activation, token by token
     (sinks flagged and read as zero), with the completion's tokens after the prompt's."""
     from saesteer.sae.activations import hook_activations, sink_mask
@@ -278,9 +278,9 @@ def test_features_equal_encoding_the_hook_activation_directly(client, lm, defaul
     completion = "Cats purr when they are happy."
     prompt = render_prompt(tok, messages=MSG)
     ids = prompt + tok(completion, add_special_tokens=False)["input_ids"]
-    acts = hook_activations(model, default_sae.cfg.hook_point, torch.tensor([ids]))
+    acts = hook_activations(model, python_sae.cfg.hook_point, torch.tensor([ids]))
     keep = sink_mask(acts)[0]
-    z = default_sae.encode(acts[0]).double()
+    z = python_sae.encode(acts[0]).double()
     z[~keep] = 0
     traced = z.max(0).values.topk(2).indices.tolist() + [3656]  # two that fire here, one that may not
     body = {"messages": MSG, "completion": completion, "sae": SAE, "top_k": 5, "latents": traced}

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
 
 from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 MSG = [{"role": "user", "content": "Describe a place you like."}]
 EDITS = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 4.0, "unit": "typical"},
          {"op": "add", "sae": SAE, "latent": 123, "value": 10.0}]
@@ -91,7 +91,9 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert r.status_code == 200, r.text
         hits = r.json()["latents"]
         assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
-        assert all(h["sae"] == SAE and h["input_score"] is not None and len(h["top_tokens"]) == 10 for h in hits)
+        attached = {s["id"] for s in c.get("/v1/saes").json()["saes"]}
+        assert len(attached) == 2  # the default: the general-English SAE and the Python-documentation one
+        assert all(h["sae"] in attached and h["input_score"] is not None and len(h["top_tokens"]) == 10 for h in hits)
         suggested = hits[0]["suggested"]
         assert suggested["op"] == "clamp" and suggested["unit"] == "typical"
         steered = tokens(c, [suggested])

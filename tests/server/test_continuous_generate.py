@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from pydantic import ValidationError
 
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
 
 from serving import serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 
 
 def body(i: int) -> dict:

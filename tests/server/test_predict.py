@@ -6,12 +6,12 @@ import pytest
 from saesteer_client.schema import GenerateRequest
 
 from saesteer.server.api import GenerateAPI, Prepared, Rejected
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
 from saesteer.sae.sources import parse_sae_spec
 from saesteer.steering.pool import SAEPool
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 pytestmark = pytest.mark.slow  # loads a second copy of the model in a GenerateAPI
 
 

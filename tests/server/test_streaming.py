@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from saesteer.server.config import DEFAULT_SAE_NAME, ServerSettings
+from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
 from saesteer.server.observe import stream_status
 
 from serving import serve
@@ -17,7 +17,7 @@ from serving import serve
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # LitServe workers with the real model
 
-SAE = DEFAULT_SAE_NAME
+SAE = PYTHON_SAE_NAME
 MODEL = "SmolLM2-135M-Instruct"
 MSG = [{"role": "user", "content": "Describe a place you like."}]
 STEER = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 8.0, "unit": "typical"}]

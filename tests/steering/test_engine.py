@@ -19,10 +19,10 @@ def chat(tok, text):
 
 
 @pytest.fixture(scope="module")
-def setup(lm, default_sae):
+def setup(lm, python_sae):
     model, tok = lm
-    sid = default_sae.cfg.hook_point
-    return model, tok, sid, Steerer(model, {sid: default_sae})
+    sid = python_sae.cfg.hook_point
+    return model, tok, sid, Steerer(model, {sid: python_sae})
 
 
 def run_staggered(engine: ContinuousBatch, specs: list[GenerationSpec], join_at: list[int]) -> dict[str, list]:
@@ -97,7 +97,7 @@ def test_stop_strings_are_never_streamed_past(setup):
     assert evs[-1].finish_reason == "stop"
 
 
-def test_once_fired_condition_survives_steps(setup, default_sae):
+def test_once_fired_condition_survives_steps(setup, python_sae):
     """A once_fired condition that fired in the prompt keeps holding at every decode step (each
     step is a steer block of its own; the fired state is carried between them)."""
     import torch
@@ -107,7 +107,7 @@ def test_once_fired_condition_survives_steps(setup, default_sae):
     layer = int(sid.split(".")[1])
     with torch.no_grad():
         x = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1]
-        z = default_sae.encode(x.float())[0, 1:]  # [tokens, d_sae], the sink left out
+        z = python_sae.encode(x.float())[0, 1:]  # [tokens, d_sae], the sink left out
     fires = (z > 0).sum(0)
     latent = int(torch.where(fires == 1, z.max(0).values, torch.zeros(())).argmax())  # fires on one prompt token only
     assert fires[latent] == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saesteer.sae.stats import load_latent_stats
-from saesteer.server.config import default_sae_spec
+from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.evaluate import (
     OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll, distinct_bigrams,
     load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
@@ -101,54 +101,54 @@ def test_axbench_score_is_the_harmonic_mean_of_its_parts():
     assert summ["a"]["axbench"] == pytest.approx(0.5) and summ["a"]["concept_rate_fluent"] == pytest.approx(0.375)
 
 
-def test_latents_are_selected_by_their_rules(lm, default_sae):
+def test_latents_are_selected_by_their_rules(lm, python_sae):
     from saesteer.sae.output_scores import load_latent_output
     from saesteer.steering.concept_search import input_scores, search_concepts
 
     model, tok = lm
-    stats = load_latent_stats(default_sae_spec())
-    output, _ = load_latent_output(default_sae_spec())
-    sel = select_latents(model, tok, default_sae, stats, CATS, ["input", "output", "search"], output)
-    score = input_scores(model, tok, {"s": default_sae}, {"s": stats}, CATS.positive, CATS.negative)["s"]
+    stats = load_latent_stats(python_sae_spec())
+    output, _ = load_latent_output(python_sae_spec())
+    sel = select_latents(model, tok, python_sae, stats, CATS, ["input", "output", "search"], output)
+    score = input_scores(model, tok, {"s": python_sae}, {"s": stats}, CATS.positive, CATS.negative)["s"]
     pool = score.topk(OUTPUT_POOL).indices.tolist()
     assert sel["input"]["latent"] == int(score.argmax())
     assert sel["output"]["latent"] in pool
     assert float(output.output_score[sel["output"]["latent"]]) == max(float(output.output_score[i]) for i in pool)
-    hit = search_concepts(model, tok, {"s": default_sae}, {"s": stats}, CATS.positive, CATS.negative, top_k=1)[0]
+    hit = search_concepts(model, tok, {"s": python_sae}, {"s": stats}, CATS.positive, CATS.negative, top_k=1)[0]
     assert sel["search"]["latent"] == hit.latent
-    setup = setup_concept(model, tok, default_sae, stats, CATS, ("latent_output", "prompting"), output)
-    plan = make_plan("latent_output", 4.0, setup, "s", default_sae.cfg.hook_point)
+    setup = setup_concept(model, tok, python_sae, stats, CATS, ("latent_output", "prompting"), output)
+    plan = make_plan("latent_output", 4.0, setup, "s", python_sae.cfg.hook_point)
     edit = plan.latent_edits[0]
     assert edit.latent == sel["output"]["latent"] and edit.op == "clamp"
     assert edit.value == pytest.approx(4.0 * float(stats.typical_activation[edit.latent]))
-    assert not make_plan("prompting", 1.0, setup, "s", default_sae.cfg.hook_point)  # its change is the system prompt
+    assert not make_plan("prompting", 1.0, setup, "s", python_sae.cfg.hook_point)  # its change is the system prompt
     with pytest.raises(ValueError, match="output scores"):
-        select_latents(model, tok, default_sae, stats, CATS, ["output"], None)
+        select_latents(model, tok, python_sae, stats, CATS, ["output"], None)
 
 
-def test_plans_use_meaningful_units(lm, default_sae):
+def test_plans_use_meaningful_units(lm, python_sae):
     model, tok = lm
-    stats = load_latent_stats(default_sae_spec())
-    setup = setup_concept(model, tok, default_sae, stats, CATS)
+    stats = load_latent_stats(python_sae_spec())
+    setup = setup_concept(model, tok, python_sae, stats, CATS)
     assert setup.typical == pytest.approx(float(stats.typical_activation[setup.latent]))
-    clamp = make_plan("latent_clamp", 3.0, setup, "s", default_sae.cfg.hook_point)
+    clamp = make_plan("latent_clamp", 3.0, setup, "s", python_sae.cfg.hook_point)
     assert clamp.latent_edits[0].value == pytest.approx(3.0 * setup.typical)
-    vec = make_plan("mean_diff", 0.5, setup, "s", default_sae.cfg.hook_point)
+    vec = make_plan("mean_diff", 0.5, setup, "s", python_sae.cfg.hook_point)
     assert float(vec.vector_edits[0].vector.norm()) == pytest.approx(0.5 * stats.resid_norm_mean, rel=1e-5)
-    assert not make_plan("decoder", 0.0, setup, "s", default_sae.cfg.hook_point)
+    assert not make_plan("decoder", 0.0, setup, "s", python_sae.cfg.hook_point)
     with pytest.raises(ValueError, match="unknown method"):
-        make_plan("nope", 1.0, setup, "s", default_sae.cfg.hook_point)
+        make_plan("nope", 1.0, setup, "s", python_sae.cfg.hook_point)
 
 
 @pytest.mark.slow
-def test_sweep_finds_a_strength_where_the_concept_appears(lm, default_sae, judge, tmp_path):
+def test_sweep_finds_a_strength_where_the_concept_appears(lm, python_sae, judge, tmp_path):
     """The notes' known-good steer: a mean-difference vector for cats at block 10 (the default SAE's
     hook), with the benchmark's cat sentences; the useful range is narrow (about 0.5 x the residual norm)."""
     model, tok = lm
-    stats = load_latent_stats(default_sae_spec())
+    stats = load_latent_stats(python_sae_spec())
     cats = next(c for c in load_concepts(BENCH_CONCEPTS) if c.name == "cats")
     cfg = SweepConfig(methods=("mean_diff",), strengths={"mean_diff": (0.45, 0.5, 0.55)}, prompts=NOTES_PROMPTS, max_new_tokens=24)
-    report = sweep(model, tok, default_sae, stats, cats, judge, cfg, progress=False)
+    report = sweep(model, tok, python_sae, stats, cats, judge, cfg, progress=False)
     pts = {p["strength"]: p for p in report["points"]}
     assert set(pts) == {0.0, 0.45, 0.5, 0.55}
     assert pts[0.0]["concept_rate"] < 0.5  # the unsteered answers are not about cats

@@ -37,10 +37,10 @@ def forward(model, ids, steerer=None, plans=None, capture=None):
 
 
 @pytest.fixture(scope="module")
-def setup(lm, default_sae):
+def setup(lm, python_sae):
     model, tok = lm
     sid = "default"
-    return model, tok, sid, default_sae
+    return model, tok, sid, python_sae
 
 
 def fired_latent(sae, acts):

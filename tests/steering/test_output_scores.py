@@ -36,8 +36,8 @@ def lm64(lm):
 
 
 @pytest.fixture(scope="module")
-def small(default_sae):
-    return _subset(default_sae, LATENTS)
+def small(python_sae):
+    return _subset(python_sae, LATENTS)
 
 
 @pytest.fixture(scope="module")

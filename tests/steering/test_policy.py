@@ -29,11 +29,11 @@ CLEAN_CHAT = ["What is the capital of France?", "Write a short sentence about th
 
 
 @pytest.fixture(scope="module")
-def setup(lm, default_sae):
+def setup(lm, python_sae):
     model, tok = lm
     sid = "res10"
-    saes = {sid: default_sae}
-    return model, tok, sid, Steerer(model, saes), {sid: default_sae.cfg}
+    saes = {sid: python_sae}
+    return model, tok, sid, Steerer(model, saes), {sid: python_sae.cfg}
 
 
 def write_policies(tmp_path: Path, *policies: dict, name: str = "policies.json") -> Path:
