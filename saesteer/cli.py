@@ -159,7 +159,8 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     if "latent_output" in methods and output is None:
         print(f"error: latent_output needs output scores; run `saesteer stats {a.sae} --output-scores` first", file=sys.stderr)
         return 2
-    strengths = {m: tuple(a.strengths) if a.strengths else DEFAULT_STRENGTHS[m] for m in methods}
+    # prompting has no strength: one point whatever the grid
+    strengths = {m: tuple(a.strengths) if a.strengths and m != "prompting" else DEFAULT_STRENGTHS[m] for m in methods}
     prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold)
