@@ -7,13 +7,15 @@
 # (figures_emails.json, figures_python_source.json; scripts/build_ood_text.py), then latent
 # statistics and output scores (what concept search and eval-steering read).
 # Run with `nice -n 10` on a shared machine. BLOCKS defaults to "10 18"; OUT_ROOT to runs.
+# The shipped sae/pretrained/smollm2-135m-general-res10-k64 is block 10 of this script's defaults
+# (docs/general_sae.md); block 18 is not shipped yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BLOCKS=${BLOCKS:-10 18}
 D_SAE=${D_SAE:-6144}
 K=${K:-64}
 N_COLLECT=${N_COLLECT:-2000000}
-N_TRAIN=${N_TRAIN:-3000000}
+N_TRAIN=${N_TRAIN:-2500000}
 OUT_ROOT=${OUT_ROOT:-runs}
 CORPUS=${CORPUS:-runs/corpus}
 OOD=${OOD:-runs/ood}
