@@ -14,7 +14,7 @@ import httpx
 import pytest
 from saesteer_client import Client, SaesteerError, add, add_vector, clamp
 
-from saesteer.server.config import PYTHON_SAE_NAME
+from saesteer.server.config import DEFAULT_SAE_NAME, PYTHON_SAE_NAME
 
 pytestmark = pytest.mark.slow  # a real server process: model load and worker start, ~25 s
 
@@ -64,7 +64,8 @@ def test_sdk_lists_and_generates(server_url):
     with Client(server_url, api_key=KEY) as c:
         assert c.health()
         saes = c.saes()
-        assert saes[0].id == SAE and saes[0].d_in == 576
+        # the default: the general-English SAE first, the Python-documentation one beside it
+        assert [s.id for s in saes] == [DEFAULT_SAE_NAME, SAE] and all(s.d_in == 576 for s in saes)
         r = c.generate(messages=MSG, interventions=[add(SAE, 123, 60.0)], max_new_tokens=10, compare=True)
         assert r.unsteered is not None and r.tokens != r.unsteered.tokens
         assert r.usage.completion_tokens == len(r.tokens)
@@ -163,7 +164,7 @@ def test_cli_concept_search_against_the_server(server_url):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = out.stdout.strip().splitlines()
-    assert len(rows) == 3 and all(r.startswith(SAE + "\t") and '"op":"clamp"' in r for r in rows)
+    assert len(rows) == 3 and all(r.split("\t")[0] in (DEFAULT_SAE_NAME, SAE) and '"op":"clamp"' in r for r in rows)
     no_dir = subprocess.run([sys.executable, "-m", "saesteer", "concepts", "save", "--name", "ocean", "--url", server_url,
                              "--api-key", KEY, "--words", "ocean"], capture_output=True, text=True, timeout=120)
     assert no_dir.returncode == 1 and "concepts-dir" in no_dir.stderr  # this server keeps no concepts
