@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import base64
 import io
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 pytest.importorskip("diffusers")
 
-from fastapi.testclient import TestClient
-from litserve.utils import wrap_litserve_start
 from PIL import Image
 
 from saesteer.sae.io import save_sae
-from saesteer.server.app import build_server
 from saesteer.server.config import ServerSettings
+
+from tests.server.serving import error_detail, serve
 
 from .test_groundwork import tiny_pipeline_folder, tiny_sae
 
 pytestmark = pytest.mark.slow  # a LitServe worker
-
-
-@contextmanager
-def serve(settings: ServerSettings):
-    server = build_server(settings)
-    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
-        deadline = time.time() + 300
-        while c.get("/health").status_code != 200:
-            assert time.time() < deadline, "the inference worker did not come up"
-            time.sleep(0.5)
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +65,8 @@ def test_images_of_the_requested_size_and_idle_steering_is_exact(client):
     ({"prompt": "x", "interventions": [{"op": "add_vector", "sae": "te9", "vector": [1.0] * 576}]}, '"vector"', "d_in 32"),
 ])
 def test_bad_image_requests_are_a_422_naming_the_field(client, body, field, reason):
-    import json
-
-    r = client.post("/v1/images", json=body)
-    assert r.status_code == 422
-    detail = json.dumps(r.json()["detail"])
+    status, detail = error_detail(client.post("/v1/images", json=body))
+    assert status == 422
     assert field in detail and reason in detail, detail
 
 
@@ -106,11 +89,8 @@ def test_concept_search_on_an_image_server_contrasts_prompts(client):
     ({"positive": ["a red circle"], "negative": ["a blue circle"], "sae": "nope"}, '"sae"', "unknown SAE"),
 ])
 def test_bad_image_concept_searches_are_a_422_naming_the_field(client, body, field, reason):
-    import json
-
-    r = client.post("/v1/concepts/search", json=body)
-    assert r.status_code == 422
-    detail = json.dumps(r.json()["detail"])
+    status, detail = error_detail(client.post("/v1/concepts/search", json=body))
+    assert status == 422
     assert field in detail and reason in detail, detail
 
 

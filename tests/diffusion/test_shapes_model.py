@@ -92,7 +92,7 @@ def test_served_shapes_model_removes_a_searched_colour_over_http():
 
     from PIL import Image
 
-    from .test_images_api import serve
+    from tests.server.serving import serve
 
     specs = colour_specs("red", 6, seed=21)
     positive = [s.caption for s in specs]

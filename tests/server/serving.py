@@ -3,6 +3,7 @@ FastAPI's TestClient (``shared/litserve.md``, section 7)."""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 
@@ -23,3 +24,10 @@ def serve(settings: ServerSettings, monitor: bool = False, ready: str = "/health
             assert time.time() < deadline, f"the inference workers did not come up: {r.text[:300]}"
             time.sleep(0.5)
         yield c
+
+
+def error_detail(r) -> tuple[int, str]:
+    """``(status, the response's detail as JSON text)`` of a refused request, for checking that it names
+    the field and the reason; fails unless the status is a 4xx."""
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    return r.status_code, json.dumps(r.json()["detail"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 
 from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings, python_sae_spec
 
-from serving import serve
+from serving import error_detail, serve
 
 pytestmark = pytest.mark.slow  # LitServe workers with the real model, ~20 s per server
 
@@ -96,7 +95,7 @@ def test_two_saes_at_two_hook_points_in_one_request(client):
     assert r.status_code == 200, r.text
     assert r.json()["tokens"] != r.json()["unsteered"]["tokens"]
     bad = {"messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 64, "value": 1.0}]}
-    status, detail = _err(client.post("/v1/generate", json=bad))
+    status, detail = error_detail(client.post("/v1/generate", json=bad))
     assert status == 422 and "d_sae 64" in detail
 
 
@@ -119,12 +118,6 @@ def test_raw_prompt_and_stop_string(client):
     assert r.status_code == 200, r.text
     out = r.json()
     assert "." not in out["text"] and out["finish_reason"] == "stop"
-
-
-def _err(r):
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    detail = r.json()["detail"]
-    return r.status_code, json.dumps(detail)
 
 
 @pytest.mark.parametrize("body,field,reason", [
@@ -160,7 +153,7 @@ def _err(r):
      '"mode"', "token"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
-    status, detail = _err(client.post("/v1/generate", json=body))
+    status, detail = error_detail(client.post("/v1/generate", json=body))
     assert status == 422
     assert field in detail and reason in detail, detail
 
@@ -192,10 +185,10 @@ def test_strength_units_resolve_from_the_saes_statistics(client):
 
 def test_non_finite_values_are_refused(client):
     body = '{"messages": [{"role": "user", "content": "hi"}], "interventions": [{"op": "clamp", "sae": "%s", "latent": 1, "value": NaN}]}' % SAE
-    status, detail = _err(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
+    status, detail = error_detail(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
     assert status == 422 and '"value"' in detail and "finite" in detail
     body = '{"messages": [{"role": "user", "content": "hi"}], "interventions": [{"op": "add_vector", "sae": "%s", "vector": [Infinity]}]}' % SAE
-    status, detail = _err(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
+    status, detail = error_detail(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}))
     assert status == 422 and '"vector"' in detail and "finite" in detail
 
 
@@ -220,18 +213,18 @@ def test_oversized_body_is_413(client):
 def test_errors_never_echo_a_huge_input_whole(client):
     huge = "s" * 100_000
     body = {"messages": MSG, "interventions": [{"op": "clamp", "sae": huge, "latent": 1, "value": 1.0}]}
-    status, detail = _err(client.post("/v1/generate", json=body))
+    status, detail = error_detail(client.post("/v1/generate", json=body))
     assert status == 422 and '"sae"' in detail and len(detail) < 2000
     r = client.get(f"/v1/saes/{'q' * 50_000}/latents/1")
     assert r.status_code == 404 and len(r.text) < 2000
     long_hook = {"messages": MSG, "interventions": [{"op": "add_vector", "hook": "h" * 200, "vector": [1.0] * 576}]}
-    status, detail = _err(client.post("/v1/generate", json=long_hook))  # within the schema, refused in the worker
+    status, detail = error_detail(client.post("/v1/generate", json=long_hook))  # within the schema, refused in the worker
     assert status == 422 and '"hook"' in detail and "not available" in detail
 
 
 def test_worker_survives_bad_requests(client):
     for _ in range(3):
-        _err(client.post("/v1/generate", json={"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 10**6, "value": 1}]}))
+        error_detail(client.post("/v1/generate", json={"messages": MSG, "interventions": [{"op": "clamp", "sae": SAE, "latent": 10**6, "value": 1}]}))
     r = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 3})
     assert r.status_code == 200
 
@@ -246,15 +239,15 @@ def test_sae_memory_budget_loads_on_demand_with_the_same_tokens(client, budget_c
         r = budget_client.post("/v1/generate", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["tokens"] == client.post("/v1/generate", json=body).json()["tokens"]
-    status, detail = _err(budget_client.post("/v1/generate", json={
+    status, detail = error_detail(budget_client.post("/v1/generate", json={
         "messages": MSG, "interventions": [{"op": "clamp", "sae": "nope", "latent": 1, "value": 1}]}))
     assert status == 422 and '"sae"' in detail and "unknown SAE" in detail
-    status, detail = _err(budget_client.post("/v1/generate", json={
+    status, detail = error_detail(budget_client.post("/v1/generate", json={
         "messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 64, "value": 1}]}))
     assert status == 422 and "d_sae 64" in detail
     both = {"messages": MSG, "interventions": [{"op": "add", "sae": "gs6", "latent": 3, "value": 40.0},
                                                {"op": "ablate", "sae": SAE, "latent": 10}]}
-    status, detail = _err(budget_client.post("/v1/generate", json=both))
+    status, detail = error_detail(budget_client.post("/v1/generate", json=both))
     assert status == 422 and "sae_memory" in detail and "20.4 MiB" in detail
     assert budget_client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 3}).status_code == 200
     # concurrent requests whose SAEs do not fit together may share a batch: it runs in parts
@@ -307,7 +300,7 @@ def test_features_equal_encoding_the_hook_activation_directly(client, lm, python
     ({"prompt": "hi", "sae": SAE, "completion": "word " * 400}, '"completion"', "exceeds 300"),
 ])
 def test_features_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
-    status, detail = _err(client.post("/v1/features", json=body))
+    status, detail = error_detail(client.post("/v1/features", json=body))
     assert status == 422
     assert field in detail and reason in detail, detail
 
@@ -368,7 +361,7 @@ def test_a_poisoned_request_spoils_no_other(client, sequential_answers, name):
     bodies = GOOD[:3] + [bad] + GOOD[3:]
     with ThreadPoolExecutor(len(bodies)) as ex:
         got = list(ex.map(lambda b: client.post("/v1/generate", json=b), bodies))
-    status, detail = _err(got[3])
+    status, detail = error_detail(got[3])
     assert status == 422 and field in detail, detail
     rest = got[:3] + got[4:]
     for r, want in zip(rest, sequential_answers):
