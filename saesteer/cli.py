@@ -155,7 +155,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
         for c in concepts:
             c.latent = a.latent
     methods = tuple(a.method or (AXBENCH_METHODS if a.axbench else METHODS))
-    output = load_latent_output(a.stats or a.sae)
+    output = load_latent_output(a.stats or a.sae) if "latent_output" in methods else None
     if "latent_output" in methods and output is None:
         print(f"error: latent_output needs output scores; run `saesteer stats {a.sae} --output-scores` first", file=sys.stderr)
         return 2

@@ -14,7 +14,6 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 
 from .auth import ApiKey
 
-DEFAULT_SAE_DIR = Path(__file__).resolve().parent.parent / "sae" / "pretrained"
 DEFAULT_SAE_NAME = "smollm2-135m-general-res10-k64"
 """The general-English SAE at block 10 (``scripts/train_general_sae.sh``, issue 15)."""
 PYTHON_SAE_NAME = "smollm2-135m-res10-k32"
@@ -163,7 +162,7 @@ class ServerSettings(BaseSettings):
         if self.model == SHAPES_MODEL_NAME and not Path(self.model).exists():
             self.model = shapes_model_dir()
             if "saes" not in self.model_fields_set:
-                self.saes = [str(Path(default_sae_spec()).parent / SHAPES_SAE_NAME)]
+                self.saes = [pretrained_sae_spec(SHAPES_SAE_NAME)]
         return self
 
     @model_validator(mode="after")
