@@ -139,9 +139,10 @@ class ModelAPI(ls.LitAPI):
         dev = s.device if s.device != "cpu" else device
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
         if s.pack_linears:
-            from saesteer.sae.lm import pack_linears
+            from saesteer.sae.cpu_kernels import speed_up
 
-            log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
+            info = speed_up(self.model, s.weights)
+            log.info("fused %d blocks, packed %d linear layers (%s weights)", info["fused_blocks"], info["linears"], info["weights"])
             release_free_memory()  # the unpacked weights
         self.saes.set_device(dev)
         if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool

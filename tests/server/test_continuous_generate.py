@@ -24,8 +24,10 @@ def body(i: int) -> dict:
             "interventions": steer, "compare": i == 4}
 
 
-def test_non_streamed_generate_rides_the_continuous_batch(tmp_path):
-    settings = ServerSettings(generate_loop="continuous", features=False, runtime_dir=str(tmp_path / "rt"))
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_non_streamed_generate_rides_the_continuous_batch(tmp_path, weights):
+    """Also with int8 weights (``--weights int8``, issue 14's batch-1 speed): the same contract."""
+    settings = ServerSettings(generate_loop="continuous", features=False, runtime_dir=str(tmp_path / "rt"), weights=weights)
     # readiness comes from the streaming worker's status file
     with serve(settings, monitor=True, ready="/ready") as c:
         alone = [c.post("/v1/generate", json=body(i)).json() for i in range(6)]
@@ -43,3 +45,12 @@ def test_non_streamed_generate_rides_the_continuous_batch(tmp_path):
 def test_continuous_needs_streaming():
     with pytest.raises(ValidationError, match="needs streaming"):
         ServerSettings(generate_loop="continuous", streaming=False)
+
+
+def test_lighter_weights_need_a_packed_float32_cpu_model():
+    assert ServerSettings().weights == "float32"
+    for bad in ({"pack_linears": False}, {"dtype": "bfloat16"}, {"device": "cuda"}):
+        with pytest.raises(ValidationError, match="weights int8 applies to a float32 model on cpu"):
+            ServerSettings(weights="int8", **bad)
+    with pytest.raises(ValidationError, match="weights"):
+        ServerSettings(weights="int4")

@@ -1,0 +1,290 @@
+"""Faster decoding on CPU: lighter weights for the linear layers and fewer, larger operations.
+
+At batch 1 a decode step reads every weight once, so its speed is bounded by memory bandwidth
+(issue 14; ``benchmarks/continuous_batching.py`` measures it). Measured on this project's 2-core
+AMD machines, a stack of SmolLM2's 30 blocks of linear layers (425 MB in float32) takes, per step:
+float32 packed for oneDNN 21.9 ms, bfloat16 packed 11.6 ms, int8 weights 8.7 ms. The rest of a step
+is per-operation overhead (~0.5k small operations), which fusing cuts.
+
+- ``BF16Linear``: the weight rounded to bfloat16 and packed for oneDNN; the input is rounded to
+  bfloat16 on the way in, the product accumulates in float32 and comes back float32.
+- ``Int8Linear``: the weight quantized per output row to int8 (symmetric; bfloat16 scales), the
+  input rounded to bfloat16 (``torch.ops.aten._weight_int8pack_mm``, PyTorch's weight-only int8
+  kernel).
+- ``fuse_projections``: a Llama block's q/k/v projections become one ``qkv`` linear and its
+  gate/up projections one ``gate_up`` linear (the same outputs up to float rounding: one matrix
+  read instead of three or two, and one rotary embedding over queries and keys together); its
+  RMSNorms run as one ``torch.nn.functional.rms_norm`` each.
+
+``speed_up(model, weights)`` applies them (``sae.lm.pack_linears`` for float32). Hook points are
+unchanged: the block, its ``self_attn`` and its ``mlp`` modules stay where they were and return
+what they returned.
+
+The residual stream, the norms, attention, the KV cache and every SAE stay float32; only the
+linear layers' products see rounded inputs, weights and outputs (bfloat16, 8 significant bits). What that costs is measured
+against float32 on real text (``benchmarks/continuous_batching.py`` prints it; tests bound it).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+"""Weight formats of ``speed_up``: float32 (exact up to accumulation order), bfloat16, int8."""
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN ops the packed layers use (CPU builds on x86 do)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class BF16Linear(nn.Module):
+    """A linear layer whose weight is held in bfloat16, packed for oneDNN.
+
+    Args:
+        linear: the float32 layer to replace (its weight is rounded to bfloat16: relative error
+            <= 2**-9 per entry).
+        batch_hint: the number of rows oneDNN packs for (any number works).
+        keep_weight: keep the float32 ``weight`` reachable (an LM head tied to the embeddings,
+            whose weight the embedding layer holds anyway).
+
+    Input [..., in_features] float32 -> output [..., out_features] float32; the input is rounded
+    to bfloat16 for the product, which accumulates in float32 and is rounded to bfloat16 (relative
+    error <= 2**-9) before it comes back as float32. The bias is added in float32.
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 16, keep_weight: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().to(torch.bfloat16)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint), persistent=False)
+        self.bias = linear.bias
+        if keep_weight:
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is quantized per output row to int8.
+
+    Row i's scale is ``max_j |W[i, j]| / 127`` rounded to bfloat16, and ``W[i, j] ~= q[i, j] *
+    scale[i]`` with q = round(W / scale) in [-127, 127]: the error per entry is at most half a
+    step, ``max_j |W[i, j]| / 254``.
+
+    Args:
+        linear: the float32 layer to replace.
+
+    Input [..., in_features] float32 -> output [..., out_features] float32; the input is rounded
+    to bfloat16 for ``torch.ops.aten._weight_int8pack_mm``, whose product comes back rounded to
+    bfloat16. The bias is added in float32.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
+        self.register_buffer("q", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+# -- fusing a Llama block's projections ----------------------------------------------------------
+
+
+def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear layer whose output is the outputs of ``parts`` side by side."""
+    out = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                    device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([p.weight for p in parts]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([p.bias for p in parts]))
+    return out.requires_grad_(False)
+
+
+_rope_memo: tuple = (None, None, None, None)
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) [B, 1, T, hd] for ``x * cos + roll(x, hd / 2) * signed_sin``, the
+    rotate-half RoPE (signed_sin is -sin on the first half, sin on the second). Every block of a
+    forward gets the same (cos, sin) tensors from the model's rotary module: computed once."""
+    global _rope_memo
+    c0, s0, c, ss = _rope_memo
+    if c0 is cos and s0 is sin:
+        return c, ss
+    half = sin.shape[-1] // 2
+    c, ss = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+    _rope_memo = (cos, sin, c, ss)
+    return c, ss
+
+
+def _fused_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    """``LlamaAttention.forward`` (sdpa) with one ``qkv`` projection and one rotary embedding over
+    the queries and keys together. Same arguments and result: (output [B, T, d_model], None)."""
+    B, T, _ = hidden_states.shape
+    hd, nq, nkv = self.head_dim, self._n_q, self._n_kv
+    qkv = self.qkv(hidden_states).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)  # [B, heads, T, hd]
+    qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv:]
+    cos, ssin = _rope_tables(*position_embeddings)
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), ssin)
+    q, k = qk[:, :nq], qk[:, nq:]
+    cache = kwargs.pop("cache", None)
+    if cache is not None:
+        # contiguous: a view of v would keep the whole qkv product alive in the cache
+        k, v = cache.update(k, v.contiguous(), self.layer_idx, kwargs=kwargs)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling,
+                                         is_causal=T > 1 and attention_mask is None, enable_gqa=nq != nkv)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+
+
+def _fused_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
+                         use_cache=False, position_embeddings=None, **kwargs):
+    """``LlamaDecoderLayer.forward`` with its RMSNorms inline (its attention and MLP are still
+    called as modules, so their hooks run)."""
+    norm = self.input_layernorm
+    h = F.rms_norm(hidden_states, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    hidden_states = hidden_states + h
+    norm = self.post_attention_layernorm
+    h = F.rms_norm(hidden_states, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return hidden_states + self.mlp(h)
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaMLP.forward`` with one ``gate_up`` projection."""
+    gate, up = self.gate_up(x).split(self._n_inner, dim=-1)
+    return self.down_proj(F.silu(gate) * up)
+
+
+def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` as one ``F.rms_norm`` (float32 in, float32 out)."""
+    return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap_forward(module: nn.Module, forward, tag: str) -> None:
+    """Give ``module`` a subclass of its class whose ``forward`` is ``forward`` (hooks, attributes
+    and ``isinstance`` checks keep working)."""
+    cls = type(module)
+    key = (cls, tag)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"{tag}{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    module.__class__ = _SUBCLASSES[key]
+
+
+def _llama_fusable(model: nn.Module) -> bool:
+    """Fusion is written for transformers' Llama modules of the 5.x API (the attention and the
+    block get ``cache``), SDPA attention, SiLU MLPs and torch >= 2.5 (``enable_gqa``)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "llama" or model.training or getattr(cfg, "hidden_act", None) != "silu":
+        return False
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or "enable_gqa" not in (F.scaled_dot_product_attention.__doc__ or ""):
+        return False
+    try:
+        from transformers.models.llama import modeling_llama as ml
+    except ImportError:
+        return False
+    return all("cache" in inspect.signature(f).parameters for f in (ml.LlamaAttention.forward, ml.LlamaDecoderLayer.forward))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse each Llama block's q/k/v and gate/up projections and run its RMSNorms as one op each
+    (in place; see the module docstring). Float32 in, float32 out; equal to the unfused model up
+    to float rounding (tested against a float64 reference).
+
+    Returns:
+        The number of blocks fused; 0 (the model unchanged) for other architectures, transformers
+        versions whose Llama modules differ, models in training mode, or a model fused before.
+    """
+    from transformers.models.llama import modeling_llama as ml
+
+    from .lm import decoder_layers
+
+    if not _llama_fusable(model):
+        return 0
+    n = 0
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not ml.LlamaAttention or type(mlp) is not ml.LlamaMLP:
+            continue
+        if not all(type(getattr(attn, p)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj")):
+            continue
+        attn._n_q = attn.q_proj.out_features // attn.head_dim
+        attn._n_kv = attn.k_proj.out_features // attn.head_dim
+        attn.qkv = _concat_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        _swap_forward(attn, _fused_attention_forward, "Fused")
+        mlp._n_inner = mlp.gate_proj.out_features
+        mlp.gate_up = _concat_linear([mlp.gate_proj, mlp.up_proj])
+        del mlp.gate_proj, mlp.up_proj
+        _swap_forward(mlp, _fused_mlp_forward, "Fused")
+        if type(layer) is ml.LlamaDecoderLayer:
+            _swap_forward(layer, _fused_layer_forward, "Fused")
+        n += 1
+    for m in list(model.modules()):
+        if type(m) is ml.LlamaRMSNorm:
+            _swap_forward(m, _rms_norm_forward, "Fused")
+    return n
+
+
+def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batch_hint: int = 16) -> dict:
+    """Make a float32 CPU model decode faster, in place: fuse its projections (``fuse_projections``),
+    then replace its linear layers: packed float32 (``sae.lm.PackedLinear``), ``BF16Linear``, or
+    ``Int8Linear`` (the LM head then ``BF16Linear``: its product is compute-bound in int8 here,
+    and the logits keep more precision).
+
+    Args:
+        model: a transformers causal LM, float32, on CPU.
+        weights: one of ``WEIGHT_FORMATS``.
+        fuse: fuse projections first.
+        batch_hint: rows oneDNN packs for.
+
+    Returns:
+        ``{"fused_blocks": n, "linears": n, "weights": format}``; nothing changes (zeros) where the
+        model is not float32 on CPU or oneDNN is missing.
+
+    Raises:
+        ValueError: an unknown ``weights``.
+    """
+    from .lm import PackedLinear
+
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not onednn_available():
+        return {"fused_blocks": 0, "linears": 0, "weights": "float32"}
+    fused = fuse_projections(model) if fuse else 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child.weight.dtype != torch.float32:
+                continue
+            keep = child is head
+            if weights == "float32":
+                new = PackedLinear(child, batch_hint, keep_weight=keep)
+            elif weights == "bfloat16" or keep:
+                new = BF16Linear(child, batch_hint, keep_weight=keep)
+            else:
+                new = Int8Linear(child)
+            setattr(parent, name, new)
+            n += 1
+    return {"fused_blocks": fused, "linears": n, "weights": weights}
