@@ -4,10 +4,17 @@ At batch 1 a decode step reads every weight once, so its speed is bounded by mem
 (issue 14; ``benchmarks/continuous_batching.py`` measures it). Measured on this project's 2-core
 AMD machines, a stack of SmolLM2's 30 blocks of linear layers (425 MB in float32) takes, per step:
 float32 packed for oneDNN 21.9 ms, bfloat16 packed 11.6 ms, int8 weights 8.7 ms. The rest of a step
-is per-operation overhead (~0.5k small operations), which fusing cuts.
+is per-operation overhead (~0.5k small operations), which fusing cuts. In a whole decode step the
+int8 kernel reads its weights at only ~10 GB/s and needs a bfloat16 copy of every input and output;
+FBGEMM's float16 kernel reads half the float32 bytes at ~20 GB/s with float32 inputs and outputs, and
+decodes fastest (``benchmarks/continuous_batching.py``).
 
 - ``BF16Linear``: the weight rounded to bfloat16 and packed for oneDNN; the input is rounded to
   bfloat16 on the way in, the product accumulates in float32 and comes back float32.
+- ``FP16Linear``: the weight rounded to float16 and packed for FBGEMM
+  (``torch.ops.quantized.linear_dynamic_fp16``); the input stays float32, each weight is widened
+  back to float32 inside the kernel and the product accumulates and returns in float32, so only the
+  weights are rounded (11 significant bits).
 - ``Int8Linear``: the weight quantized per output row to int8 (symmetric; bfloat16 scales), the
   input rounded to bfloat16 (``torch.ops.aten._weight_int8pack_mm``, PyTorch's weight-only int8
   kernel).
@@ -21,7 +28,8 @@ unchanged: the block, its ``self_attn`` and its ``mlp`` modules stay where they 
 what they returned.
 
 The residual stream, the norms, attention, the KV cache and every SAE stay float32; only the
-linear layers' products see rounded inputs, weights and outputs (bfloat16, 8 significant bits). What that costs is measured
+linear layers' products see rounded inputs, weights and outputs (bfloat16, 8 significant bits; with
+float16 only the weights are rounded, to 11 significant bits). What that costs is measured
 against float32 on real text (``benchmarks/continuous_batching.py`` prints it; tests bound it).
 """
 
@@ -33,8 +41,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
-"""Weight formats of ``speed_up``: float32 (exact up to accumulation order), bfloat16, int8."""
+WEIGHT_FORMATS = ("float32", "float16", "bfloat16", "int8")
+"""Weight formats of ``speed_up``: float32 (exact up to accumulation order), float16 (weights only),
+bfloat16, int8."""
 
 
 def onednn_available() -> bool:
@@ -72,6 +81,49 @@ class BF16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class FP16Linear(nn.Module):
+    """A linear layer whose weight is held in float16, packed for FBGEMM.
+
+    Only the weight is rounded (relative error <= 2**-11 per entry; SmolLM2's weights are far inside
+    float16's range, and a weight beyond it is refused): the kernel
+    (``torch.ops.quantized.linear_dynamic_fp16``) widens each weight to float32 in registers and
+    multiplies float32 inputs, accumulating in float32.
+
+    Args:
+        linear: the float32 layer to replace.
+        keep_weight: keep the float32 ``weight`` reachable (an LM head tied to the embeddings).
+
+    Raises:
+        ValueError: this torch build has no FBGEMM float16 kernel (non-x86 builds), or a weight
+            outside float16's range (tried once here, so that a server refuses at start).
+
+    Input [..., in_features] float32 -> output [..., out_features] float32; the bias is added in
+    float32.
+    """
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        if not bool(w.abs().max() < torch.finfo(torch.float16).max):
+            raise ValueError(f"float16 weights: a {self.out_features}x{self.in_features} weight exceeds float16's range; "
+                             "use bfloat16 or float32")
+        try:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)
+            torch.ops.quantized.linear_dynamic_fp16(torch.zeros(1, self.in_features), self.packed)
+        except (RuntimeError, AttributeError, NotImplementedError) as e:
+            raise ValueError(f"float16 weights: this torch build has no FBGEMM float16 kernel ({e}); "
+                             "use bfloat16 or float32") from e
+        self.bias = linear.bias
+        if keep_weight:
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.packed)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is quantized per output row to int8.
 
@@ -81,6 +133,10 @@ class Int8Linear(nn.Module):
 
     Args:
         linear: the float32 layer to replace.
+
+    Raises:
+        ValueError: this torch build's int8 kernel does not take the layer's shape (tried once here,
+            so that a server refuses at start rather than on its first request).
 
     Input [..., in_features] float32 -> output [..., out_features] float32; the input is rounded
     to bfloat16 for ``torch.ops.aten._weight_int8pack_mm``, whose product comes back rounded to
@@ -95,6 +151,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.bias = linear.bias
+        try:
+            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, self.in_features, dtype=torch.bfloat16), self.q, self.scale)
+        except (RuntimeError, AttributeError) as e:
+            raise ValueError(f"int8 weights: this torch build cannot multiply a {self.out_features}x{self.in_features} "
+                             f"int8 weight ({e}); use bfloat16 or float32") from e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -247,9 +308,9 @@ def fuse_projections(model: nn.Module) -> int:
 
 def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batch_hint: int = 16) -> dict:
     """Make a float32 CPU model decode faster, in place: fuse its projections (``fuse_projections``),
-    then replace its linear layers: packed float32 (``sae.lm.PackedLinear``), ``BF16Linear``, or
-    ``Int8Linear`` (the LM head then ``BF16Linear``: its product is compute-bound in int8 here,
-    and the logits keep more precision).
+    then replace its linear layers: packed float32 (``sae.lm.PackedLinear``), ``FP16Linear``,
+    ``BF16Linear``, or ``Int8Linear`` (the LM head then ``BF16Linear``: its product is
+    compute-bound in int8 here, and the logits keep more precision).
 
     Args:
         model: a transformers causal LM, float32, on CPU.
@@ -262,7 +323,8 @@ def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batc
         model is not float32 on CPU or oneDNN is missing.
 
     Raises:
-        ValueError: an unknown ``weights``.
+        ValueError: an unknown ``weights``, or a format this torch build cannot run (float16
+            without FBGEMM, int8 without its kernel).
     """
     from .lm import PackedLinear
 
@@ -281,6 +343,8 @@ def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batc
             keep = child is head
             if weights == "float32":
                 new = PackedLinear(child, batch_hint, keep_weight=keep)
+            elif weights == "float16":
+                new = FP16Linear(child, keep_weight=keep)
             elif weights == "bfloat16" or keep:
                 new = BF16Linear(child, batch_hint, keep_weight=keep)
             else:

@@ -123,11 +123,12 @@ class ServerSettings(BaseSettings):
         "(PyTorch's default MKL kernels read weights at a third of the memory bandwidth here: decoding "
         "~1.7x faster at batch 1, ~1.9x at batch 16, measured), fusing Llama blocks' q/k/v and gate/up "
         "projections (same logits within 1e-5); false: PyTorch's default kernels")
-    weights: Literal["float32", "bfloat16", "int8"] = Field(
+    weights: Literal["float32", "float16", "bfloat16", "int8"] = Field(
         "float32", description="with --pack-linears: the linear layers' weight format. float32: exact; "
-        "bfloat16 and int8 (per-row int8, LM head bfloat16): lighter weights that decode faster at batch 1 "
-        "(measured on SmolLM2, docs/continuous_batching.md: int8 ~1.9x float32, KL 0.004 nats per token "
-        "from the float32 model); the residual stream, attention and SAEs stay float32")
+        "float16 (FBGEMM, weights only, inputs and products float32), bfloat16 and int8 (per-row int8, LM "
+        "head bfloat16): lighter weights that decode faster at batch 1 (measured on SmolLM2, "
+        "docs/continuous_batching.md: float16 is the fastest at KL < 1e-4 nats per token from the float32 "
+        "model, int8 KL 0.004); the residual stream, attention and SAEs stay float32")
     streaming: bool = Field(
         True, description="serve stream: true on POST /v1/generate and the OpenAI-compatible routes "
         "(/v1/chat/completions, /v1/completions, /v1/models) from a continuous-batching worker of its own, "
