@@ -1,4 +1,4 @@
-"""Command line: ``saesteer collect | train | eval | stats | latents | eval-steering | convert | corpus | concepts |
+"""Command line: ``saesteer collect | train | finetune | eval | stats | latents | eval-steering | convert | corpus | concepts |
 policies | serve``."""
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from saesteer.sae.train import calibrate_cli
 
     return calibrate_cli(a)
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from saesteer.sae.finetune import finetune_cli
+
+    return finetune_cli(a)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -260,6 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--max-tokens", type=int, default=None, help="use only the first N activations")
     cb.add_argument("--out", default=None, help="output folder (default: overwrite the SAE folder)")
     cb.set_defaults(fn=cmd_calibrate)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="KL fine-tune a trained SAE on the model's own next-token distribution (less LM loss at the same L0)",
+        description="Fine-tune an SAE end to end: loss = KL(clean || spliced) + mse_coef * NMSE, the model frozen; "
+        "a BatchTopK/JumpReLU threshold is then re-fitted to the SAE's L0 before the fine-tune (sae/finetune.py).",
+    )
+    _add_model_args(ft)
+    ft.add_argument("sae", help="SAE folder")
+    ft.add_argument("--data", default="../shared/corpus", help="text source (its train split; figures on validation)")
+    ft.add_argument("--n-tokens", type=int, default=None, help="next-token predictions to train on (150000)")
+    ft.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
+    ft.add_argument("--mse-coef", type=float, default=None, help="weight of the normalized MSE term (1.0)")
+    ft.add_argument("--batch-size", type=int, default=None, help="windows per step (8)")
+    ft.add_argument("--context-size", type=int, default=None, help="tokens per window (128)")
+    ft.add_argument("--seed", type=int, default=None)
+    ft.add_argument("--val-tokens", type=int, default=120_000, help="validation tokens for the reconstruction figures")
+    ft.add_argument("--ce-tokens", type=int, default=16_384, help="predictions for CE loss recovered (0: no figures)")
+    ft.add_argument("--out", required=True, help="output folder")
+    ft.set_defaults(fn=cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate an SAE: L0, NMSE, explained variance, CE loss recovered, dead latents")
     _add_model_args(e)
