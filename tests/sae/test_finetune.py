@@ -5,6 +5,7 @@ keep their norms, the threshold re-fit restores the L0, and the input SAE is lef
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,21 @@ def test_l0_target_is_the_input_saes_on_the_same_activations(lm, python_sae):
     keep = sink_mask(h) & special_token_mask(torch.tensor(windows), tok)
     assert res.sae.cfg.metadata["kl_finetune"]["threshold_refit"]["target_l0"] == pytest.approx(
         mean_l0(python_sae, h[keep]), abs=0.05)
+
+
+def test_finetune_cli_writes_a_loadable_sae_at_the_input_l0(tmp_path, python_sae):
+    from saesteer.cli import main
+    from saesteer.sae.io import load_sae, read_sae_config
+    from saesteer.server.config import python_sae_spec
+
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "ft"
+    assert main(["finetune", str(python_sae_spec()), "--data", str(data), "--n-tokens", "31", "--batch-size", "2",
+                 "--context-size", "32", "--ce-tokens", "0", "--out", str(out)]) == 0
+    assert read_sae_config(out).dtype == read_sae_config(python_sae_spec()).dtype  # the input's dtype on disk
+    sae = load_sae(out, dtype=torch.float32)
+    meta = sae.cfg.metadata["kl_finetune"]
+    assert meta["steps"] == 1 and meta["from"] == Path(python_sae_spec()).name
+    assert (sae.cfg.d_sae, sae.cfg.hook_point) == (python_sae.cfg.d_sae, python_sae.cfg.hook_point)
+    assert (out / "finetune_log.json").is_file() and not (out / "figures.json").exists()
