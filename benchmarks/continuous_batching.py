@@ -12,12 +12,18 @@ On the real SmolLM2-135M-Instruct (float32) and the default SAE, in-process (no 
 2. Throughput: ``--streams`` concurrent streams of ``--stream-tokens`` tokens through the continuous
    batch (half steered), against one stream alone: the aggregate tokens/s ratio (target >= 6), and
    time to first token p50/p95 under that load.
-3. Decode-step efficiency at batch 1 (plain and steered): tokens/s x weight bytes read per step /
+3. Decode-step efficiency at batch 1 (plain and steered): tokens/s x float32 weight bytes /
    the machine's bandwidth, measured here in the same run, both as copy bandwidth (bytes read +
    written, the issue's definition) and as read bandwidth (what a step that only reads weights can
-   reach); first with
-   PyTorch's default kernels, then with the linear layers packed for oneDNN (``sae.lm.pack_linears``,
-   the server's default), which parts 1 and 2 use too.
+   reach), measured again just before each setup (the host drifts). Side by side, each on its own
+   copy of the model: PyTorch's default kernels; the linear
+   layers packed for oneDNN (``sae.lm.pack_linears``); and ``sae.cpu_kernels.speed_up`` with fused
+   projections in each weight format (float32: the server's default; float16; bfloat16; int8; lighter
+   weights are counted against the float32 bytes, as the issue allows). For each, what the format
+   costs against the float32 model on English text (the repository's README and docs, 2048 tokens):
+   KL divergence per token, top-1 agreement and the change in next-token loss.
+
+Parts 1 and 2 run on ``--weights`` (default float32, fused: what the server runs by default).
 
 Rows ignore EOS so every request runs its full length. Prints one JSON object.
 """
@@ -25,6 +31,7 @@ Rows ignore EOS so every request runs its full length. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -32,6 +39,7 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
+from saesteer.sae.cpu_kernels import WEIGHT_FORMATS, speed_up
 from saesteer.sae.lm import load_model, pack_linears
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.engine import ContinuousBatch
@@ -173,28 +181,71 @@ def batch1_efficiency(model, tok, steerer, plan, n: int, bandwidth: dict, wb: in
     return out
 
 
+def english_ids(tok, n: int = 2048, width: int = 256) -> torch.Tensor:
+    """[n / width, width] token ids of the repository's README and docs (English prose)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = "\n\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    ids = tok(text, return_tensors="pt").input_ids[0, :n]
+    return ids[: len(ids) // width * width].view(-1, width)
+
+
+@torch.no_grad()
+def format_cost(model, ref_logp: torch.Tensor, ids: torch.Tensor) -> dict:
+    """KL(float32 || model) per token, top-1 agreement and next-token loss change on ``ids``."""
+    logp = torch.cat([model(input_ids=row[None]).logits.log_softmax(-1) for row in ids])
+    nll = lambda lp: float(-lp[:, :-1].gather(-1, ids[:, 1:, None]).mean())  # noqa: E731
+    return {"kl_nats_per_token": round(float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()), 5),
+            "top1_agreement": round(float((ref_logp.argmax(-1) == logp.argmax(-1)).float().mean()), 4),
+            "delta_next_token_loss_nats": round(nll(logp) - nll(ref_logp), 5)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--long", type=int, default=256)
     ap.add_argument("--short", type=int, default=16)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=32)
-    ap.add_argument("--batch1-tokens", type=int, default=48)
+    ap.add_argument("--batch1-tokens", type=int, default=96)
+    ap.add_argument("--weights", default="float32", choices=WEIGHT_FORMATS, help="weight format of parts 1 and 2")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_model()
     sae = load_sae(python_sae_spec(), dtype=torch.float32)
     sid = sae.cfg.hook_point
-    steerer = Steerer(model, {sid: sae})
     plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 20.0, "all")])
     report = {"threads": torch.get_num_threads()}
     report["bandwidth_gb_s"] = {"copy": round(copy_bandwidth(), 1), "read": round(read_bandwidth(), 1)}
-    report["batch1_default_kernels"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"])
-    wb = weight_bytes(model)  # what a step reads: the packed copies hold the same number of floats
-    report["packed_linears"] = pack_linears(model, batch_hint=16)  # what the server does (--pack-linears)
-    report["batch1"] = batch1_efficiency(model, tok, steerer, plan, a.batch1_tokens, report["bandwidth_gb_s"], wb)
-    report["batch1"]["speedup_over_default_kernels"] = round(
-        report["batch1"]["plain_tokens_per_s"] / report["batch1_default_kernels"]["plain_tokens_per_s"], 2)
+    wb = weight_bytes(model)  # float32: what the default kernels read per step
+    ids = english_ids(tok)
+    with torch.no_grad():
+        ref_logp = torch.cat([model(input_ids=row[None]).logits.log_softmax(-1) for row in ids])
+    setups = {"default_kernels": lambda m: {}, "packed": lambda m: {"linears": pack_linears(m, batch_hint=16)}}
+    for w in WEIGHT_FORMATS:
+        setups[f"fused_{w}"] = lambda m, w=w: speed_up(m, w)
+    report["batch1"] = {}
+    seen_bw = {"copy": [report["bandwidth_gb_s"]["copy"]], "read": [report["bandwidth_gb_s"]["read"]]}
+    for name, setup in setups.items():
+        m = copy.deepcopy(model)
+        r = {"setup": setup(m)}
+        # the host's memory bandwidth drifts within minutes (measured 31-49 GB/s copy on one day):
+        # each setup is compared with the bandwidth measured just before it
+        bw = {"copy": round(copy_bandwidth(), 1), "read": round(read_bandwidth(), 1)}
+        for kind in bw:
+            seen_bw[kind].append(bw[kind])
+        r["bandwidth_gb_s"] = bw
+        r.update(batch1_efficiency(m, tok, Steerer(m, {sid: sae}), plan, a.batch1_tokens, bw, wb))
+        r["cost_against_float32"] = format_cost(m, ref_logp, ids)
+        report["batch1"][name] = r
+        del m
+    base = report["batch1"]["default_kernels"]["plain_tokens_per_s"]
+    for r in report["batch1"].values():
+        r["speedup_over_default_kernels"] = round(r["plain_tokens_per_s"] / base, 2)
+    report["bandwidth_range_gb_s"] = {k: [min(v), max(v)] for k, v in seen_bw.items()}
+    report["weights"] = a.weights
+    speed_up(model, a.weights)  # what the server does (--weights)
+    steerer = Steerer(model, {sid: sae})
     report["head_of_line"] = head_of_line(model, tok, steerer, plan, a.long, a.short)
     report["throughput"] = throughput(model, tok, steerer, plan, a.streams, a.stream_tokens)
     # a token costs ~2 FLOPs per weight (the embedding lookup aside, the tied LM head included)
