@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .activations import sink_mask, special_token_mask, token_windows
 from .lm import resolve_hook_point
 from .model import SAE
-from .train import _Config, calibrate_threshold, mean_l0
+from .train import _Config, calibrate_threshold, mean_l0, warmup_decay_schedule
 
 
 class FinetuneConfig(_Config):
@@ -148,17 +148,7 @@ def kl_finetune(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     tokens_per_step = cfg.batch_size * (cfg.context_size - 1)
     n_steps = max(1, -(-cfg.n_tokens // tokens_per_step))
-    warm = max(1, int(cfg.warmup_frac * n_steps))
-    decay_start = int((1 - cfg.decay_frac) * n_steps)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if step >= decay_start:
-            return max(0.0, (n_steps - step) / max(1, n_steps - decay_start))
-        return 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_decay_schedule(opt, n_steps, cfg.warmup_frac, cfg.decay_frac)
     hp = resolve_hook_point(model, sae.cfg.hook_point)
     state: dict = {"mode": "clean"}
 

@@ -370,6 +370,23 @@ def _forward(sae: SAE, xs: torch.Tensor, cfg: TrainConfig, log_threshold: torch.
     return z @ sae.W_dec + sae.b_dec, active.any(0), float(active.sum()) / xs.shape[0], sparsity, pre, None
 
 
+def warmup_decay_schedule(opt: torch.optim.Optimizer, n_steps: int, warmup_frac: float, decay_frac: float):
+    """The learning-rate schedule of training and fine-tuning: a linear warm-up over the first
+    ``warmup_frac`` of ``n_steps`` (at least one step), then constant, then a linear decay to zero over
+    the last ``decay_frac``. Returns a ``LambdaLR`` on ``opt`` (multipliers of its lr)."""
+    warm = max(1, int(warmup_frac * n_steps))
+    decay_start = int((1 - decay_frac) * n_steps)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if step >= decay_start:
+            return max(0.0, (n_steps - step) / max(1, n_steps - decay_start))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
 def train_sae(
     acts: torch.Tensor,
     cfg: TrainConfig,
@@ -436,17 +453,7 @@ def train_sae(
         params.append(log_threshold)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
     n_steps = max(1, cfg.n_tokens // cfg.batch_size)
-    warm = max(1, int(cfg.warmup_frac * n_steps))
-    decay_start = int((1 - cfg.decay_frac) * n_steps)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if step >= decay_start:
-            return max(0.0, (n_steps - step) / max(1, n_steps - decay_start))
-        return 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_decay_schedule(opt, n_steps, cfg.warmup_frac, cfg.decay_frac)
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # tokens since each latent last fired
     threshold: float | None = None
     order = torch.randperm(n_data, generator=gen)
