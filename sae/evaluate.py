@@ -202,18 +202,27 @@ def compute_latent_stats(
     )
 
 
+def validation_figures(model, tokenizer, sae: SAE, data, split: str, n_tokens: int, ce_tokens: int) -> dict:
+    """``reconstruction_metrics`` on ``n_tokens`` activations collected from ``data``'s ``split``
+    (sinks and special tokens left out) and ``ce_loss_metrics`` on ``ce_tokens`` predictions of the
+    same text: the figures ``saesteer eval`` prints and ``saesteer finetune`` writes."""
+    from .activations import collect_activations, iter_texts
+
+    acts = collect_activations(model, tokenizer, sae.cfg.hook_point, iter_texts(data, split), n_tokens)
+    figs = reconstruction_metrics(sae, acts)
+    figs.update(ce_loss_metrics(model, tokenizer, sae, iter_texts(data, split), ce_tokens))
+    return figs
+
+
 def eval_cli(a) -> int:
     """``saesteer eval SAE_DIR``: figures on the validation split, printed as JSON."""
     from .lm import load_model
 
-    from .activations import collect_activations, iter_texts
     from .io import load_sae
 
     sae = load_sae(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
-    acts = collect_activations(model, tok, sae.cfg.hook_point, iter_texts(a.data, a.split), a.n_tokens)
-    figs = reconstruction_metrics(sae, acts)
-    figs.update(ce_loss_metrics(model, tok, sae, iter_texts(a.data, a.split), a.ce_tokens))
+    figs = validation_figures(model, tok, sae, a.data, a.split, a.n_tokens, a.ce_tokens)
     text = json.dumps(figs, indent=2)
     print(text)
     if a.json:
