@@ -17,7 +17,8 @@ Per step, on a batch of token windows ``ids`` [B, T]:
    gradients to the SAE's parameters only (the model is frozen);
 3. loss = KL(p || q) per token (nats, mean over the B x (T-1) predictions, q the spliced
    distribution) + ``mse_coef`` x the batch's normalized MSE at the spliced positions (sum of
-   squared errors / sum of squared deviations from the batch mean, in the SAE's scaled space), which
+   squared errors / sum of squared deviations from the batch mean: a ratio, the same in the input's
+   units as in the SAE's scaled space), which
    keeps the reconstruction from drifting while the KL term moves the error out of the directions the
    model reads.
 
@@ -120,7 +121,8 @@ def kl_finetune(
     Args:
         model: the causal LM the SAE was trained on; frozen here (``requires_grad`` off).
         tokenizer: its tokenizer.
-        sae: the trained SAE; not modified.
+        sae: the trained SAE, on the model's device; not modified (its L0 on each batch is the
+            threshold re-fit's target).
         texts: training documents (windows of ``cfg.context_size`` tokens, as collection cuts them).
         cfg: hyper-parameters.
         progress: show a tqdm bar.
@@ -136,9 +138,7 @@ def kl_finetune(
     device = next(model.parameters()).device
     model.requires_grad_(False)
     ft = _float32_copy(sae, device)
-    ref = _float32_copy(sae, device)  # the input SAE's L0 on each batch is the re-fit's target
     refit = cfg.recalibrate and cfg.calibration_tokens > 0 and ft.cfg.architecture in ("batchtopk", "jumprelu")
-    s = ft.cfg.input_scale
     # rows keep the norms they have (unit in the training space; a checkpoint saved with its input
     # scale folded in, as the shipped ones are, has rows of norm 1 / scale)
     row_norms = ft.W_dec.detach().norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -157,15 +157,13 @@ def kl_finetune(
             state["h"] = h.detach()
             return None
         keep = state["keep"]
-        xs = ft.encoder_input(h)  # scaled, centred, [B, T, d_in]
-        pre = xs @ ft.W_enc + ft.b_enc
-        z = torch.relu(pre) * (pre > ft.threshold)
-        rec_s = z @ ft.W_dec + ft.b_dec  # scaled space
-        target = (h * s)[keep]
-        err = (rec_s[keep] - target).pow(2).sum()
+        z = ft.encode(h)  # the architecture's inference rule, [B, T, d_sae]
+        rec = ft.decode(z)
+        target = h[keep]  # NMSE is a ratio: the same in the input's units as in the scaled space
+        err = (rec[keep] - target).pow(2).sum()
         state["nmse"] = err / (target - target.mean(0)).pow(2).sum().clamp(min=1e-12)
         state["l0"] = float((z[keep] > 0).sum(-1).float().mean())
-        return torch.where(keep.unsqueeze(-1), (rec_s / s).to(h.dtype), h)
+        return torch.where(keep.unsqueeze(-1), rec.to(h.dtype), h)
 
     windows = token_windows(texts, tokenizer, cfg.context_size)
     seen: list[tuple[torch.Tensor, int]] = []  # (activations [n, d_in] float16, the input SAE's firings on them)
@@ -177,8 +175,11 @@ def kl_finetune(
         target = sum(f for _, f in seen) / len(acts)
         before = mean_l0(ft, acts)
         theta = calibrate_threshold(ft, acts, target)
-        return {"tokens": int(len(acts)), "target_l0": target, "l0_before": before, "threshold": theta}
+        after = ft.cfg.metadata["threshold_calibration"]["l0_on_calibration_acts"]
+        return {"tokens": int(len(acts)), "target_l0": target, "l0_before": before, "threshold": theta, "l0_after": after}
+
     log: list[dict] = []
+    steps_done = 0
     handle = hp.attach(hook)
     t0 = time.perf_counter()
     bar = tqdm(range(n_steps), desc="kl fine-tune", disable=not progress)
@@ -198,7 +199,7 @@ def kl_finetune(
             if refit:
                 kept = h[state["keep"]]
                 with torch.no_grad():
-                    seen.append((kept.to("cpu", torch.float16), int((ref.encode(kept) > 0).sum())))
+                    seen.append((kept.to("cpu", torch.float16), int((sae.encode(kept) > 0).sum())))
                 n_seen += len(kept)
                 while len(seen) > 1 and n_seen - len(seen[0][0]) >= cfg.calibration_tokens:
                     n_seen -= len(seen.pop(0)[0])
@@ -216,6 +217,7 @@ def kl_finetune(
             with torch.no_grad():
                 ft.W_dec *= row_norms / ft.W_dec.norm(dim=-1, keepdim=True)
             del clean, logits
+            steps_done = step + 1
             if refit and cfg.refit_every and (step + 1) % cfg.refit_every == 0 and step + 1 < n_steps:
                 refits.append({"step": step, **refit_threshold()})
             if step % 5 == 0 or step == n_steps - 1:
@@ -228,13 +230,10 @@ def kl_finetune(
         for p in params:
             p.requires_grad_(False)
     elapsed = time.perf_counter() - t0
-    steps_done = len(log) and log[-1]["step"] + 1
     meta = {**cfg.model_dump(mode="json"), "steps": steps_done, "tokens_seen": steps_done * tokens_per_step,
             "seconds": round(elapsed, 1)}
     if refit and seen:
-        final = refit_threshold()
-        acts = torch.cat([a for a, _ in seen])
-        meta["threshold_refit"] = {**final, "l0_after": mean_l0(ft, acts), "during": refits}
+        meta["threshold_refit"] = {**refit_threshold(), "during": refits}
     ft.cfg.metadata["kl_finetune"] = meta
     return FinetuneResult(sae=ft, log=log, tokens_per_s=steps_done * tokens_per_step / max(elapsed, 1e-9))
 
@@ -246,8 +245,8 @@ def finetune_cli(a) -> int:
     import json
     from pathlib import Path
 
-    from .activations import collect_activations, iter_texts
-    from .evaluate import ce_loss_metrics, reconstruction_metrics
+    from .activations import iter_texts
+    from .evaluate import validation_figures
     from .io import load_sae, read_sae_config, save_sae
     from .lm import load_model
 
@@ -265,9 +264,7 @@ def finetune_cli(a) -> int:
     print(f"fine-tuned at {res.tokens_per_s:.0f} tokens/s; {json.dumps(res.sae.cfg.metadata['kl_finetune'])}")
     if a.ce_tokens:
         written = load_sae(out, dtype=torch.float32)  # what was written, dtype rounding included
-        val = collect_activations(model, tok, written.cfg.hook_point, iter_texts(a.data, "validation"), a.val_tokens)
-        figs = reconstruction_metrics(written, val)
-        figs.update(ce_loss_metrics(model, tok, written, iter_texts(a.data, "validation"), a.ce_tokens))
+        figs = validation_figures(model, tok, written, a.data, "validation", a.val_tokens, a.ce_tokens)
         (out / "figures.json").write_text(json.dumps(figs, indent=2) + "\n")
         print(json.dumps(figs, indent=2))
     return 0

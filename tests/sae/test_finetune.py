@@ -113,3 +113,16 @@ def test_finetune_cli_writes_a_loadable_sae_at_the_input_l0(tmp_path, python_sae
     assert meta["steps"] == 1 and meta["from"] == Path(python_sae_spec()).name
     assert (sae.cfg.d_sae, sae.cfg.hook_point) == (python_sae.cfg.d_sae, python_sae.cfg.hook_point)
     assert (out / "finetune_log.json").is_file() and not (out / "figures.json").exists()
+
+
+def test_the_splice_runs_the_saes_own_rule_a_topk_sae_keeps_k(lm, python_sae):
+    """A TopK SAE (no threshold) is fine-tuned through its own top-k rule: at most k latents a token."""
+    from saesteer.sae.model import SAE, SAEConfig
+
+    model, tok = lm
+    topk = SAE(SAEConfig(**{**python_sae.cfg.to_dict(), "architecture": "topk", "k": 8}))
+    topk.load_state_dict(python_sae.state_dict())
+    cfg = FinetuneConfig(n_tokens=2 * 31, context_size=32, batch_size=2, lr=1e-12)
+    res = kl_finetune(model, tok, topk, [TEXT], cfg, progress=False)
+    assert 0 < res.log[0]["l0"] <= 8, res.log[0]
+    assert "threshold_refit" not in res.sae.cfg.metadata["kl_finetune"]  # no threshold to re-fit
