@@ -142,7 +142,8 @@ class ModelAPI(ls.LitAPI):
             from saesteer.sae.cpu_kernels import speed_up
 
             info = speed_up(self.model, s.weights)
-            log.info("fused %d blocks, packed %d linear layers (%s weights)", info["fused_blocks"], info["linears"], info["weights"])
+            log.info("fused %d blocks, packed %d linear layers (%s weights), %d blocks' decode step in TorchScript",
+                     info["fused_blocks"], info["linears"], info["weights"], info["scripted_blocks"])
             release_free_memory()  # the unpacked weights
         self.saes.set_device(dev)
         if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool

@@ -15,7 +15,7 @@ from saesteer.sae.cpu_kernels import BF16Linear, FP16Linear, Int8Linear, onednn_
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
-from saesteer.steering.plan import InterventionPlan, LatentEdit
+from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN is not available in this torch build")
 
@@ -39,7 +39,7 @@ def chat(tok, text: str) -> list[int]:
 def test_fused_blocks_have_one_qkv_and_one_gate_up_and_keep_their_hook_modules(lm, fused):
     model, _ = lm
     m, info = fused
-    assert info == {"fused_blocks": 30, "linears": 30 * 4 + 1, "weights": "float32"}
+    assert info == {"fused_blocks": 30, "linears": 30 * 4 + 1, "weights": "float32", "scripted_blocks": 30}
     assert not any(type(x) is nn.Linear for x in m.modules())
     block = m.model.layers[10]
     assert block.self_attn.qkv.out_features == 576 + 2 * 192 and block.mlp.gate_up.out_features == 2 * 1536
@@ -100,6 +100,94 @@ def test_fused_model_steers_and_batches_like_the_plain_model(lm, fused, python_s
     assert want[0] != [r.tokens for r in generate(model, tok, specs[:1])][0]  # the edit did steer
 
 
+def test_lean_decode_step_gives_the_models_own_forward_and_runs_the_hooks(lm, fused, python_sae):
+    """The fused model's decode step (``_lean_decode_forward``) against transformers' forward on the
+    same weights and cache: two left-padded rows (the bool-mask path) and one row alone (no mask),
+    with a steering hook at block 10 that must run in both."""
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    from saesteer.steering.generate import left_padded
+    from saesteer.steering.hooks import StepPositions
+
+    _, tok = lm
+    m, _ = fused
+    assert type(m).__name__ == "LeanLlamaForCausalLM"
+    hf = copy.copy(m)
+    hf.__class__ = LlamaForCausalLM  # the same modules, transformers' own forward
+    sid = python_sae.cfg.hook_point
+    plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 20.0, "all")])
+    calls = []
+    handle = m.model.layers[10].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for prompts in (["Tell me about the sea.", "Describe a quiet morning in a small village by the river."],
+                        ["Name a river."]):
+            ids, attn, pos, lens = left_padded([chat(tok, p) for p in prompts], tok.pad_token_id or 0)
+            logits = {}
+            for name, model in (("lean", m), ("hf", hf)):
+                steerer = Steerer(model, {sid: python_sae})
+                cache = DynamicCache(config=model.config)
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=attn, position_ids=pos.clamp(min=0), past_key_values=cache)
+                    step_pos = lens[:, None].clone()
+                    nxt = torch.full((len(prompts), 1), 13, dtype=torch.long)
+                    sp = StepPositions(abs_pos=step_pos, prompt_len=lens)
+                    before = len(calls)
+                    with steerer.steer([plan] * len(prompts), sp):
+                        out = model(input_ids=nxt, attention_mask=torch.cat([attn, attn.new_ones(len(prompts), 1)], 1),
+                                    position_ids=step_pos, past_key_values=cache, use_cache=True)
+                    assert len(calls) == before + 1  # the block's hooks ran
+                logits[name] = out.logits
+                assert out.logits.shape == (len(prompts), 1, m.config.vocab_size)
+                assert cache.get_seq_length() == ids.shape[1] + 1
+            assert rel(logits["lean"], logits["hf"].double()) < 1e-6, prompts
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+def test_scripted_decode_step_equals_the_eager_block_and_yields_to_inner_hooks(lm, weights):
+    """A decode step through the blocks' TorchScript twins (``sae.decode_script``) against the same
+    blocks run eagerly (a hook on every attention module sends them down the eager path): equal
+    logits and KV caches, for two left-padded rows and for one row; steering at block 10 (a hook on
+    the block itself) runs in both."""
+    from saesteer.sae.kv_cache import spare_cache
+    from saesteer.steering.generate import left_padded
+    from saesteer.steering.hooks import StepPositions
+
+    model, tok = lm
+    m = copy.deepcopy(model)
+    assert speed_up(m, weights)["scripted_blocks"] == 30
+    layers = m.model.layers
+    calls = []
+    for layer in layers:  # count the scripted calls
+        script = layer.__dict__["_decode_script"]
+        layer.__dict__["_decode_script"] = lambda *a, script=script: (calls.append(1), script(*a))[1]
+    sid = "blocks.10.hook_resid_post"
+    plan = InterventionPlan(vector_edits=[VectorEdit(sid, torch.linspace(-2, 2, 576), "all")])
+    for prompts in (["Tell me about the sea.", "Describe a quiet morning in a small village by the river."], ["Name a river."]):
+        ids, attn, pos, lens = left_padded([chat(tok, p) for p in prompts], tok.pad_token_id or 0)
+        B = len(prompts)
+        got = {}
+        for path in ("scripted", "eager"):
+            handles = [layer.self_attn.register_forward_hook(lambda *_: None) for layer in layers] if path == "eager" else []
+            cache = spare_cache(m.config)
+            before = len(calls)
+            with torch.no_grad():
+                m(input_ids=ids, attention_mask=attn, position_ids=pos.clamp(min=0), past_key_values=cache)
+                sp = StepPositions(abs_pos=lens[:, None].clone(), prompt_len=lens)
+                with Steerer(m, {}).steer([plan] * B, sp):
+                    logits = m(input_ids=torch.full((B, 1), 13), attention_mask=torch.cat([attn, attn.new_ones(B, 1)], 1),
+                               position_ids=lens[:, None], past_key_values=cache).logits
+            for h in handles:
+                h.remove()
+            assert len(calls) - before == (30 if path == "scripted" else 0)
+            got[path] = (logits, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        assert rel(got["scripted"][0], got["eager"][0].double()) < 1e-6
+        for (ks, vs), (ke, ve) in zip(got["scripted"][1], got["eager"][1]):
+            assert torch.equal(ks, ke) and torch.equal(vs, ve)
+
+
 def test_bf16_linear_is_the_product_of_bf16_rounded_inputs_and_weights():
     torch.manual_seed(0)
     lin = nn.Linear(576, 960, bias=False).requires_grad_(False)
@@ -153,7 +241,7 @@ def test_unknown_weight_format_is_refused_and_other_dtypes_are_left_alone(lm):
     with pytest.raises(ValueError, match="weights must be one of"):
         speed_up(model, "int4")
     tiny = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
-    assert speed_up(tiny, "int8") == {"fused_blocks": 0, "linears": 0, "weights": "float32"}
+    assert speed_up(tiny, "int8") == {"fused_blocks": 0, "linears": 0, "weights": "float32", "scripted_blocks": 0}
     assert type(tiny[0]) is nn.Linear
 
 
