@@ -53,7 +53,11 @@ class SpareLayer(DynamicLayer):
         """Make room for ``key_states``/``value_states`` [B, heads, t, head_dim] (their shape and
         dtype; their values are not read) after the layer's T columns, growing the buffers if
         they are full. Returns the buffers (keys, values) [B, heads, capacity, head_dim] and T: the
-        caller writes columns T..T+t-1 of both and then calls ``commit(t)``."""
+        caller writes columns T..T+t-1 of both and then calls ``commit(t)``.
+
+        Raises:
+            ValueError: the layer holds columns of another batch size, head count or head width
+                (transformers' ``torch.cat`` would refuse them too)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kb, vb = self._bufs["keys"], self._bufs["values"]
@@ -61,6 +65,10 @@ class SpareLayer(DynamicLayer):
         if (kb is None or kb.dim() != 4 or vb is None or vb.dim() != 4 or n + t > kb.shape[2] or n + t > vb.shape[2]
                 or kb.shape[:2] != key_states.shape[:2] or kb.shape[3] != key_states.shape[3]
                 or vb.shape[3] != value_states.shape[3] or kb.dtype != key_states.dtype or vb.dtype != value_states.dtype):
+            if n and (kb.shape[:2] != key_states.shape[:2] or kb.shape[3] != key_states.shape[3]
+                      or vb.shape[:2] != value_states.shape[:2] or vb.shape[3] != value_states.shape[3]):
+                raise ValueError(f"KV cache layer holds [B, heads, T, head_dim] = {tuple(kb.shape[:2])} x {n} x "
+                                 f"{kb.shape[3]}; cannot append {tuple(key_states.shape)}")
             cap = n + t + max(MIN_SPARE, (n + t) // 4)
             self._bufs["keys"], self._bufs["values"] = (self._grown(kb, key_states, n, cap),
                                                         self._grown(vb, value_states, n, cap))

@@ -4,6 +4,7 @@ batch undoes a step; the continuous batch decodes with it the tokens the model's
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -45,6 +46,10 @@ def test_assigning_a_prefix_shortens_and_other_tensors_replace():
     assert layer.get_seq_length() == 7 and layer.keys.data_ptr() == other.data_ptr()
     k, _ = layer.update(torch.ones(1, 2, 1, 3), torch.ones(1, 2, 1, 3))
     assert k.shape == (1, 2, 8, 3) and float(k[0, 0, -1, 0]) == 1 and float(other.sum()) == 0  # copied, not written into
+    for _ in range(MIN_SPARE):  # fill the spare columns: the next append of another batch size must grow
+        layer.update(torch.ones(1, 2, 1, 3), torch.ones(1, 2, 1, 3))
+    with pytest.raises(ValueError, match="cannot append"):  # never broadcast one row's cache into two
+        layer.update(torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))
 
 
 def test_the_continuous_batch_decodes_with_spare_layers_the_tokens_of_the_models_own_cache(lm):
