@@ -338,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--keyword", action="append", default=None, help="a word that marks the concept (repeatable)")
     es.add_argument("--latent", type=int, default=None, help="the concept latent (default: found by contrast)")
     es.add_argument("--axbench", action="store_true", help="the AxBench comparison: latents chosen by input score, by output "
-                    "score and by concept search, against mean-difference vectors and prompting (needs `saesteer stats --output-scores`)")
-    es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder", "latent_input", "latent_output", "latent_search", "prompting"],
+                    "score and by concept search, against mean-difference vectors and prompting (needs `saesteer stats "
+                    "--output-scores`; latents chosen by their measured effect: --method latent_effect)")
+    es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder", "latent_input", "latent_output",
+                                                                              "latent_search", "latent_effect", "prompting"],
                     help="repeatable; default latent_clamp, latent_add, mean_diff, decoder (--axbench: its five)")
     es.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")

@@ -22,6 +22,14 @@ and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 
   ``saesteer stats --output-scores``): their selection by effect on the output;
 - ``latent_search``: the top hit of concept search (``steering.concept_search``) given the
   sentences only, i.e. what the server suggests to a user;
+- ``latent_effect``: among the ``OUTPUT_POOL`` best latents by input score, the one whose clamp
+  measurably brings the concept into chat answers (``effect_scores``): each candidate is clamped at
+  ``EFFECT_STRENGTHS`` typical activations on the ``EFFECT_PROMPTS`` (calibration prompts, none of
+  them a held-out ``NEUTRAL_PROMPTS`` prompt), and scored by the judge's concept similarity of its
+  fluent answers (distinct bigrams >= ``FLUENT_DISTINCT_BIGRAMS``); selection by the effect on the
+  output itself, where Arad et al.'s output score reads the next-token distribution. Not in
+  ``AXBENCH_METHODS`` (``--method latent_effect``): measured on the 12 everyday concepts it did
+  worse than ``latent_input`` (``docs/general_sae.md``);
 - ``prompting``: no intervention, a system prompt asking the model to bring the concept in
   (AxBench's strongest baseline); one strength, 1.
 
@@ -83,7 +91,7 @@ METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
 """The default families (``saesteer eval-steering`` without ``--method``)."""
 AXBENCH_METHODS = ("latent_input", "latent_output", "latent_search", "mean_diff", "prompting")
 """How a latent is chosen, against the two baselines (``saesteer eval-steering --axbench``)."""
-SELECTED = {"latent_input": "input", "latent_output": "output", "latent_search": "search"}
+SELECTED = {"latent_input": "input", "latent_output": "output", "latent_search": "search", "latent_effect": "effect"}
 """Families that clamp a latent chosen by a rule, and the rule's key in ``SteeringSetup.selected``."""
 ALL_METHODS = METHODS + tuple(SELECTED) + ("prompting",)
 DEFAULT_STRENGTHS = {
@@ -94,6 +102,7 @@ DEFAULT_STRENGTHS = {
     "latent_input": (2.0, 4.0, 8.0),
     "latent_output": (2.0, 4.0, 8.0),
     "latent_search": (2.0, 4.0, 8.0),
+    "latent_effect": (2.0, 4.0, 8.0),
     "prompting": (1.0,),
 }
 OUTPUT_POOL = 10
@@ -119,6 +128,20 @@ NEUTRAL_PROMPTS = (
     "What did you learn today?",
 )
 """Held-out neutral chat prompts (none is used to find concept latents or vectors)."""
+
+EFFECT_PROMPTS = (
+    "Tell me something interesting.",
+    "What are you thinking about right now?",
+    "Write two sentences about anything you like.",
+    "What would you do with a free afternoon?",
+    "Tell me about a place you remember.",
+    "Give me a fun fact.",
+)
+"""Calibration prompts of ``latent_effect`` (disjoint from ``NEUTRAL_PROMPTS``)."""
+EFFECT_STRENGTHS = (4.0, 8.0)
+"""Clamp strengths (typical activations) at which ``latent_effect`` tries each candidate."""
+EFFECT_TOKENS = 32
+"""Greedy tokens per calibration answer (as many as the sweep's answers)."""
 
 
 @dataclass
@@ -273,19 +296,68 @@ class SteeringSetup:
     ``input_score``, ``output_score`` (None where not computed)."""
 
 
+def effect_scores(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, candidates: Sequence[int], judge,
+                  prompts: Sequence[str] = EFFECT_PROMPTS, strengths: Sequence[float] = EFFECT_STRENGTHS,
+                  max_new_tokens: int = EFFECT_TOKENS, batch_size: int = 32, judge_threshold: float = 0.4) -> list[float]:
+    """How much clamping each candidate latent brings ``concept`` into chat answers: for every
+    candidate, strength s (typical activations) and prompt, ``max_new_tokens`` greedy tokens with
+    the latent clamped to s x its typical activation at every position. An answer counts when it is
+    fluent (distinct bigrams >= ``FLUENT_DISTINCT_BIGRAMS``) and the judge finds the concept
+    (``cos(answer, c+) > judge_threshold``, as the sweep counts it); a strength scores the fraction
+    of answers that count plus a tenth of the mean similarity of the fluent ones (the tie-break), and
+    a candidate its best strength.
+
+    Args:
+        candidates: latent indices; one that never fired in ``stats`` (no typical activation, no
+            unit) scores -inf.
+        judge: a ``steering.eval.judge.SentenceJudge``.
+
+    Returns:
+        One score per candidate, in order (higher: more of the concept, fluently).
+    """
+    scorer = ConceptScorer(judge, concept)
+    ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in prompts]
+    specs, owners = [], []
+    for c, latent in enumerate(candidates):
+        typical = stats.typical(int(latent))
+        if not typical > 0:
+            continue
+        for s in strengths:
+            plan = InterventionPlan(latent_edits=[LatentEdit("sae", int(latent), "clamp", typical_to_raw(s, typical), "all")])
+            for j, x in enumerate(ids):
+                specs.append(GenerationSpec(input_ids=x, max_new_tokens=max_new_tokens, plan=plan))
+                owners.append((c, s))
+    results = []
+    steerer = Steerer(model, {"sae": sae})
+    for i in range(0, len(specs), batch_size):
+        results.extend(generate(model, tokenizer, specs[i: i + batch_size], steerer))
+    sim = scorer.scores([r.text for r in results])[0] if results else torch.zeros(0)
+    eos = tokenizer.eos_token_id
+    per: dict[tuple[int, float], list[float]] = {}
+    for r, (c, s), v in zip(results, owners, sim.tolist()):
+        fluent = distinct_bigrams([t for t in r.tokens if t != eos]) >= FLUENT_DISTINCT_BIGRAMS
+        per.setdefault((c, s), []).append(float(fluent and v > judge_threshold) + 0.1 * (v if fluent else 0.0))
+    best = [-math.inf] * len(candidates)
+    for (c, _), vals in per.items():
+        best[c] = max(best[c], sum(vals) / len(vals))
+    return best
+
+
 def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, rules: Sequence[str],
-                   output=None) -> dict[str, dict]:
+                   output=None, judge=None) -> dict[str, dict]:
     """The concept's latent by each selection rule in ``rules`` (module docstring: ``latent_input``,
-    ``latent_output``, ``latent_search``).
+    ``latent_output``, ``latent_search``, ``latent_effect``).
 
     Args:
         output: the SAE's ``LatentOutput`` (``sae.output_scores.load_latent_output``); needed for ``"output"``.
+        judge: the ``SentenceJudge``; needed for ``"effect"``.
 
     Returns:
-        {rule: {"latent", "typical", "input_score", "output_score"}}.
+        {rule: {"latent", "typical", "input_score", "output_score"}}; ``"effect"`` adds
+        ``effect_score`` and the pool's ``effect_pool`` ({latent: score}).
 
     Raises:
-        ValueError: ``"output"`` without output scores; an unknown rule.
+        ValueError: ``"output"`` without output scores, ``"effect"`` without a judge; an unknown rule.
     """
     from saesteer.steering.concept_search import input_scores, search_concepts
 
@@ -294,43 +366,55 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
         raise ValueError(f"unknown selection rules {sorted(unknown)}")
     if "output" in rules and output is None:
         raise ValueError("latent_output needs the SAE's output scores: run `saesteer stats SAE --output-scores`")
+    if "effect" in rules and judge is None:
+        raise ValueError("latent_effect needs the judge")
     out: dict[str, int] = {}
     score = None
-    if {"input", "output"} & set(rules):
+    effect: dict[int, float] = {}
+    if {"input", "output", "effect"} & set(rules):
         score = input_scores(model, tokenizer, {"sae": sae}, {"sae": stats}, concept.positive, concept.negative)["sae"]
         pool = score.topk(OUTPUT_POOL).indices.tolist()
         out["input"] = pool[0]
         if output is not None:
             out["output"] = max(pool, key=lambda i: float(output.output_score[i]))
+        if "effect" in rules:
+            effect = dict(zip(pool, effect_scores(model, tokenizer, sae, stats, concept, pool, judge)))
+            out["effect"] = max(pool, key=lambda i: effect[i])
     if "search" in rules:
         hits = search_concepts(model, tokenizer, {"sae": sae}, {"sae": stats}, concept.positive, concept.negative, top_k=1)
         out["search"] = hits[0].latent
-    return {
+    sel = {
         rule: {"latent": int(i), "typical": stats.typical(int(i)),
                "input_score": None if score is None else float(score[i]),
                "output_score": None if output is None else float(output.output_score[i])}
         for rule, i in out.items() if rule in rules
     }
+    if "effect" in sel:
+        sel["effect"]["effect_score"] = effect[out["effect"]]
+        sel["effect"]["effect_pool"] = {int(i): round(v, 4) for i, v in effect.items()}
+    return sel
 
 
 def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
-                  methods: Sequence[str] = METHODS, output=None) -> SteeringSetup:
+                  methods: Sequence[str] = METHODS, output=None, judge=None) -> SteeringSetup:
     """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
     and build the steering directions.
 
     Args:
         output: the SAE's output scores, for ``latent_output``.
+        judge: the ``SentenceJudge``, for ``latent_effect``.
 
     Raises:
         ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
-            without output scores.
+            without output scores; ``latent_effect`` without a judge.
     """
     search = []
     latent = concept.latent
     if latent is None:
         search = contrast_latents(model, tokenizer, sae, concept.positive, concept.negative, top=5)
         latent = next((r["latent"] for r in search if stats.typical_activation[r["latent"]] > 0), search[0]["latent"])
-    selected = select_latents(model, tokenizer, sae, stats, concept, [SELECTED[m] for m in methods if m in SELECTED], output)
+    selected = select_latents(model, tokenizer, sae, stats, concept, [SELECTED[m] for m in methods if m in SELECTED], output,
+                              judge)
     hook_point = sae.cfg.hook_point
     diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
@@ -400,7 +484,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     """
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
-    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output)
+    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     system = PROMPTING_SYSTEM.format(concept=concept.name)

@@ -12,8 +12,8 @@ import torch
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.evaluate import (
-    OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll, distinct_bigrams,
-    load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
+    FLUENT_DISTINCT_BIGRAMS, OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll,
+    distinct_bigrams, effect_scores, load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
 )
 from saesteer.steering.generate import render_prompt
 
@@ -124,6 +124,47 @@ def test_latents_are_selected_by_their_rules(lm, python_sae):
     assert not make_plan("prompting", 1.0, setup, "s", python_sae.cfg.hook_point)  # its change is the system prompt
     with pytest.raises(ValueError, match="output scores"):
         select_latents(model, tok, python_sae, stats, CATS, ["output"], None)
+
+
+def test_effect_score_is_the_judged_concept_of_fluent_steered_answers(lm, python_sae, judge):
+    """``effect_scores`` against a direct computation: each candidate clamped at each strength on
+    each prompt, generated one answer at a time, judged; a never-fired latent scores -inf. The
+    ``latent_effect`` rule takes the pool's best effect score."""
+    from saesteer.steering.generate import GenerationSpec, generate
+    from saesteer.steering.hooks import Steerer
+    from saesteer.steering.plan import InterventionPlan, LatentEdit, typical_to_raw
+
+    model, tok = lm
+    stats = load_latent_stats(python_sae_spec())
+    fired = [int(i) for i in torch.nonzero(stats.typical_activation > 0).flatten()[:2]]
+    dead = next((i for i in range(python_sae.cfg.d_sae) if not stats.typical_activation[i] > 0), None)
+    cands = fired + ([dead] if dead is not None else [])
+    prompts, strengths = ("Tell me something interesting.", "Write one short sentence."), (4.0, 8.0)
+    got = effect_scores(model, tok, python_sae, stats, CATS, cands, judge, prompts=prompts, strengths=strengths,
+                        max_new_tokens=8, batch_size=3)
+    scorer = ConceptScorer(judge, CATS)
+    steerer = Steerer(model, {"sae": python_sae})
+    for c, latent in enumerate(fired):
+        per_strength = []
+        for st in strengths:
+            vals = []
+            for p in prompts:
+                plan = InterventionPlan(latent_edits=[LatentEdit("sae", latent, "clamp", typical_to_raw(st, stats.typical(latent)), "all")])
+                r = generate(model, tok, [GenerationSpec(render_prompt(tok, None, [{"role": "user", "content": p}]), max_new_tokens=8,
+                                                         plan=plan)], steerer)[0]
+                fluent = distinct_bigrams([t for t in r.tokens if t != tok.eos_token_id]) >= FLUENT_DISTINCT_BIGRAMS
+                sim = float(scorer.scores([r.text])[0][0])
+                vals.append(float(fluent and sim > 0.4) + 0.1 * (sim if fluent else 0.0))
+            per_strength.append(sum(vals) / len(vals))
+        assert got[c] == pytest.approx(max(per_strength), abs=1e-5)
+    if dead is not None:
+        assert got[-1] == -math.inf
+    sel = select_latents(model, tok, python_sae, stats, CATS, ["effect"], judge=judge)["effect"]
+    assert len(sel["effect_pool"]) == OUTPUT_POOL and sel["latent"] in sel["effect_pool"]
+    assert sel["effect_pool"][sel["latent"]] == max(sel["effect_pool"].values())
+    assert sel["effect_score"] == pytest.approx(sel["effect_pool"][sel["latent"]], abs=1e-4)
+    with pytest.raises(ValueError, match="judge"):
+        select_latents(model, tok, python_sae, stats, CATS, ["effect"])
 
 
 def test_plans_use_meaningful_units(lm, python_sae):
