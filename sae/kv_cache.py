@@ -61,14 +61,15 @@ class SpareLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kb, vb = self._bufs["keys"], self._bufs["values"]
-        n, t = (self._len if kb is not None and kb.dim() == 4 else 0), key_states.shape[-2]
-        if (kb is None or kb.dim() != 4 or vb is None or vb.dim() != 4 or n + t > kb.shape[2] or n + t > vb.shape[2]
-                or kb.shape[:2] != key_states.shape[:2] or kb.shape[3] != key_states.shape[3]
-                or vb.shape[3] != value_states.shape[3] or kb.dtype != key_states.dtype or vb.dtype != value_states.dtype):
-            if n and (kb.shape[:2] != key_states.shape[:2] or kb.shape[3] != key_states.shape[3]
-                      or vb.shape[:2] != value_states.shape[:2] or vb.shape[3] != value_states.shape[3]):
-                raise ValueError(f"KV cache layer holds [B, heads, T, head_dim] = {tuple(kb.shape[:2])} x {n} x "
-                                 f"{kb.shape[3]}; cannot append {tuple(key_states.shape)}")
+        held = kb is not None and vb is not None and kb.dim() == 4 and vb.dim() == 4
+        n, t = (self._len if held else 0), key_states.shape[-2]
+        same_shape = held and all(b.shape[:2] == x.shape[:2] and b.shape[3] == x.shape[3]
+                                  for b, x in ((kb, key_states), (vb, value_states)))
+        if n and not same_shape:
+            raise ValueError(f"KV cache layer holds [B, heads, T, head_dim] = {tuple(kb.shape[:2])} x {n} x "
+                             f"{kb.shape[3]}; cannot append {tuple(key_states.shape)}")
+        if (not same_shape or n + t > min(kb.shape[2], vb.shape[2])
+                or kb.dtype != key_states.dtype or vb.dtype != value_states.dtype):
             cap = n + t + max(MIN_SPARE, (n + t) // 4)
             self._bufs["keys"], self._bufs["values"] = (self._grown(kb, key_states, n, cap),
                                                         self._grown(vb, value_states, n, cap))
