@@ -52,6 +52,24 @@ PROMPTS = ["Tell me a long story about a lighthouse keeper.", "Explain how river
            "Describe a busy market in the morning.", "Write about the history of bridges."]
 
 
+class CopyMeter:
+    """Copy bandwidth (bytes read + written, GB/s) between two preallocated filled tensors, best of
+    ``reps`` copies: the buffers are allocated once, so a measurement costs no page faults and can
+    be taken between decode chunks."""
+
+    def __init__(self, mb: int = 256):
+        self.a = torch.rand(mb * (1 << 20) // 4)
+        self.b = torch.zeros_like(self.a)
+
+    def __call__(self, reps: int = 3) -> float:
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            self.b.copy_(self.a)
+            best = max(best, 2 * self.a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        return best
+
+
 def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
     """GB/s of a large tensor copy (bytes read + written), best of ``reps``.
 
@@ -59,14 +77,7 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
     to the kernel's one zero page, which reads from cache. Measured side by side here (2 cores, with
     another job running): a copy from an untouched tensor 32.9 GB/s, from a filled one 26.6; a sum
     over an untouched tensor 67.4 GB/s, over a filled one 30.8."""
-    a = torch.rand(mb * (1 << 20) // 4)
-    b = torch.zeros_like(a)
-    best = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
+    return CopyMeter(mb)(reps)
 
 
 def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
@@ -158,24 +169,6 @@ def throughput(model, tok, steerer, plan, streams: int, n: int) -> dict:
     q = statistics.quantiles(ttft, n=20)
     return {"one_stream_tokens_per_s": round(one, 1), f"{streams}_streams_tokens_per_s": round(many, 1),
             "ratio": round(many / one, 2), "ttft_p50_s": round(statistics.median(ttft), 2), "ttft_p95_s": round(q[18], 2)}
-
-
-class CopyMeter:
-    """Copy bandwidth (bytes read + written, GB/s) between two preallocated filled tensors, best of
-    ``reps`` copies: the buffers are allocated once, so a measurement costs no page faults and can
-    be taken between decode chunks."""
-
-    def __init__(self, mb: int = 256):
-        self.a = torch.rand(mb * (1 << 20) // 4)
-        self.b = torch.zeros_like(self.a)
-
-    def __call__(self, reps: int = 3) -> float:
-        best = 0.0
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            self.b.copy_(self.a)
-            best = max(best, 2 * self.a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-        return best
 
 
 def batch1_efficiency(model, tok, steerer, plan, n: int, bandwidth: dict, wb: int | None = None,
