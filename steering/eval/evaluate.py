@@ -25,8 +25,9 @@ and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 
 - ``latent_effect``: among the ``OUTPUT_POOL`` best latents by input score, the one whose clamp
   measurably brings the concept into chat answers (``effect_scores``): each candidate is clamped at
   ``EFFECT_STRENGTHS`` typical activations on the ``EFFECT_PROMPTS`` (calibration prompts, none of
-  them a held-out ``NEUTRAL_PROMPTS`` prompt), and scored by the judge's concept similarity of its
-  fluent answers (distinct bigrams >= ``FLUENT_DISTINCT_BIGRAMS``); selection by the effect on the
+  them a held-out ``NEUTRAL_PROMPTS`` prompt), and scored by the fraction of its answers that are
+  fluent (distinct bigrams >= ``FLUENT_DISTINCT_BIGRAMS``) and show the concept to the judge, as
+  the sweep counts them; selection by the effect on the
   output itself, where Arad et al.'s output score reads the next-token distribution. Not in
   ``AXBENCH_METHODS`` (``--method latent_effect``): measured on the 12 everyday concepts it did
   worse than ``latent_input`` (``docs/general_sae.md``);
@@ -344,13 +345,14 @@ def effect_scores(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
 
 
 def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, rules: Sequence[str],
-                   output=None, judge=None) -> dict[str, dict]:
+                   output=None, judge=None, judge_threshold: float = 0.4) -> dict[str, dict]:
     """The concept's latent by each selection rule in ``rules`` (module docstring: ``latent_input``,
     ``latent_output``, ``latent_search``, ``latent_effect``).
 
     Args:
         output: the SAE's ``LatentOutput`` (``sae.output_scores.load_latent_output``); needed for ``"output"``.
         judge: the ``SentenceJudge``; needed for ``"effect"``.
+        judge_threshold: the similarity above which ``"effect"`` counts the concept as present.
 
     Returns:
         {rule: {"latent", "typical", "input_score", "output_score"}}; ``"effect"`` adds
@@ -378,7 +380,8 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
         if output is not None:
             out["output"] = max(pool, key=lambda i: float(output.output_score[i]))
         if "effect" in rules:
-            effect = dict(zip(pool, effect_scores(model, tokenizer, sae, stats, concept, pool, judge)))
+            effect = dict(zip(pool, effect_scores(model, tokenizer, sae, stats, concept, pool, judge,
+                                                  judge_threshold=judge_threshold)))
             out["effect"] = max(pool, key=lambda i: effect[i])
     if "search" in rules:
         hits = search_concepts(model, tokenizer, {"sae": sae}, {"sae": stats}, concept.positive, concept.negative, top_k=1)
@@ -396,13 +399,13 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
 
 
 def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
-                  methods: Sequence[str] = METHODS, output=None, judge=None) -> SteeringSetup:
+                  methods: Sequence[str] = METHODS, output=None, judge=None, judge_threshold: float = 0.4) -> SteeringSetup:
     """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
     and build the steering directions.
 
     Args:
         output: the SAE's output scores, for ``latent_output``.
-        judge: the ``SentenceJudge``, for ``latent_effect``.
+        judge: the ``SentenceJudge``, for ``latent_effect``; judge_threshold: where it counts the concept.
 
     Raises:
         ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
@@ -414,7 +417,7 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
         search = contrast_latents(model, tokenizer, sae, concept.positive, concept.negative, top=5)
         latent = next((r["latent"] for r in search if stats.typical_activation[r["latent"]] > 0), search[0]["latent"])
     selected = select_latents(model, tokenizer, sae, stats, concept, [SELECTED[m] for m in methods if m in SELECTED], output,
-                              judge)
+                              judge, judge_threshold)
     hook_point = sae.cfg.hook_point
     diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
@@ -484,7 +487,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     """
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
-    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge)
+    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge, cfg.judge_threshold)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     system = PROMPTING_SYSTEM.format(concept=concept.name)
