@@ -296,7 +296,8 @@ def _lean_decode_forward(self, input_ids=None, *args, **kwargs):
 
     if (args or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or not kwargs.keys() <= _LEAN_KWARGS
             or type(cache) is not DynamicCache or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False
-            or kwargs.get("logits_to_keep", 0) not in (0, 1) or cache.get_seq_length() == 0):
+            or not isinstance(keep := kwargs.get("logits_to_keep", 0), int) or keep not in (0, 1)
+            or cache.get_seq_length() == 0):  # (a tensor logits_to_keep goes to transformers, which takes it)
         return type(self).__mro__[1].forward(self, input_ids, *args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

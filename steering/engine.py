@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from saesteer.sae.activations import forward_until
+from saesteer.sae.kv_cache import spare_cache
 
 from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
-from saesteer.sae.kv_cache import spare_cache
 from .policy import SafetyReport, apply_hits
 
 CANCELLED = "cancelled"
