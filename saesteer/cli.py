@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--train-dtype", default=None, choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
     t.add_argument("--out-dtype", "--dtype", dest="out_dtype", default=None, help="dtype on disk (default float16)")
+    t.add_argument("--init", default=None,
+                   help="saved SAE folder to continue training from (same d_in, d_sae, architecture, hook point)")
     t.add_argument("--checkpoint-dir", default=None, help="folder for resumable training checkpoints")
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints (with --checkpoint-dir; default 50)")

@@ -231,6 +231,34 @@ def test_train_from_config_file_writes_a_config_that_redoes_the_run(tmp_path):
     assert figs["nmse"] < 1.0 and "ce_loss_recovered" not in figs
 
 
+def test_train_cli_init_continues_a_saved_sae(tmp_path):
+    """--init starts from a saved SAE: its parameters and input scale, so a short continuation ends
+    below the NMSE a fresh run of the same length reaches, and the card records what came before."""
+    from saesteer.cli import main
+    from saesteer.sae.activations import save_activations
+    from saesteer.sae.io import load_sae
+
+    torch.set_num_threads(1)
+    data = _synthetic(n=6_000)
+    save_activations(data[:5_000].half(), tmp_path / "train.safetensors")
+    save_activations(data[5_000:].half(), tmp_path / "val.safetensors")
+    common = ["--acts", str(tmp_path / "train.safetensors"), "--val-acts", str(tmp_path / "val.safetensors"),
+              "--ce-tokens", "0", "--hook", "blocks.0.hook_resid_post", "--d-sae", "64", "--k", "4",
+              "--batch-size", "256", "--lr", "3e-3", "--set", "dead_tokens=2000", "--dtype", "float32"]
+    first, fresh, cont = tmp_path / "first", tmp_path / "fresh", tmp_path / "cont"
+    assert main(["train", *common, "--n-tokens", "10240", "--out", str(first)]) == 0
+    assert main(["train", *common, "--n-tokens", "1024", "--out", str(fresh)]) == 0
+    assert main(["train", *common, "--n-tokens", "1024", "--init", str(first), "--out", str(cont)]) == 0
+    nmse = {d.name: json.loads((d / "figures.json").read_text())["nmse"] for d in (first, fresh, cont)}
+    assert nmse["cont"] < 0.8 * nmse["fresh"], nmse  # it did not start from scratch
+    a, b = load_sae(first), load_sae(cont)
+    assert a.cfg.input_scale == b.cfg.input_scale
+    assert b.cfg.metadata["training"]["init"] == {"from": str(first), "tokens_seen_before": 10240}
+    assert f"init: {first}" in (cont / "train_config.yaml").read_text()  # it changes the weights: part of the recipe
+    with pytest.raises(SystemExit, match="init SAE is 32x64, training 32x128"):
+        main(["train", *common, "--d-sae", "128", "--n-tokens", "512", "--init", str(first), "--out", str(tmp_path / "bad")])
+
+
 def test_train_cli_rejects_an_unknown_key(tmp_path):
     from saesteer.cli import main
 
