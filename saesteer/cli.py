@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "score and by concept search, against mean-difference vectors and prompting (needs `saesteer stats "
                     "--output-scores`; latents chosen by their measured effect: --method latent_effect)")
     es.add_argument("--method", action="append", default=None, choices=["latent_clamp", "latent_add", "mean_diff", "decoder", "latent_input", "latent_output",
-                                                                              "latent_search", "latent_effect", "prompting"],
+                                                                              "latent_search", "latent_effect", "latent_mix", "prompting"],
                     help="repeatable; default latent_clamp, latent_add, mean_diff, decoder (--axbench: its five)")
     es.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")

@@ -31,6 +31,12 @@ and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 
   output itself, where Arad et al.'s output score reads the next-token distribution. Not in
   ``AXBENCH_METHODS`` (``--method latent_effect``): measured on the 12 everyday concepts it did
   worse than ``latent_input`` (``docs/general_sae.md``);
+- ``latent_mix``: several latents at once: the ``MIX_LATENTS`` latents of largest mean activation
+  difference (per token over the concept sentences minus over the contrast set, either sign), their
+  decoder directions summed with those differences as weights, i.e. the part of the mean-difference
+  vector those latents carry; scaled and added like ``mean_diff``. Not in ``AXBENCH_METHODS``
+  (``--method latent_mix``): measured on the 12 everyday concepts it matched mean_diff on 1
+  (``docs/general_sae.md``);
 - ``prompting``: no intervention, a system prompt asking the model to bring the concept in
   (AxBench's strongest baseline); one strength, 1.
 
@@ -94,7 +100,10 @@ AXBENCH_METHODS = ("latent_input", "latent_output", "latent_search", "mean_diff"
 """How a latent is chosen, against the two baselines (``saesteer eval-steering --axbench``)."""
 SELECTED = {"latent_input": "input", "latent_output": "output", "latent_search": "search", "latent_effect": "effect"}
 """Families that clamp a latent chosen by a rule, and the rule's key in ``SteeringSetup.selected``."""
-ALL_METHODS = METHODS + tuple(SELECTED) + ("prompting",)
+ALL_METHODS = METHODS + tuple(SELECTED) + ("latent_mix", "prompting")
+MIX_LATENTS = 32
+"""Latents ``latent_mix`` sums (measured at 16 and 32 on the general SAE: the top 16 carry cos 0.4-0.7
+of the mean-difference direction, the top 32 0.5-0.8)."""
 DEFAULT_STRENGTHS = {
     "latent_clamp": (2.0, 4.0, 8.0),
     "latent_add": (2.0, 4.0, 8.0),
@@ -104,6 +113,7 @@ DEFAULT_STRENGTHS = {
     "latent_output": (2.0, 4.0, 8.0),
     "latent_search": (2.0, 4.0, 8.0),
     "latent_effect": (2.0, 4.0, 8.0),
+    "latent_mix": (0.25, 0.5, 0.75),
     "prompting": (1.0,),
 }
 OUTPUT_POOL = 10
@@ -276,6 +286,30 @@ def mean_hook_activation(model, tokenizer, hook_point: str, texts: Sequence[str]
     return torch.cat(rows).mean(0)
 
 
+@torch.no_grad()
+def latent_mix(model, tokenizer, sae: SAE, positive: Sequence[str], negative: Sequence[str],
+               m: int = MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
+    """The ``latent_mix`` direction: with dz [d_sae] the mean SAE activation per non-sink token over
+    ``positive`` minus over ``negative``, the ``m`` latents of largest |dz| and
+    ``sum_i dz_i W_dec[i]`` over them, normalised.
+
+    Returns:
+        (unit-norm float32 [d_in] direction, {latent: dz_i} of the m latents, largest |dz| first).
+    """
+    def mean_z(texts):
+        rows = []
+        for t in texts:
+            ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
+            a = hook_activations(model, sae.cfg.hook_point, ids)
+            rows.append(sae.encode(a[sink_mask(a)].to(sae.device, sae.dtype)).float().cpu())
+        return torch.cat(rows).mean(0)
+
+    dz = mean_z(positive) - mean_z(negative)
+    idx = dz.abs().topk(min(m, dz.numel())).indices
+    w_dec = sae.decoder_directions(idx.to(sae.device)).float().cpu()
+    return F.normalize(dz[idx] @ w_dec, dim=0), {int(i): float(dz[i]) for i in idx}
+
+
 @dataclass
 class SteeringSetup:
     """Everything a sweep needs for one concept: the latent, its unit, the vectors.
@@ -284,6 +318,8 @@ class SteeringSetup:
         latent: the concept latent; typical: its typical activation (latent unit).
         resid_norm: mean residual norm at the hook point (vector unit).
         mean_diff, decoder: unit-norm float32 [d_in] directions.
+        mix: the ``latent_mix`` direction (unit norm, float32 [d_in]) and mix_latents its
+            {latent: weight}; None unless the sweep runs ``latent_mix``.
     """
 
     latent: int
@@ -292,6 +328,8 @@ class SteeringSetup:
     mean_diff: torch.Tensor
     decoder: torch.Tensor
     latent_search: list[dict] = field(default_factory=list)
+    mix: torch.Tensor | None = None
+    mix_latents: dict[int, float] | None = None
     selected: dict[str, dict] = field(default_factory=dict)
     """By selection rule (``"input"``, ``"output"``, ``"search"``): ``latent``, ``typical``,
     ``input_score``, ``output_score`` (None where not computed)."""
@@ -421,6 +459,8 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     hook_point = sae.cfg.hook_point
     diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
+    mix, mix_latents = (latent_mix(model, tokenizer, sae, concept.positive, concept.negative)
+                        if "latent_mix" in methods else (None, None))
     return SteeringSetup(
         latent=int(latent),
         typical=stats.typical(int(latent)),
@@ -428,6 +468,8 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
         mean_diff=F.normalize(diff, dim=0),
         decoder=F.normalize(dec, dim=0),
         latent_search=search,
+        mix=mix,
+        mix_latents=mix_latents,
         selected=selected,
     )
 
@@ -449,7 +491,7 @@ def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, h
     if method in ("latent_clamp", "latent_add"):
         op = "clamp" if method == "latent_clamp" else "add"
         return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), "all")])
-    direction = setup.mean_diff if method == "mean_diff" else setup.decoder
+    direction = {"mean_diff": setup.mean_diff, "decoder": setup.decoder, "latent_mix": setup.mix}[method]
     return InterventionPlan(vector_edits=[VectorEdit(hook_point, resid_norm_vector(direction, strength, setup.resid_norm), "all")])
 
 
@@ -547,7 +589,9 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         "concept": asdict(concept),
         "sae": {"id": sae_id, "hook_point": hook_point, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
         "setup": {"latent": setup.latent, "typical_activation": setup.typical, "resid_norm_mean": setup.resid_norm,
-                  "latent_search": setup.latent_search, "selected": setup.selected, "prompting_system": system},
+                  "latent_search": setup.latent_search, "selected": setup.selected, "prompting_system": system,
+                  **({"mix_latents": {str(k): round(v, 4) for k, v in setup.mix_latents.items()},
+                      "mix_cos_mean_diff": float(setup.mix @ setup.mean_diff)} if setup.mix is not None else {})},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
                    "judge_threshold": cfg.judge_threshold},
