@@ -107,15 +107,21 @@ of the mean-difference direction, the top 32 0.5-0.8)."""
 DEFAULT_STRENGTHS = {
     "latent_clamp": (2.0, 4.0, 8.0),
     "latent_add": (2.0, 4.0, 8.0),
-    "mean_diff": (0.25, 0.5, 0.75),
-    "decoder": (0.25, 0.5, 0.75),
+    "mean_diff": (0.15, 0.25, 0.5, 0.75),
+    "decoder": (0.15, 0.25, 0.5, 0.75),
     "latent_input": (2.0, 4.0, 8.0),
     "latent_output": (2.0, 4.0, 8.0),
     "latent_search": (2.0, 4.0, 8.0),
     "latent_effect": (2.0, 4.0, 8.0),
-    "latent_mix": (0.25, 0.5, 0.75),
+    "latent_mix": (0.15, 0.25, 0.5, 0.75),
     "prompting": (1.0,),
 }
+"""Strength grids: latent families in multiples of the latent's typical activation, vector families
+in multiples of the mean residual norm at the hook point. Strength 0 (unsteered) is always added.
+Measured on SmolLM2 block 10 (``docs/steering_eval.md``): vectors degenerate the text beyond about
+0.75 and latents beyond about 8 typical activations. Vectors start at 0.15: on the 12 everyday
+concepts at block 10 it was mean_diff's best strength for 4, and its mean AxBench score went from
+0.147 to 0.181 (``docs/general_sae.md``)."""
 OUTPUT_POOL = 10
 """``latent_output`` takes the best output score among this many best latents by input score."""
 FLUENT_DISTINCT_BIGRAMS = 0.6
@@ -123,10 +129,6 @@ FLUENT_DISTINCT_BIGRAMS = 0.6
 that repeats itself can have a low perplexity)."""
 PROMPTING_SYSTEM = "Whatever the user asks, bring {concept} into your answer."
 """The prompting baseline's system prompt; ``{concept}`` is the concept's name."""
-"""Strength grids: latent families in multiples of the latent's typical activation, vector families
-in multiples of the mean residual norm at the hook point. Strength 0 (unsteered) is always added.
-Measured on SmolLM2 block 10 (``docs/steering_eval.md``): vectors degenerate the text beyond about
-0.75 and latents beyond about 8 typical activations."""
 
 NEUTRAL_PROMPTS = (
     "Write one sentence about your weekend.",
