@@ -277,34 +277,36 @@ class ConceptScorer:
 
 # -- interventions ----------------------------------------------------------------------------------
 @torch.no_grad()
-def mean_hook_activation(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
-    """[d_in] float32: the mean activation at ``hook_point`` over the texts' non-sink token positions."""
+def hook_rows(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
+    """[N, d_in] float32: the activations at ``hook_point`` at the texts' non-sink token positions, all texts' rows together."""
     rows = []
     for t in texts:
         ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
         a = hook_activations(model, hook_point, ids)
-        keep = sink_mask(a)
-        rows.append(a[keep].float().cpu())
-    return torch.cat(rows).mean(0)
+        rows.append(a[sink_mask(a)].float().cpu())
+    return torch.cat(rows)
+
+
+def mean_hook_activation(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
+    """[d_in] float32: the mean activation at ``hook_point`` over the texts' non-sink token positions."""
+    return hook_rows(model, tokenizer, hook_point, texts).mean(0)
 
 
 @torch.no_grad()
-def latent_mix(model, tokenizer, sae: SAE, positive: Sequence[str], negative: Sequence[str],
-               m: int = MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
-    """The ``latent_mix`` direction: with dz [d_sae] the mean SAE activation per non-sink token over
-    ``positive`` minus over ``negative``, the ``m`` latents of largest |dz| and
-    ``sum_i dz_i W_dec[i]`` over them, normalised.
+def latent_mix(sae: SAE, positive: torch.Tensor, negative: torch.Tensor, m: int = MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
+    """The ``latent_mix`` direction: with dz [d_sae] the mean SAE code of the ``positive`` rows minus
+    that of the ``negative`` rows, the ``m`` latents of largest |dz| and ``sum_i dz_i W_dec[i]`` over
+    them, normalised.
+
+    Args:
+        positive, negative: [N, d_in] activations at the SAE's hook point (``hook_rows`` of the
+            concept sentences and of the contrast set).
 
     Returns:
         (unit-norm float32 [d_in] direction, {latent: dz_i} of the m latents, largest |dz| first).
     """
-    def mean_z(texts):
-        rows = []
-        for t in texts:
-            ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
-            a = hook_activations(model, sae.cfg.hook_point, ids)
-            rows.append(sae.encode(a[sink_mask(a)].to(sae.device, sae.dtype)).float().cpu())
-        return torch.cat(rows).mean(0)
+    def mean_z(rows: torch.Tensor) -> torch.Tensor:
+        return sae.encode(rows.to(sae.device, sae.dtype)).float().cpu().mean(0)
 
     dz = mean_z(positive) - mean_z(negative)
     idx = dz.abs().topk(min(m, dz.numel())).indices
@@ -459,10 +461,10 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     selected = select_latents(model, tokenizer, sae, stats, concept, [SELECTED[m] for m in methods if m in SELECTED], output,
                               judge, judge_threshold)
     hook_point = sae.cfg.hook_point
-    diff = mean_hook_activation(model, tokenizer, hook_point, concept.positive) - mean_hook_activation(model, tokenizer, hook_point, concept.negative)
+    pos, neg = hook_rows(model, tokenizer, hook_point, concept.positive), hook_rows(model, tokenizer, hook_point, concept.negative)
+    diff = pos.mean(0) - neg.mean(0)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
-    mix, mix_latents = (latent_mix(model, tokenizer, sae, concept.positive, concept.negative)
-                        if "latent_mix" in methods else (None, None))
+    mix, mix_latents = latent_mix(sae, pos, neg) if "latent_mix" in methods else (None, None)
     return SteeringSetup(
         latent=int(latent),
         typical=stats.typical(int(latent)),
