@@ -217,3 +217,21 @@ class SAE(nn.Module):
         self.cfg.metadata.setdefault("folded_input_scale", s)
         self.cfg.input_scale = 1.0
         return self
+
+    @torch.no_grad()
+    def unfold_input_scale(self) -> "SAE":
+        """Undo :meth:`fold_input_scale` on an SAE saved folded (``metadata["folded_input_scale"]``,
+        s), so it reads scaled activations again: ``W_enc /= s``, ``b_dec *= s``, ``W_dec *= s``,
+        ``input_scale = s``. Encode and decode give the same numbers before and after; what changes
+        is the units the weights live in, which the trainer needs (unit-norm decoder rows in the
+        scaled space). No-op when the SAE is not folded. Returns self.
+        """
+        s = self.cfg.metadata.get("folded_input_scale")
+        if not s or self.cfg.input_scale != 1.0:
+            return self
+        self.W_enc.div_(s)
+        self.b_dec.mul_(s)
+        self.W_dec.mul_(s)
+        self.cfg.input_scale = float(s)
+        del self.cfg.metadata["folded_input_scale"]
+        return self

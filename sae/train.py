@@ -24,6 +24,7 @@ that the inference L0 hits a target on given activations.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
@@ -427,6 +428,8 @@ def train_sae(
     n_data, d_in = acts.shape
     if init is not None and (init.cfg.d_in, init.cfg.d_sae) != (d_in, cfg.d_sae):
         raise ValueError(f"init SAE is {init.cfg.d_in}x{init.cfg.d_sae}, training {d_in}x{cfg.d_sae}")
+    if init is not None:  # a saved SAE is folded (s = 1): back to the scaled units training uses
+        init = copy.deepcopy(init).unfold_input_scale()
     scale = init.cfg.input_scale if init is not None else dataset_input_scale(acts)
     sae_cfg = SAEConfig(
         architecture=cfg.architecture,

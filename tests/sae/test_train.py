@@ -239,7 +239,7 @@ def test_train_cli_init_continues_a_saved_sae(tmp_path):
     from saesteer.sae.io import load_sae
 
     torch.set_num_threads(1)
-    data = _synthetic(n=6_000)
+    data = _synthetic(n=6_000) * 25  # norms like a residual stream's: input scale ~0.05, far from 1
     save_activations(data[:5_000].half(), tmp_path / "train.safetensors")
     save_activations(data[5_000:].half(), tmp_path / "val.safetensors")
     common = ["--acts", str(tmp_path / "train.safetensors"), "--val-acts", str(tmp_path / "val.safetensors"),
@@ -251,6 +251,12 @@ def test_train_cli_init_continues_a_saved_sae(tmp_path):
     assert main(["train", *common, "--n-tokens", "1024", "--init", str(first), "--out", str(cont)]) == 0
     nmse = {d.name: json.loads((d / "figures.json").read_text())["nmse"] for d in (first, fresh, cont)}
     assert nmse["cont"] < 0.8 * nmse["fresh"], nmse  # it did not start from scratch
+    # it starts where the first run ended: the saved SAE is folded (input scale 1, decoder rows of
+    # norm 1/s) and is unfolded before training; renormalizing the folded rows would shrink every
+    # reconstruction by s and the first step would see a far worse NMSE than the first run's last
+    ended = json.loads((first / "training_log.json").read_text())[-1]["nmse"]
+    began = json.loads((cont / "training_log.json").read_text())[0]["nmse"]
+    assert began < 1.3 * ended, (began, ended)
     a, b = load_sae(first), load_sae(cont)
     assert a.cfg.input_scale == b.cfg.input_scale
     assert b.cfg.metadata["training"]["init"] == {"from": str(first), "tokens_seen_before": 10240}
