@@ -9,24 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from saesteer.sae.activations import hook_activations, sink_mask
 from saesteer.sae.model import SAE
-
-
-@torch.no_grad()
-def max_latent_acts(model, tokenizer, sae: SAE, texts: Sequence[str]) -> torch.Tensor:
-    """[len(texts), d_sae] float32: each latent's largest activation over each text's positions
-    (position 0 and other attention sinks left out)."""
-    rows = []
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        acts = hook_activations(model, sae.cfg.hook_point, ids)
-        keep = sink_mask(acts)[0]
-        z = sae.encode(acts[0][keep]) if bool(keep.any()) else torch.zeros(1, sae.cfg.d_sae)
-        rows.append(z.max(0).values.float().cpu())
-    return torch.stack(rows)
+from saesteer.steering.concept_search import max_activations
 
 
 def contrast_latents(model, tokenizer, sae: SAE, positive: Sequence[str], negative: Sequence[str], top: int = 10) -> list[dict]:
@@ -41,8 +25,8 @@ def contrast_latents(model, tokenizer, sae: SAE, positive: Sequence[str], negati
     """
     if not positive or not negative:
         raise ValueError("need at least one positive and one negative text")
-    pos = max_latent_acts(model, tokenizer, sae, positive)
-    neg = max_latent_acts(model, tokenizer, sae, negative)
+    pos = max_activations(model, tokenizer, {"sae": sae}, positive)["sae"]
+    neg = max_activations(model, tokenizer, {"sae": sae}, negative)["sae"]
     score = pos.mean(0) - neg.mean(0)
     best = score.topk(top).indices
     return [
