@@ -137,7 +137,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     from saesteer.sae.formats import load_any
     from saesteer.sae.stats import load_latent_stats
     from saesteer.steering.eval.evaluate import (
-        AXBENCH_METHODS, DEFAULT_STRENGTHS, METHODS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep,
+        AXBENCH_METHODS, DEFAULT_STRENGTHS, METHODS, MIX_LATENTS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep,
         write_reports,
     )
     from saesteer.sae.output_scores import load_latent_output
@@ -169,7 +169,8 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     strengths = {m: tuple(a.strengths) if a.strengths and m != "prompting" else DEFAULT_STRENGTHS[m] for m in methods}
     prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
-                      batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold)
+                      batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold,
+                      mix_latents=a.mix_latents or MIX_LATENTS)
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
@@ -350,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")
     es.add_argument("--max-new-tokens", type=int, default=32)
     es.add_argument("--batch-size", type=int, default=32)
+    es.add_argument("--mix-latents", type=int, default=None, help="latents --method latent_mix sums (default 32)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")
     es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")
     es.add_argument("--judge", default=None, help="sentence encoder folder or hub id (default: the shipped all-MiniLM-L6-v2)")

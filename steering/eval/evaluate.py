@@ -441,13 +441,15 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
 
 
 def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
-                  methods: Sequence[str] = METHODS, output=None, judge=None, judge_threshold: float = 0.4) -> SteeringSetup:
+                  methods: Sequence[str] = METHODS, output=None, judge=None, judge_threshold: float = 0.4,
+                  mix_latents: int = MIX_LATENTS) -> SteeringSetup:
     """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
     and build the steering directions.
 
     Args:
         output: the SAE's output scores, for ``latent_output``.
         judge: the ``SentenceJudge``, for ``latent_effect``; judge_threshold: where it counts the concept.
+        mix_latents: how many latents ``latent_mix`` sums.
 
     Raises:
         ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
@@ -464,7 +466,7 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     pos, neg = hook_rows(model, tokenizer, hook_point, concept.positive), hook_rows(model, tokenizer, hook_point, concept.negative)
     diff = pos.mean(0) - neg.mean(0)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
-    mix, mix_latents = latent_mix(sae, pos, neg) if "latent_mix" in methods else (None, None)
+    mix, mix_latents = latent_mix(sae, pos, neg, mix_latents) if "latent_mix" in methods else (None, None)
     return SteeringSetup(
         latent=int(latent),
         typical=stats.typical(int(latent)),
@@ -515,6 +517,8 @@ class SweepConfig:
     answers measured 2-3x on SmolLM2 (``docs/steering_eval.md``), degenerate ones 5-100x."""
     judge_threshold: float = 0.4
     """A generation shows the concept when its judge similarity to the concept exceeds this."""
+    mix_latents: int = MIX_LATENTS
+    """How many latents ``latent_mix`` sums."""
 
 
 def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judge, cfg: SweepConfig | None = None,
@@ -533,7 +537,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     """
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
-    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge, cfg.judge_threshold)
+    setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge, cfg.judge_threshold,
+                          cfg.mix_latents)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     system = PROMPTING_SYSTEM.format(concept=concept.name)
