@@ -14,8 +14,9 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 
 from .auth import ApiKey
 
-DEFAULT_SAE_NAME = "smollm2-135m-general-res10-k64"
-"""The general-English SAE at block 10 (``scripts/train_general_sae.sh``, issue 15)."""
+DEFAULT_SAE_NAME = "smollm2-135m-general-res10-k96"
+"""The general-English SAE at block 10 (``scripts/train_general_sae.sh``, issue 15): the k 64 SAE
+(``sae/pretrained/smollm2-135m-general-res10-k64``, kept as its first stage) continued at k 96."""
 PYTHON_SAE_NAME = "smollm2-135m-res10-k32"
 """The first shipped SAE, trained on Python documentation and quotes (``scripts/train_default_sae.sh``):
 the shipped policies' probes read its latents, and its latent 3656 writes Python code."""
@@ -29,7 +30,7 @@ def pretrained_sae_spec(name: str) -> str:
 
 
 def default_sae_spec() -> str:
-    """The default SAE: the general-English SAE at block 10 (``sae/pretrained/smollm2-135m-general-res10-k64``)."""
+    """The default SAE: the general-English SAE at block 10 (``sae/pretrained/smollm2-135m-general-res10-k96``)."""
     return pretrained_sae_spec(DEFAULT_SAE_NAME)
 
 
@@ -66,7 +67,7 @@ class ServerSettings(BaseSettings):
     saes: list[str] = Field(
         default_factory=default_saes,
         description="an SAE to attach, [ID=]PATH_OR_REPO[@HOOK_POINT]; repeat the flag for several "
-        "(a path with a comma: give the list as JSON); unset: the shipped smollm2-135m-general-res10-k64 and "
+        "(a path with a comma: give the list as JSON); unset: the shipped smollm2-135m-general-res10-k96 and "
         "smollm2-135m-res10-k32",
     )
     host: str = Field("127.0.0.1", description="address to listen on: 127.0.0.1, 0.0.0.0 or ::")
