@@ -287,11 +287,6 @@ def hook_rows(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.
     return torch.cat(rows)
 
 
-def mean_hook_activation(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
-    """[d_in] float32: the mean activation at ``hook_point`` over the texts' non-sink token positions."""
-    return hook_rows(model, tokenizer, hook_point, texts).mean(0)
-
-
 @torch.no_grad()
 def latent_mix(sae: SAE, positive: torch.Tensor, negative: torch.Tensor, m: int = MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
     """The ``latent_mix`` direction: with dz [d_sae] the mean SAE code of the ``positive`` rows minus
