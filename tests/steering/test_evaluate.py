@@ -187,7 +187,7 @@ def test_latent_mix_is_the_latents_part_of_the_mean_difference(lm, python_sae):
     every latent the mix is the mean difference of the reconstructions, close to the mean-difference
     vector itself (the SAE reconstructs the residual stream); a few latents carry less of it."""
     from saesteer.sae.activations import hook_activations, sink_mask
-    from saesteer.steering.eval.evaluate import hook_rows
+    from saesteer.steering.concept_search import hook_rows
 
     model, tok = lm
     sae = python_sae
@@ -204,16 +204,23 @@ def test_latent_mix_is_the_latents_part_of_the_mean_difference(lm, python_sae):
     dz = codes(CATS.positive).mean(0) - codes(CATS.negative).mean(0)
     idx = dz.abs().topk(8).indices
     ref = dz[idx] @ (sae.W_dec.double()[idx] / sae.cfg.input_scale)
-    ref = ref / ref.norm()
     assert list(weights) == idx.tolist()
+    w = torch.tensor(list(weights.values()), dtype=torch.float64)
+    assert float((w - dz[idx] / ref.norm()).abs().max() / w.abs().max()) < 1e-5
+    ref = ref / ref.norm()
     assert float((direction.double() - ref).norm()) < 1e-5
     md = pos.mean(0) - neg.mean(0)  # the mean-difference vector, from the rows already read
     full, _ = latent_mix(sae, pos, neg, m=sae.cfg.d_sae)
     cos_full, cos_8 = float(full @ md / md.norm()), float(direction @ md / md.norm())
     assert cos_full > 0.8 and 0 < cos_8 < cos_full, (cos_full, cos_8)  # measured 0.85 and 0.31
     setup = setup_concept(model, tok, sae, load_latent_stats(python_sae_spec()), CATS, methods=("latent_mix",))
-    plan = make_plan("latent_mix", 0.5, setup, "s", sae.cfg.hook_point)
-    assert float(plan.vector_edits[0].vector.norm()) == pytest.approx(0.5 * setup.resid_norm, rel=1e-5)
+    plan = make_plan("latent_mix", 0.5, setup, "s", sae.cfg.hook_point)  # add edits on the latents themselves
+    assert not plan.vector_edits and {e.op for e in plan.latent_edits} == {"add"}
+    assert [e.latent for e in plan.latent_edits] == list(setup.mix_latents)
+    added = torch.tensor([e.value for e in plan.latent_edits], dtype=torch.float64) @ sae.decoder_directions(
+        torch.tensor([e.latent for e in plan.latent_edits])).double()
+    assert float(added.norm()) == pytest.approx(0.5 * setup.resid_norm, rel=1e-4)
+    assert float(torch.nn.functional.cosine_similarity(added.float(), setup.mix, dim=0)) > 0.9999
 
 
 @pytest.mark.slow

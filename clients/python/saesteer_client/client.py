@@ -23,9 +23,12 @@ from .schema import (
     ConceptIntervention,
     ConceptList,
     ConceptSearchHit,
+    ConceptSearchMix,
     ConceptSearchRequest,
     ConceptSearchResponse,
     Condition,
+    DEFAULT_MIX_LATENTS,
+    DEFAULT_MIX_STRENGTH,
     DoneEvent,
     ErrorEvent,
     FeaturesRequest,
@@ -168,9 +171,9 @@ def _concept_body(name, interventions, description) -> dict:
     return Concept(name=name, description=description, interventions=list(interventions)).model_dump(mode="json", exclude_none=True)
 
 
-def _search_body(positive, words, negative, sae, top_k) -> dict:
+def _search_body(positive, words, negative, sae, top_k, **mix) -> dict:
     return ConceptSearchRequest(positive=list(positive), words=list(words), negative=list(negative), sae=sae,
-                                top_k=top_k).model_dump(mode="json", exclude_none=True)
+                                top_k=top_k, **mix).model_dump(mode="json", exclude_none=True)
 
 
 def _stream_body(prompt, messages, interventions, kw) -> dict:
@@ -309,6 +312,16 @@ class Client:
         body = _search_body(positive, words, negative, sae, top_k)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).latents
 
+    def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
+                             mix_latents: int = DEFAULT_MIX_LATENTS,
+                             mix_strength: float = DEFAULT_MIX_STRENGTH) -> list[ConceptSearchMix]:
+        """``POST /v1/concepts/search``'s latent mixes: per searched SAE, ``mix_latents`` latents
+        whose ``suggested`` add edits bring the concept of the ``positive`` sentences in (they
+        steer better than one latent's clamp, ``docs/general_sae.md``); send them as
+        ``interventions`` or save them with ``save_concept``."""
+        body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength)
+        return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).mixes
+
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the model is loaded)."""
         try:
@@ -410,6 +423,12 @@ class AsyncClient:
                               sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
         body = _search_body(positive, words, negative, sae, top_k)
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).latents
+
+    async def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
+                                   mix_latents: int = DEFAULT_MIX_LATENTS,
+                                   mix_strength: float = DEFAULT_MIX_STRENGTH) -> list[ConceptSearchMix]:
+        body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength)
+        return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).mixes
 
     async def health(self) -> bool:
         try:
