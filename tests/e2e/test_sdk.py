@@ -168,3 +168,16 @@ def test_cli_concept_search_against_the_server(server_url):
     no_dir = subprocess.run([sys.executable, "-m", "saesteer", "concepts", "save", "--name", "ocean", "--url", server_url,
                              "--api-key", KEY, "--words", "ocean"], capture_output=True, text=True, timeout=120)
     assert no_dir.returncode == 1 and "concepts-dir" in no_dir.stderr  # this server keeps no concepts
+
+
+def test_sdk_concept_search_mixes_send_as_they_are(server_url):
+    """``search_concept_mixes``: one mix per attached SAE with the asked size and strength, whose
+    edits the server takes as a request's interventions and which change the answer."""
+    pos = ["The waves crashed on the sandy beach.", "We sailed across the open sea.", "Whales swim in the deep ocean."]
+    with Client(server_url, api_key=KEY) as c:
+        mixes = c.search_concept_mixes(pos, mix_latents=16, mix_strength=0.2)
+        assert sorted(m.sae for m in mixes) == sorted(s.id for s in c.saes())
+        assert all(len(m.suggested) == 16 and m.strength == 0.2 and {e.op for e in m.suggested} == {"add"} for m in mixes)
+        general = next(m for m in mixes if m.sae == DEFAULT_SAE_NAME)
+        steered = c.generate(messages=MSG, interventions=general.suggested, max_new_tokens=8)
+        assert steered.tokens != c.generate(messages=MSG, max_new_tokens=8).tokens
