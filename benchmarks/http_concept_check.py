@@ -6,7 +6,8 @@ For each concept of ``--concepts`` (default ``benchmarks/unseen_concepts.json``:
 money, none of them among the 12 concepts the methods were measured on), against a running server
 (``--url``, e.g. ``make serve``) through the client SDK:
 
-1. ``POST /v1/concepts/search`` with the positive sentences only (the server's neutral negatives);
+1. ``POST /v1/concepts/search`` with the positive sentences (and the server's neutral negatives,
+   unless ``--negatives`` gives some);
 2. ``POST /v1/generate`` on the 8 held-out chat prompts of ``eval-steering``
    (``NEUTRAL_PROMPTS``), greedy, ``--max-new-tokens`` tokens: unsteered, with the top hit's
    suggested clamp, with the suggested latent mix on ``--sae`` (as returned, no tuning), and, as
@@ -17,7 +18,7 @@ money, none of them among the 12 concepts the methods were measured on), against
    when its perplexity under the unsteered model (loaded here) is at most 3x the unsteered answers'
    mean and its distinct-bigram ratio is at least 0.6.
 
-    python benchmarks/http_concept_check.py --out docs/general_sae/http_check.md
+    python benchmarks/http_concept_check.py --out docs/general_sae/http_check/report.md
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ HERE = Path(__file__).parent
 
 def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_tokens: int, budget: float,
         negative: list[str] | None = None, strength: float | None = None) -> dict:
-    """One concept: search (``negative`` sentences sent as given, or none), three generations per
-    prompt, scores (module docstring)."""
+    """One concept: search (``negative`` sentences sent as given, or none), a generation per prompt
+    for each of the four arms, scores (module docstring)."""
     neg = list(negative or [])
     hit = client.search_concepts(concept.positive, negative=neg, sae=sae, top_k=1)[0]
     (mix,) = client.search_concept_mixes(concept.positive, negative=neg, sae=sae,

@@ -132,34 +132,33 @@ def concept_tokens(tokenizer, words: Sequence[str], positive: Sequence[str] = ()
 
 
 @torch.no_grad()
-def max_activations(model, tokenizer, saes: Mapping[str, SAE], texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """{sae id: [len(texts), d_sae] float32}: each latent's largest activation over each text's
-    positions, sinks left out; one forward pass per text for all hook points."""
-    hooks = sorted({s.cfg.hook_point for s in saes.values()})
-    out: dict[str, list[torch.Tensor]] = {sid: [] for sid in saes}
+def text_rows(model, tokenizer, hook_points: Sequence[str], texts: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """{hook point: one float32 [n_i, d_in] tensor per text}: the activations at the text's
+    non-sink token positions (n_i may be 0); one forward pass per text for all hook points."""
+    out: dict[str, list[torch.Tensor]] = {hp: [] for hp in hook_points}
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        acts = hook_activations(model, hooks, ids)
-        for sid, sae in saes.items():
-            a = acts[sae.cfg.hook_point]
-            keep = sink_mask(a)[0]
-            if not bool(keep.any()):
-                out[sid].append(torch.zeros(sae.cfg.d_sae))
-                continue
-            z = sae.encode(a[0][keep].to(sae.device, sae.dtype))
-            out[sid].append(z.max(0).values.float().cpu())
-    return {sid: torch.stack(rows) for sid, rows in out.items()}
+        acts = hook_activations(model, sorted(out), ids)
+        for hp, a in acts.items():
+            out[hp].append(a[0][sink_mask(a)[0]].float().cpu())
+    return out
+
+
+@torch.no_grad()
+def max_activations(model, tokenizer, saes: Mapping[str, SAE], texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{sae id: [len(texts), d_sae] float32}: each latent's largest activation over each text's
+    positions, sinks left out (0 for a text with no other position); one forward pass per text for
+    all hook points."""
+    rows = text_rows(model, tokenizer, {s.cfg.hook_point for s in saes.values()}, texts)
+    return {sid: torch.stack([sae.encode(r.to(sae.device, sae.dtype)).max(0).values.float().cpu() if len(r)
+                              else torch.zeros(sae.cfg.d_sae) for r in rows[sae.cfg.hook_point]])
+            for sid, sae in saes.items()}
 
 
 def hook_rows(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.Tensor:
     """[N, d_in] float32: the activations at ``hook_point`` at the texts' non-sink token positions,
-    all texts' rows together (one forward pass per text)."""
-    rows = []
-    for t in texts:
-        ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
-        a = hook_activations(model, hook_point, ids)
-        rows.append(a[sink_mask(a)].float().cpu())
-    return torch.cat(rows)
+    all texts' rows together (``text_rows``, one forward pass per text)."""
+    return torch.cat(text_rows(model, tokenizer, [hook_point], texts)[hook_point])
 
 
 @torch.no_grad()

@@ -84,17 +84,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saesteer.sae.activations import hook_activations, sink_mask
 from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
+from saesteer_client.schema import DEFAULT_MIX_LATENTS
 
+from ..concept_search import hook_rows, latent_mix
 from ..generate import GenerationSpec, generate, render_prompt
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
 from .concepts import contrast_latents
-from ..concept_search import hook_rows, latent_mix
-from saesteer_client.schema import DEFAULT_MIX_LATENTS
 
 METHODS = ("latent_clamp", "latent_add", "mean_diff", "decoder")
 """The default families (``saesteer eval-steering`` without ``--method``)."""

@@ -105,7 +105,8 @@ def test_bad_input(lm, sae):
 
 def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae):
     """The mix against a direct float64 computation: the latents of largest |mean code difference|,
-    add values that sum their decoder rows to ``strength`` times the mean residual norm (here, without statistics, the norm of the sentences' own rows)."""
+    add values that sum their decoder rows to ``strength`` times the mean residual norm (here,
+    without statistics, the norm of the sentences' own rows)."""
     model, tok = lm
     (mix,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=8, strength=0.3)
     assert mix.sae == "syn" and len(mix.latents) == 8
