@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from saesteer_client.schema import DEFAULT_MIX_LATENTS
+from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -172,10 +172,12 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
         return 2
     # prompting has no strength: one point whatever the grid
     strengths = {m: tuple(a.strengths) if a.strengths and m != "prompting" else DEFAULT_STRENGTHS[m] for m in methods}
-    prompts = tuple(a.prompt) if a.prompt else NEUTRAL_PROMPTS
+    prompts = tuple(a.prompt or []) + tuple(json.loads(Path(a.prompts).read_text()) if a.prompts else ())
+    prompts = prompts or NEUTRAL_PROMPTS
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold,
-                      mix_latents=MIX_LATENTS if a.mix_latents is None else a.mix_latents)
+                      mix_latents=MIX_LATENTS if a.mix_latents is None else a.mix_latents, positions=a.positions,
+                      mix_signs=a.mix_signs)
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
@@ -354,9 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--strengths", type=float, nargs="+", default=None,
                     help="one grid for every method (latent methods: x typical activation; vectors: x residual norm)")
     es.add_argument("--prompt", action="append", default=None, help="a neutral chat prompt (repeatable; default: 8 built-in ones)")
+    es.add_argument("--prompts", default=None, help="a JSON file holding a list of neutral chat prompts (added to --prompt's), e.g. "
+                    "benchmarks/neutral_prompts.json: 32, the first 8 the built-in ones")
     es.add_argument("--max-new-tokens", type=int, default=32)
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--mix-latents", type=int, default=None, help=f"latents --method latent_mix sums (default {DEFAULT_MIX_LATENTS}, as concept search)")
+    es.add_argument("--mix-signs", default=DEFAULT_MIX_SIGNS, choices=["positive", "both"],
+                    help="latent_mix's latents: those the concept turns up (positive, as concept search) or up and down (both)")
+    es.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
+                    help="where every steering edit applies (as a request's positions; default all)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")
     es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")
     es.add_argument("--judge", default=None, help="sentence encoder folder or hub id (default: the shipped all-MiniLM-L6-v2)")

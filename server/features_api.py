@@ -77,7 +77,7 @@ class FeaturesAPI(ModelAPI):
             with self.saes.use(search_sae_ids(r, self.saes)) as saes:
                 hits = search_concepts(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative, r.words, r.top_k)
                 mixes = concept_mixes(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative,
-                                      r.mix_latents, r.mix_strength) if r.positive and r.mix_latents > 0 else []
+                                      r.mix_latents, r.mix_strength, r.mix_signs) if r.positive and r.mix_latents > 0 else []
         except ValueError as e:  # no usable concept tokens
             field = "words" if r.words else "positive"
             return Rejected.field(422, ["body", field], str(e))

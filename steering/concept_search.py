@@ -50,7 +50,7 @@ from saesteer.sae.activations import hook_activations, sink_mask
 from saesteer.sae.model import SAE
 from saesteer.sae.output_scores import final_norm_and_unembedding
 from saesteer.sae.stats import LatentStats
-from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_STRENGTH
+from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH, MIX_SIGNS
 
 SUGGESTED_TYPICAL = 4.0
 MAX_DERIVED_TOKENS = 8
@@ -162,32 +162,47 @@ def hook_rows(model, tokenizer, hook_point: str, texts: Sequence[str]) -> torch.
 
 
 @torch.no_grad()
-def latent_mix(sae: SAE, positive: torch.Tensor, negative: torch.Tensor, m: int = DEFAULT_MIX_LATENTS) -> tuple[torch.Tensor, dict[int, float]]:
+def latent_mix(sae: SAE, positive: torch.Tensor, negative: torch.Tensor, m: int = DEFAULT_MIX_LATENTS,
+               signs: str = DEFAULT_MIX_SIGNS) -> tuple[torch.Tensor, dict[int, float]]:
     """A mix of latents for a concept (module docstring): with dz [d_sae] the mean SAE code of the
-    ``positive`` rows minus that of the ``negative`` rows, the ``m`` latents of largest |dz| and
-    ``u = sum_i dz_i W_dec[i]`` over them (decoder rows in the input's units).
+    ``positive`` rows minus that of the ``negative`` rows, the ``m`` latents of largest dz
+    (``signs="positive"``: latents the concept turns up, at most as many as have dz > 0) or of
+    largest |dz| (``signs="both"``: those it turns down too), and ``u = sum_i dz_i W_dec[i]`` over
+    them (decoder rows in the input's units).
 
     Args:
         positive, negative: [N, d_in] activations at the SAE's hook point (``hook_rows`` of the
             concept sentences and of the contrast set).
         m: latents in the mix (at most d_sae).
+        signs: ``"positive"`` or ``"both"`` (``MIX_SIGNS``). With ``"both"`` the mix is the SAE's
+            code of the mean-difference vector, which also subtracts the contrast sentences'
+            own features; ``"positive"`` adds the concept's features only (on the default SAE it
+            steered more answers at equal fluency, ``docs/general_sae.md``).
 
     Returns:
-        (``u / |u|``, float32 [d_in]; {latent: dz_i / |u|}, largest |dz| first): the weights sum the
+        (``u / |u|``, float32 [d_in]; {latent: dz_i / |u|}, largest first): the weights sum the
         latents' decoder directions to that unit direction, so ``s * R * weight`` as ``add`` values
         add a vector of norm ``s * R``.
 
     Raises:
-        ValueError: m < 1.
+        ValueError: m < 1; ``signs`` not in ``MIX_SIGNS``; ``"positive"`` and no latent has dz > 0.
     """
     if m < 1:
         raise ValueError(f"a latent mix needs at least one latent, not {m}")
+    if signs not in MIX_SIGNS:
+        raise ValueError(f"signs must be one of {MIX_SIGNS}, not {signs!r}")
 
     def mean_z(rows: torch.Tensor) -> torch.Tensor:
         return sae.encode(rows.to(sae.device, sae.dtype)).double().cpu().mean(0)
 
     dz = mean_z(positive) - mean_z(negative)
-    idx = dz.abs().topk(min(m, dz.numel())).indices
+    if signs == "both":
+        idx = dz.abs().topk(min(m, dz.numel())).indices
+    else:
+        top = dz.topk(min(m, dz.numel()))
+        idx = top.indices[top.values > 0]
+        if not len(idx):
+            raise ValueError("no latent is more active on the positive sentences than on the negative ones")
     u = dz[idx] @ sae.decoder_directions(idx.to(sae.device)).double().cpu()
     n = float(u.norm()) or 1.0
     return (u / n).float(), {int(i): float(dz[i]) / n for i in idx}
@@ -217,7 +232,7 @@ class ConceptMix:
 def concept_mixes(
     model, tokenizer, saes: Mapping[str, SAE], stats: Mapping[str, LatentStats | None],
     positive: Sequence[str], negative: Sequence[str] = (),
-    m: int = DEFAULT_MIX_LATENTS, strength: float = DEFAULT_MIX_STRENGTH,
+    m: int = DEFAULT_MIX_LATENTS, strength: float = DEFAULT_MIX_STRENGTH, signs: str = DEFAULT_MIX_SIGNS,
 ) -> list[ConceptMix]:
     """One ``ConceptMix`` per SAE of ``saes`` (module docstring), in their order. The residual norm
     R is the SAE's ``resid_norm_mean`` from its statistics, or, without statistics, the mean norm of
@@ -227,10 +242,11 @@ def concept_mixes(
         positive, negative: sentences with and without the concept (negative defaults to
             ``NEUTRAL_SENTENCES``).
         m: latents per mix; strength: the mix's norm in residual norms (the measured best on the
-            default SAE is 0.2-0.3, ``docs/general_sae.md``).
+            default SAE is 0.2-0.3, ``docs/general_sae.md``); signs: which latents (``latent_mix``).
 
     Raises:
-        ValueError: no positive sentence; m < 1.
+        ValueError: no positive sentence; m < 1; an unknown ``signs``; ``"positive"`` and no latent
+            more active on the positive sentences.
     """
     if not positive:
         raise ValueError("a latent mix needs at least one positive sentence")
@@ -242,7 +258,7 @@ def concept_mixes(
         if hp not in rows:
             rows[hp] = (hook_rows(model, tokenizer, hp, positive), hook_rows(model, tokenizer, hp, negative))
         pos, neg = rows[hp]
-        direction, weights = latent_mix(sae, pos, neg, m)
+        direction, weights = latent_mix(sae, pos, neg, m, signs)
         st = stats.get(sid)
         r = float(st.resid_norm_mean) if st is not None else float(torch.cat([pos, neg]).norm(dim=-1).mean())
         md = (pos.mean(0) - neg.mean(0)).double()

@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
-from saesteer_client.schema import DEFAULT_MIX_LATENTS
+from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS
 
 from ..concept_search import hook_rows, latent_mix
 from ..generate import GenerationSpec, generate, render_prompt
@@ -406,14 +406,14 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
 
 def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
                   methods: Sequence[str] = METHODS, output=None, judge=None, judge_threshold: float = 0.4,
-                  mix_latents: int = MIX_LATENTS) -> SteeringSetup:
+                  mix_latents: int = MIX_LATENTS, mix_signs: str = DEFAULT_MIX_SIGNS) -> SteeringSetup:
     """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
     and build the steering directions.
 
     Args:
         output: the SAE's output scores, for ``latent_output``.
         judge: the ``SentenceJudge``, for ``latent_effect``; judge_threshold: where it counts the concept.
-        mix_latents: how many latents ``latent_mix`` sums.
+        mix_latents: how many latents ``latent_mix`` sums; mix_signs: which (``concept_search.latent_mix``).
 
     Raises:
         ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
@@ -430,7 +430,7 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     pos, neg = hook_rows(model, tokenizer, hook_point, concept.positive), hook_rows(model, tokenizer, hook_point, concept.negative)
     diff = pos.mean(0) - neg.mean(0)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
-    mix, mix_latents = latent_mix(sae, pos, neg, mix_latents) if "latent_mix" in methods else (None, None)
+    mix, mix_latents = latent_mix(sae, pos, neg, mix_latents, mix_signs) if "latent_mix" in methods else (None, None)
     return SteeringSetup(
         latent=int(latent),
         typical=stats.typical(int(latent)),
@@ -444,9 +444,11 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     )
 
 
-def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook_point: str) -> InterventionPlan:
+def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, hook_point: str,
+              positions: str = "all") -> InterventionPlan:
     """The plan of one sweep point: empty at strength 0, for ``"unsteered"``, and for ``"prompting"``
-    (whose change is its system prompt, ``PROMPTING_SYSTEM``).
+    (whose change is its system prompt, ``PROMPTING_SYSTEM``). Every edit applies at ``positions``
+    (``"all"``, ``"prompt"`` or ``"generated"``, as in a request; the attention sink never).
 
     Raises:
         ValueError: an unknown method.
@@ -457,15 +459,15 @@ def make_plan(method: str, strength: float, setup: SteeringSetup, sae_id: str, h
         raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
     if method in SELECTED:
         sel = setup.selected[SELECTED[method]]
-        return InterventionPlan(latent_edits=[LatentEdit(sae_id, sel["latent"], "clamp", typical_to_raw(strength, sel["typical"]), "all")])
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, sel["latent"], "clamp", typical_to_raw(strength, sel["typical"]), positions)])
     if method in ("latent_clamp", "latent_add"):
         op = "clamp" if method == "latent_clamp" else "add"
-        return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), "all")])
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, setup.latent, op, typical_to_raw(strength, setup.typical), positions)])
     if method == "latent_mix":  # the latents themselves, as concept search suggests them: add s R w_i to each
-        return InterventionPlan(latent_edits=[LatentEdit(sae_id, i, "add", strength * setup.resid_norm * w, "all")
+        return InterventionPlan(latent_edits=[LatentEdit(sae_id, i, "add", strength * setup.resid_norm * w, positions)
                                               for i, w in setup.mix_latents.items()])
     direction = {"mean_diff": setup.mean_diff, "decoder": setup.decoder}[method]
-    return InterventionPlan(vector_edits=[VectorEdit(hook_point, resid_norm_vector(direction, strength, setup.resid_norm), "all")])
+    return InterventionPlan(vector_edits=[VectorEdit(hook_point, resid_norm_vector(direction, strength, setup.resid_norm), positions)])
 
 
 # -- the sweep --------------------------------------------------------------------------------------
@@ -486,6 +488,11 @@ class SweepConfig:
     """A generation shows the concept when its judge similarity to the concept exceeds this."""
     mix_latents: int = MIX_LATENTS
     """How many latents ``latent_mix`` sums."""
+    mix_signs: str = DEFAULT_MIX_SIGNS
+    """Which latents ``latent_mix`` takes: ``"positive"`` (those the concept turns up, as concept
+    search suggests) or ``"both"`` (up and down: the SAE's code of the mean-difference vector)."""
+    positions: str = "all"
+    """Where every steering edit applies: ``"all"``, ``"prompt"`` or ``"generated"``."""
 
 
 def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judge, cfg: SweepConfig | None = None,
@@ -505,7 +512,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
     setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge, cfg.judge_threshold,
-                          cfg.mix_latents)
+                          cfg.mix_latents, cfg.mix_signs)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     system = PROMPTING_SYSTEM.format(concept=concept.name)
@@ -514,7 +521,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     grid = [("unsteered", 0.0)] + [(m, float(s)) for m in cfg.methods for s in cfg.strengths[m] if s != 0]
     specs, owners = [], []
     for m, s in grid:
-        plan = make_plan(m, s, setup, sae_id, hook_point)
+        plan = make_plan(m, s, setup, sae_id, hook_point, cfg.positions)
         for j, ids in enumerate(prompted_ids if m == "prompting" else prompt_ids):
             specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan))
             owners.append((m, s, j))
@@ -570,7 +577,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
                       "mix_cos_mean_diff": float(setup.mix @ setup.mean_diff)} if setup.mix is not None else {})},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
-                   "judge_threshold": cfg.judge_threshold},
+                   "judge_threshold": cfg.judge_threshold, "positions": cfg.positions, "mix_signs": cfg.mix_signs},
         "points": points,
         "best": best_at_fluency(points, cfg.methods, cfg.fluency_budget),
         "best_axbench": best_axbench(points, cfg.methods),
@@ -628,6 +635,34 @@ def best_at_fluency(points: list[dict], methods: Sequence[str], budget: float) -
         out[m] = {k: b[k] for k in ("strength", "concept_rate", "keyword_rate", "concept_similarity", "perplexity",
                                     "perplexity_ratio", "relevance")}
     return out
+
+
+def concept_rate_at_budget(points: list[dict], method: str, budget: float) -> float:
+    """The best concept rate ``method`` reaches with its mean perplexity at most ``budget`` x the
+    unsteered one, reading its strength grid as a piecewise-linear curve from the unsteered point:
+    the best of its points within the budget and of the concept rates interpolated where the curve
+    crosses the budget (between two neighbouring strengths, one within and one beyond).
+    ``best_at_fluency`` compares grid points, which can sit at different fluency (one method's best
+    at 2.2x, the other's at 2.9x); here two methods meet at the same perplexity, and a coarse grid
+    costs less. The unsteered point (ratio 1) is always within, so a method whose every strength
+    breaks the budget gets the unsteered rate or the interpolation toward its weakest strength.
+
+    Args:
+        points: a sweep's ``points`` (with ``perplexity_ratio``); method: one of its methods;
+            budget: the perplexity ratio allowed (``SweepConfig.fluency_budget``).
+
+    Returns:
+        A concept rate in [0, 1].
+    """
+    base = next(p for p in points if p["strength"] == 0)
+    curve = [base] + sorted((p for p in points if p["method"] == method and p["strength"] != 0), key=lambda p: p["strength"])
+    best = max(p["concept_rate"] for p in curve if p["perplexity_ratio"] <= budget)
+    for a, b in zip(curve, curve[1:]):
+        lo, hi = (a, b) if a["perplexity_ratio"] <= b["perplexity_ratio"] else (b, a)
+        if lo["perplexity_ratio"] <= budget < hi["perplexity_ratio"]:
+            f = (budget - lo["perplexity_ratio"]) / (hi["perplexity_ratio"] - lo["perplexity_ratio"])
+            best = max(best, lo["concept_rate"] + f * (hi["concept_rate"] - lo["concept_rate"]))
+    return best
 
 
 # -- reports ----------------------------------------------------------------------------------------
@@ -694,12 +729,16 @@ def axbench_summary(reports: Sequence[dict], against: str = "mean_diff") -> dict
     """Across concepts, per method: the mean AxBench score at each concept's best strength, the mean
     concept rate within the fluency budget, and on how many concepts it matches or beats ``against``
     at equal fluency (its best fluent concept rate is above 0 and at least the other's: two zeros
-    are not a match).
+    are not a match). Where the reports hold their points, the same two figures also at exactly the
+    budget (``concept_rate_at_budget``): ``concept_rate_at_budget`` and ``matches_or_beats_at_budget``.
 
     Returns:
-        {method: {"axbench", "concept_rate_fluent", "matches_or_beats", "concepts"}}.
+        {method: {"axbench", "concept_rate_fluent", "matches_or_beats", "concepts"}, plus
+        "concept_rate_at_budget" and "matches_or_beats_at_budget" when every report has points}.
     """
     methods = reports[0]["config"]["methods"]
+    with_points = all("points" in r for r in reports)
+    at = [{m: concept_rate_at_budget(r["points"], m, r["config"]["fluency_budget"]) for m in methods} for r in reports] if with_points else []
     out = {}
     for m in methods:
         hm = [r["best_axbench"][m]["axbench"] for r in reports]
@@ -708,6 +747,9 @@ def axbench_summary(reports: Sequence[dict], against: str = "mean_diff") -> dict
                 if against in methods else None)
         out[m] = {"axbench": sum(hm) / len(hm), "concept_rate_fluent": sum(cr) / len(cr), "matches_or_beats": wins,
                   "concepts": len(reports)}
+        if with_points:
+            out[m]["concept_rate_at_budget"] = sum(a[m] for a in at) / len(at)
+            out[m]["matches_or_beats_at_budget"] = sum(0 < a[m] >= a[against] for a in at) if against in methods else None
     return out
 
 
@@ -732,6 +774,12 @@ def axbench_table(reports: Sequence[dict]) -> list[str]:
     if summ[methods[0]]["matches_or_beats"] is not None:
         lines.append("| concepts where it matches or beats mean_diff at equal fluency | "
                      + " | ".join(f"{summ[m]['matches_or_beats']} of {summ[m]['concepts']}" for m in methods) + " |")
+    if "concept_rate_at_budget" in summ[methods[0]]:
+        lines.append("| concept rate at exactly the fluency budget (interpolated), mean | "
+                     + " | ".join(f"{summ[m]['concept_rate_at_budget']:.3f}" for m in methods) + " |")
+        if summ[methods[0]]["matches_or_beats_at_budget"] is not None:
+            lines.append("| concepts where it matches or beats mean_diff at exactly the budget | "
+                         + " | ".join(f"{summ[m]['matches_or_beats_at_budget']} of {summ[m]['concepts']}" for m in methods) + " |")
     lines.append("")
     return lines
 

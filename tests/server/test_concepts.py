@@ -102,6 +102,7 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert sorted(m["sae"] for m in mixes) == sorted(attached)
         assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.25
                    and 0 < m["mean_diff_cos"] <= 1 for m in mixes)
+        assert all(e["value"] > 0 for m in mixes for e in m["suggested"])  # the default mix adds the concept's latents only
         general = next(m for m in mixes if m["sae"] != SAE)["suggested"]
         plain = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40})
         # the mix as sent, beside a request poisoned with a latent out of range: only that one fails
@@ -116,6 +117,10 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert not any(w in plain.json()["text"].lower() for w in ("sea", "ocean", "wave", "beach"))
         r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
+        r = c.post("/v1/concepts/search", json={**body, "mix_signs": "negative"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_signs"]
+        both = c.post("/v1/concepts/search", json={**body, "mix_signs": "both", "mix_latents": 16}).json()["mixes"]
+        assert all(len(m["suggested"]) == 16 for m in both) and any(e["value"] < 0 for m in both for e in m["suggested"])
         r = c.post("/v1/concepts/search", json={**body, "sae": "nope"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sae"]
         r = c.post("/v1/concepts/search", json={"positive": [], "words": []})

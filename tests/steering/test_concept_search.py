@@ -103,18 +103,24 @@ def test_bad_input(lm, sae):
         S.concept_tokens(tok, [], ["a b"], ["a b"])
 
 
-def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae):
-    """The mix against a direct float64 computation: the latents of largest |mean code difference|,
-    add values that sum their decoder rows to ``strength`` times the mean residual norm (here,
-    without statistics, the norm of the sentences' own rows)."""
+@pytest.mark.parametrize("signs", ["positive", "both"])
+def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae, signs):
+    """The mix against a direct float64 computation: the latents of largest mean code difference
+    (``positive``: only latents the concept turns up) or largest |difference| (``both``), add values
+    that sum their decoder rows to ``strength`` times the mean residual norm (here, without
+    statistics, the norm of the sentences' own rows)."""
     model, tok = lm
-    (mix,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=8, strength=0.3)
+    (mix,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=8, strength=0.3, signs=signs)
     assert mix.sae == "syn" and len(mix.latents) == 8
     pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
     code = lambda rows: sae.encode(rows).detach().double().mean(0)  # noqa: E731
     dz = code(pos) - code(neg)
-    idx = dz.abs().topk(8).indices
+    idx = (dz if signs == "positive" else dz.abs()).topk(8).indices
     assert mix.latents == idx.tolist()
+    if signs == "positive":
+        assert all(v > 0 for v in mix.values)  # nothing subtracted
+    else:
+        assert (dz.abs().topk(8).values > dz.topk(8).values).any()  # the planted data has turned-down latents among the top
     r = float(torch.cat([pos, neg]).double().norm(dim=-1).mean())
     added = torch.tensor(mix.values, dtype=torch.float64) @ sae.W_dec.detach().double()[idx]
     ref = dz[idx] @ sae.W_dec.detach().double()[idx]
@@ -122,7 +128,15 @@ def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae)
     assert float(torch.nn.functional.cosine_similarity(added, ref, dim=0)) > 1 - 1e-6
     md = (pos.mean(0) - neg.mean(0)).double()
     assert mix.mean_diff_cos == pytest.approx(float(ref @ md / ref.norm() / md.norm()), abs=1e-5)
+    if signs == "positive":  # fewer turned-up latents than asked: only those
+        n_up = int((dz > 0).sum())
+        (every,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=sae.cfg.d_sae, signs=signs)
+        assert len(every.latents) == n_up < sae.cfg.d_sae
     with pytest.raises(ValueError, match="at least one latent"):
         S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=0)
     with pytest.raises(ValueError, match="positive sentence"):
         S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, [], NEGATIVE)
+    with pytest.raises(ValueError, match="signs must be one of"):
+        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, signs="negative")
+    with pytest.raises(ValueError, match="no latent is more active"):  # the same sentences on both sides
+        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, POSITIVE)

@@ -13,7 +13,7 @@ from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.evaluate import (
     FLUENT_DISTINCT_BIGRAMS, OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll,
-    distinct_bigrams, effect_scores, latent_mix, load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
+    concept_rate_at_budget, distinct_bigrams, effect_scores, latent_mix, load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
 )
 from saesteer.steering.generate import render_prompt
 
@@ -101,6 +101,26 @@ def test_axbench_score_is_the_harmonic_mean_of_its_parts():
     assert summ["a"]["axbench"] == pytest.approx(0.5) and summ["a"]["concept_rate_fluent"] == pytest.approx(0.375)
 
 
+def test_concept_rate_at_the_budget_interpolates_where_the_curve_crosses_it():
+    def pt(method, strength, rate, ratio):
+        return {"method": method, "strength": strength, "concept_rate": rate, "perplexity_ratio": ratio}
+
+    points = [pt("unsteered", 0.0, 0.0, 1.0),
+              pt("m", 1.0, 0.25, 2.0), pt("m", 2.0, 0.75, 4.0), pt("m", 3.0, 1.0, 8.0),  # crosses 3.0 halfway: 0.5
+              pt("n", 1.0, 0.5, 5.0),  # beyond at its weakest: a quarter of the way from the unsteered point
+              pt("o", 1.0, 0.8, 2.5), pt("o", 2.0, 0.2, 2.9), pt("o", 3.0, 0.3, 3.5)]  # its best point is within
+    got = {m: concept_rate_at_budget(points, m, 3.0) for m in "mno"}
+    assert got == pytest.approx({"m": 0.5, "n": 0.25, "o": 0.8})
+    assert concept_rate_at_budget(points, "m", 10.0) == 1.0  # every point within: the best of them
+    cfg = {"methods": ["m", "mean_diff"], "fluency_budget": 3.0}
+    b = {"concept_rate": 0.25}
+    rep = {"config": cfg, "points": points + [pt("mean_diff", 1.0, 0.5, 4.0)], "best": {"m": b, "mean_diff": b},
+           "best_axbench": {"m": {"axbench": 0.1}, "mean_diff": {"axbench": 0.1}}}
+    summ = axbench_summary([rep])  # mean_diff at the budget: 1/3 of the way to 0.5
+    assert summ["mean_diff"]["concept_rate_at_budget"] == pytest.approx(0.5 * 2 / 3)
+    assert summ["m"]["matches_or_beats_at_budget"] == 1 and summ["m"]["matches_or_beats"] == 1
+
+
 def test_latents_are_selected_by_their_rules(lm, python_sae):
     from saesteer.sae.output_scores import load_latent_output
     from saesteer.steering.concept_search import input_scores, search_concepts
@@ -177,6 +197,9 @@ def test_plans_use_meaningful_units(lm, python_sae):
     vec = make_plan("mean_diff", 0.5, setup, "s", python_sae.cfg.hook_point)
     assert float(vec.vector_edits[0].vector.norm()) == pytest.approx(0.5 * stats.resid_norm_mean, rel=1e-5)
     assert not make_plan("decoder", 0.0, setup, "s", python_sae.cfg.hook_point)
+    for where in ("prompt", "generated"):  # eval-steering --positions: every edit of the point applies there
+        assert make_plan("latent_clamp", 3.0, setup, "s", python_sae.cfg.hook_point, where).latent_edits[0].positions == where
+        assert make_plan("mean_diff", 0.5, setup, "s", python_sae.cfg.hook_point, where).vector_edits[0].positions == where
     with pytest.raises(ValueError, match="unknown method"):
         make_plan("nope", 1.0, setup, "s", python_sae.cfg.hook_point)
 
@@ -192,7 +215,7 @@ def test_latent_mix_is_the_latents_part_of_the_mean_difference(lm, python_sae):
     model, tok = lm
     sae = python_sae
     pos, neg = (hook_rows(model, tok, sae.cfg.hook_point, texts) for texts in (CATS.positive, CATS.negative))
-    direction, weights = latent_mix(sae, pos, neg, m=8)
+    direction, weights = latent_mix(sae, pos, neg, m=8, signs="both")
 
     def codes(texts):
         rows = []
@@ -210,7 +233,7 @@ def test_latent_mix_is_the_latents_part_of_the_mean_difference(lm, python_sae):
     ref = ref / ref.norm()
     assert float((direction.double() - ref).norm()) < 1e-5
     md = pos.mean(0) - neg.mean(0)  # the mean-difference vector, from the rows already read
-    full, _ = latent_mix(sae, pos, neg, m=sae.cfg.d_sae)
+    full, _ = latent_mix(sae, pos, neg, m=sae.cfg.d_sae, signs="both")
     cos_full, cos_8 = float(full @ md / md.norm()), float(direction @ md / md.norm())
     assert cos_full > 0.8 and 0 < cos_8 < cos_full, (cos_full, cos_8)  # measured 0.85 and 0.31
     setup = setup_concept(model, tok, sae, load_latent_stats(python_sae_spec()), CATS, methods=("latent_mix",))

@@ -23,6 +23,12 @@ code difference carry cos 0.78-0.88 of the mean-difference vector on the default
 DEFAULT_MIX_STRENGTH = 0.25
 """The suggested mix's norm in mean residual norms: the strength where it steered best within the
 fluency budget on most of 12 everyday concepts (``docs/general_sae.md``)."""
+MIX_SIGNS = ("positive", "both")
+"""Which latents a mix takes: those the concept turns up (``"positive"``), or those it turns up or
+down (``"both"``: the SAE's code of the whole mean-difference vector, contrast features subtracted)."""
+DEFAULT_MIX_SIGNS = "positive"
+"""Adding the concept's latents without subtracting the contrast sentences' own steered more answers
+at equal fluency on the default SAE (``docs/general_sae.md``)."""
 MAX_POSITIONS = 512
 MAX_STOP = 8
 MAX_POSITION_INDEX = 2**20 - 1
@@ -200,6 +206,8 @@ class ConceptSearchRequest(_Strict):
                              description="latents in each suggested mix (0: no mixes; needs positive sentences)")
     mix_strength: float = Field(DEFAULT_MIX_STRENGTH, gt=0, le=2,
                                 description="the suggested mix's norm in mean residual norms at the hook point")
+    mix_signs: Literal["positive", "both"] = Field(
+        DEFAULT_MIX_SIGNS, description="the mix's latents: those the concept turns up (positive), or up and down (both)")
 
     @model_validator(mode="after")
     def _something_to_search(self):
