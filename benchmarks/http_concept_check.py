@@ -11,8 +11,8 @@ money, none of them among the 12 concepts the methods were measured on), against
 2. ``POST /v1/generate`` on the 8 held-out chat prompts of ``eval-steering``
    (``NEUTRAL_PROMPTS``), greedy, ``--max-new-tokens`` tokens: unsteered, with the top hit's
    suggested clamp, with the suggested latent mix on ``--sae`` (as returned, no tuning), and, as
-   the baseline, the mean-difference vector of the same sentences at the mix's strength (read from
-   the model loaded here, sent as ``add_vector``);
+   the baseline, the mean-difference vector of the same sentences at the mix's strength and
+   positions (read from the model loaded here, sent as ``add_vector``);
 3. scored as ``eval-steering`` scores (``steering.eval.evaluate``): the concept is present when the
    all-MiniLM-L6-v2 judge's similarity to the concept sentences exceeds 0.4; an answer is fluent
    when its perplexity under the unsteered model (loaded here) is at most 3x the unsteered answers'
@@ -52,12 +52,13 @@ def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_t
     hook = next(s.hook_point for s in client.saes() if s.id == sae)
     pos, negr = (hook_rows(model, tok, hook, t) for t in (concept.positive, neg or list(NEUTRAL_SENTENCES)))
     md = (pos.mean(0) - negr.mean(0)).tolist()  # the baseline, as a raw vector at the same strength
+    where = mix.suggested[0].positions  # the baseline steers where the suggested mix does
     arms = {"unsteered": [], "top_clamp": [hit.suggested], "mix": list(mix.suggested),
-            "mean_diff": [add_vector(md, strength=mix.strength, unit="resid_norm", sae=sae)]}
+            "mean_diff": [add_vector(md, strength=mix.strength, unit="resid_norm", sae=sae, positions=where)]}
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tok, None, [{"role": "user", "content": p}]) for p in NEUTRAL_PROMPTS]
     out = {"concept": concept.name, "top_latent": hit.latent, "mix_latents": len(mix.suggested),
-           "mix_strength": mix.strength, "mix_mean_diff_cos": mix.mean_diff_cos, "arms": {}}
+           "mix_strength": mix.strength, "mix_positions": where, "mix_mean_diff_cos": mix.mean_diff_cos, "arms": {}}
     base_ppl = None
     for arm, ivs in arms.items():
         res = [client.generate(messages=[{"role": "user", "content": p}], interventions=ivs,
@@ -89,7 +90,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         for arm, a in r["arms"].items():
             name = {"top_clamp": f"clamp latent {r['top_latent']}",
-                    "mix": f"mix of {r['mix_latents']} (s={r['mix_strength']:g}, cos {r['mix_mean_diff_cos']:.2f})"}.get(arm, arm)
+                    "mix": f"mix of {r['mix_latents']} (s={r['mix_strength']:g}, {r.get('mix_positions', 'all')}, cos {r['mix_mean_diff_cos']:.2f})"}.get(arm, arm)
             lines.append(f"| {r['concept']} | {name} | {a['concept_rate']:.2f} | {a['keyword_rate']:.2f} | {a['fluent_rate']:.2f} "
                          f"| {a['fluent_and_present']:.2f} | {a['perplexity_ratio']:.2f} |")
     lines.append("")

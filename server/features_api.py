@@ -83,7 +83,8 @@ class FeaturesAPI(ModelAPI):
             return Rejected.field(422, ["body", field], str(e))
         return ConceptSearchResponse(mixes=[ConceptSearchMix(
             sae=m.sae, strength=m.strength, mean_diff_cos=round(m.mean_diff_cos, 4),
-            suggested=[LatentIntervention(op="add", sae=m.sae, latent=i, value=float(f"{v:.6g}"), unit="raw")
+            suggested=[LatentIntervention(op="add", sae=m.sae, latent=i, value=float(f"{v:.6g}"), unit="raw",
+                                          positions=r.mix_positions)
                        for i, v in zip(m.latents, m.values)],
         ) for m in mixes], latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,

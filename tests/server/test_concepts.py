@@ -100,9 +100,10 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert steered != tokens(c, [])  # the suggestion is accepted as is and changes the answer
         mixes = r.json()["mixes"]  # a latent mix per attached SAE, 128 add edits each
         assert sorted(m["sae"] for m in mixes) == sorted(attached)
-        assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.25
+        assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.5
                    and 0 < m["mean_diff_cos"] <= 1 for m in mixes)
-        assert all(e["value"] > 0 for m in mixes for e in m["suggested"])  # the default mix adds the concept's latents only
+        # the default mix adds the concept's latents only, on the prompt's tokens
+        assert all(e["value"] > 0 and e["positions"] == "prompt" for m in mixes for e in m["suggested"])
         general = next(m for m in mixes if m["sae"] != SAE)["suggested"]
         plain = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40})
         # the mix as sent, beside a request poisoned with a latent out of range: only that one fails
@@ -117,10 +118,12 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert not any(w in plain.json()["text"].lower() for w in ("sea", "ocean", "wave", "beach"))
         r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
-        r = c.post("/v1/concepts/search", json={**body, "mix_signs": "negative"})
-        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_signs"]
-        both = c.post("/v1/concepts/search", json={**body, "mix_signs": "both", "mix_latents": 16}).json()["mixes"]
+        for field, bad in (("mix_signs", "negative"), ("mix_positions", "middle")):
+            r = c.post("/v1/concepts/search", json={**body, field: bad})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+        both = c.post("/v1/concepts/search", json={**body, "mix_signs": "both", "mix_latents": 16, "mix_positions": "all"}).json()["mixes"]
         assert all(len(m["suggested"]) == 16 for m in both) and any(e["value"] < 0 for m in both for e in m["suggested"])
+        assert all(e["positions"] == "all" for m in both for e in m["suggested"])
         r = c.post("/v1/concepts/search", json={**body, "sae": "nope"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sae"]
         r = c.post("/v1/concepts/search", json={"positive": [], "words": []})

@@ -28,6 +28,7 @@ from .schema import (
     ConceptSearchResponse,
     Condition,
     DEFAULT_MIX_LATENTS,
+    DEFAULT_MIX_POSITIONS,
     DEFAULT_MIX_SIGNS,
     DEFAULT_MIX_STRENGTH,
     DoneEvent,
@@ -316,14 +317,18 @@ class Client:
     def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
                              mix_latents: int = DEFAULT_MIX_LATENTS,
                              mix_strength: float = DEFAULT_MIX_STRENGTH,
-                             mix_signs: str = DEFAULT_MIX_SIGNS) -> list[ConceptSearchMix]:
+                             mix_signs: str = DEFAULT_MIX_SIGNS,
+                             mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
         """``POST /v1/concepts/search``'s latent mixes: per searched SAE, ``mix_latents`` latents
         whose ``suggested`` add edits bring the concept of the ``positive`` sentences in (they
         steer better than one latent's clamp, ``docs/general_sae.md``); send them as
-        ``interventions`` or save them with ``save_concept``. ``mix_signs``: ``"positive"`` (the
-        latents the concept turns up) or ``"both"`` (up and down)."""
+        ``interventions``. ``mix_signs``: ``"positive"`` (the latents the concept turns up) or
+        ``"both"`` (up and down); ``mix_positions``: where the edits apply (default the prompt's
+        tokens). A named concept stores its edits without positions: to save a mix with
+        ``save_concept``, ask with ``mix_positions="all"`` and give the positions where the concept
+        is applied (``{"op": "concept", ..., "positions": "prompt"}``)."""
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
-                            mix_signs=mix_signs)
+                            mix_signs=mix_signs, mix_positions=mix_positions)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).mixes
 
     def health(self) -> bool:
@@ -431,9 +436,10 @@ class AsyncClient:
     async def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
                                    mix_latents: int = DEFAULT_MIX_LATENTS,
                                    mix_strength: float = DEFAULT_MIX_STRENGTH,
-                             mix_signs: str = DEFAULT_MIX_SIGNS) -> list[ConceptSearchMix]:
+                             mix_signs: str = DEFAULT_MIX_SIGNS,
+                             mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
-                            mix_signs=mix_signs)
+                            mix_signs=mix_signs, mix_positions=mix_positions)
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).mixes
 
     async def health(self) -> bool:
