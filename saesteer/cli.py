@@ -7,8 +7,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS
+from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, MIX_SIGNS, PositionKind
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -361,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--max-new-tokens", type=int, default=32)
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--mix-latents", type=int, default=None, help=f"latents --method latent_mix sums (default {DEFAULT_MIX_LATENTS}, as concept search)")
-    es.add_argument("--mix-signs", default=DEFAULT_MIX_SIGNS, choices=["positive", "both"],
+    es.add_argument("--mix-signs", default=DEFAULT_MIX_SIGNS, choices=MIX_SIGNS,
                     help="latent_mix's latents: those the concept turns up (positive, as concept search) or up and down (both)")
-    es.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
+    es.add_argument("--positions", default="all", choices=get_args(PositionKind),
                     help="where every steering edit applies (as a request's positions; default all)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")
     es.add_argument("--judge-threshold", type=float, default=0.4, help="the concept counts as present above this judge similarity")

@@ -436,8 +436,8 @@ class AsyncClient:
     async def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
                                    mix_latents: int = DEFAULT_MIX_LATENTS,
                                    mix_strength: float = DEFAULT_MIX_STRENGTH,
-                             mix_signs: str = DEFAULT_MIX_SIGNS,
-                             mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
+                                   mix_signs: str = DEFAULT_MIX_SIGNS,
+                                   mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
                             mix_signs=mix_signs, mix_positions=mix_positions)
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).mixes

@@ -12,7 +12,7 @@ Steering payloads use ``extra="forbid"``: a misspelled field is a 422, never a s
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,7 +25,8 @@ DEFAULT_MIX_STRENGTH = 0.5
 the strength where it steered most answers within the fluency budget on 12 everyday concepts
 (0.5 on 6 of them, 0.4 on 4; ``docs/general_sae.md``). Steering every position, 0.25-0.3 is the
 useful range: the generated tokens are steered at every step, so less goes further."""
-MIX_SIGNS = ("positive", "both")
+MixSigns = Literal["positive", "both"]
+MIX_SIGNS = get_args(MixSigns)
 """Which latents a mix takes: those the concept turns up (``"positive"``), or those it turns up or
 down (``"both"``: the SAE's code of the whole mean-difference vector, contrast features subtracted)."""
 DEFAULT_MIX_SIGNS = "positive"
@@ -59,8 +60,10 @@ def _temperature_floor(v: float) -> float:
 
 Temperature = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_temperature_floor)]
 """0 (greedy) or at least ``MIN_TEMPERATURE``."""
+PositionKind = Literal["all", "prompt", "generated"]
+"""The named kinds of ``Positions``."""
 Positions = Union[
-    Literal["all", "prompt", "generated"],
+    PositionKind,
     Annotated[list[Annotated[int, Field(ge=0, le=MAX_POSITION_INDEX)]], Field(min_length=1, max_length=MAX_POSITIONS)],
 ]
 """Where an intervention applies, by token index in the rendered prompt + completion:
@@ -212,9 +215,9 @@ class ConceptSearchRequest(_Strict):
                              description="latents in each suggested mix (0: no mixes; needs positive sentences)")
     mix_strength: float = Field(DEFAULT_MIX_STRENGTH, gt=0, le=2,
                                 description="the suggested mix's norm in mean residual norms at the hook point")
-    mix_signs: Literal["positive", "both"] = Field(
+    mix_signs: MixSigns = Field(
         DEFAULT_MIX_SIGNS, description="the mix's latents: those the concept turns up (positive), or up and down (both)")
-    mix_positions: Literal["all", "prompt", "generated"] = Field(
+    mix_positions: PositionKind = Field(
         DEFAULT_MIX_POSITIONS, description="the positions the suggested mix's edits apply at")
 
     @model_validator(mode="after")
@@ -241,11 +244,12 @@ class ConceptSearchHit(BaseModel):
 class ConceptSearchMix(BaseModel):
     """A mix of latents suggested for the concept on one SAE: the ``mix_latents`` latents whose mean
     code rises most from the negative to the positive sentences (``mix_signs="both"``: rises or falls
-    most), each added in proportion to that difference, together adding ``strength`` mean residual norms, at the request's ``mix_positions``.
-    ``suggested`` is ready to send as a request's interventions; asked with ``mix_positions="all"``
-    it can also be saved as a named concept (then scale it with the concept's ``strength`` and give
-    the positions where it is applied); ``mean_diff_cos`` is the cosine of what it adds with the mean-difference vector of
-    the same sentences."""
+    most), each added in proportion to that difference, together adding ``strength`` mean residual
+    norms, at the request's ``mix_positions``. ``suggested`` is ready to send as a request's
+    interventions; asked with ``mix_positions="all"`` it can also be saved as a named concept (then
+    scale it with the concept's ``strength`` and give the positions where it is applied);
+    ``mean_diff_cos`` is the cosine of what it adds with the mean-difference vector of the same
+    sentences."""
 
     sae: str
     strength: float
