@@ -98,6 +98,7 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert suggested["op"] == "clamp" and suggested["unit"] == "typical"
         steered = tokens(c, [suggested])
         assert steered != tokens(c, [])  # the suggestion is accepted as is and changes the answer
+        r_alone = r.json()
         mixes = r.json()["mixes"]  # a latent mix per attached SAE, 128 add edits each
         assert sorted(m["sae"] for m in mixes) == sorted(attached)
         assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.5
@@ -118,9 +119,13 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert not any(w in plain.json()["text"].lower() for w in ("sea", "ocean", "wave", "beach"))
         r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
-        for field, bad in (("mix_signs", "negative"), ("mix_positions", "middle")):
-            r = c.post("/v1/concepts/search", json={**body, field: bad})
-            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+        # bad mix fields sent beside a good search: each gets its 422, the good one what it got alone
+        bad = [("mix_signs", "negative"), ("mix_positions", "middle")]
+        with ThreadPoolExecutor(3) as ex:
+            rs = list(ex.map(lambda b: c.post("/v1/concepts/search", json=b), [{**body, f: v} for f, v in bad] + [body]))
+        for (field, _), r in zip(bad, rs):
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
+        assert rs[-1].status_code == 200 and rs[-1].json() == r_alone
         both = c.post("/v1/concepts/search", json={**body, "mix_signs": "both", "mix_latents": 16, "mix_positions": "all"}).json()["mixes"]
         assert all(len(m["suggested"]) == 16 for m in both) and any(e["value"] < 0 for m in both for e in m["suggested"])
         assert all(e["positions"] == "all" for m in both for e in m["suggested"])
