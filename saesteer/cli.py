@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, MIX_SIGNS, PositionKind
+from saesteer_client.schema import DEFAULT_MIX_FIT_STEPS, DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, MIX_SIGNS, PositionKind
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +178,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold,
                       mix_latents=MIX_LATENTS if a.mix_latents is None else a.mix_latents, positions=a.positions,
-                      mix_signs=a.mix_signs)
+                      mix_signs=a.mix_signs, mix_max_frequency=a.mix_max_frequency, mix_fit_steps=a.mix_fit_steps)
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--mix-latents", type=int, default=None, help=f"latents --method latent_mix sums (default {DEFAULT_MIX_LATENTS}, as concept search)")
     es.add_argument("--mix-signs", default=DEFAULT_MIX_SIGNS, choices=MIX_SIGNS,
                     help="latent_mix's latents: those the concept turns up (positive, as concept search) or up and down (both)")
+    es.add_argument("--mix-max-frequency", type=float, default=None,
+                    help="latent_mix leaves out latents firing on more than this fraction of tokens (default: none left out)")
+    es.add_argument("--mix-fit-steps", type=int, default=DEFAULT_MIX_FIT_STEPS,
+                    help=f"fit_mix steps reweighting latent_mix by the model's output (default {DEFAULT_MIX_FIT_STEPS}, as concept search; 0: none)")
     es.add_argument("--positions", default="all", choices=get_args(PositionKind),
                     help="where every steering edit applies (as a request's positions; default all)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")

@@ -119,6 +119,9 @@ class ModelAPI(ls.LitAPI):
     """
 
     runtime_dir: str | None = None  # the server's runtime folder, where a subclass has one
+    packs_linears = True
+    """Whether this API's workers apply ``settings.pack_linears`` (``FeaturesAPI`` does not: concept
+    search backpropagates through the model, which the packed kernels cannot)."""
 
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
         from .concepts import ConceptStore
@@ -138,7 +141,7 @@ class ModelAPI(ls.LitAPI):
         s = self.settings
         dev = s.device if s.device != "cpu" else device
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
-        if s.pack_linears:
+        if s.pack_linears and self.packs_linears:
             from saesteer.sae.cpu_kernels import speed_up
 
             info = speed_up(self.model, s.weights)

@@ -41,7 +41,11 @@ class _Job:
 
 class FeaturesAPI(ModelAPI):
     """The read-out endpoint; arguments as ``ModelAPI``. One request at a time per worker (a
-    read-out is one forward pass up to the hook point)."""
+    read-out is one forward pass up to the hook point). Its model copy stays unpacked (float32,
+    PyTorch's kernels, whatever ``pack_linears`` says): concept search fits its mixes by
+    backpropagation (``fit_mix``), which oneDNN's packed linears do not support."""
+
+    packs_linears = False
 
     def __init__(self, settings: ServerSettings, saes, **kwargs):
         super().__init__(settings, saes, max_batch_size=1, api_path="/v1/features", **kwargs)
@@ -77,7 +81,8 @@ class FeaturesAPI(ModelAPI):
             with self.saes.use(search_sae_ids(r, self.saes)) as saes:
                 hits = search_concepts(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative, r.words, r.top_k)
                 mixes = concept_mixes(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative,
-                                      r.mix_latents, r.mix_strength, r.mix_signs) if r.positive and r.mix_latents > 0 else []
+                                      r.mix_latents, r.mix_strength, r.mix_signs, r.mix_fit_steps,
+                                      r.mix_positions) if r.positive and r.mix_latents > 0 else []
         except ValueError as e:  # no usable concept tokens
             field = "words" if r.words else "positive"
             return Rejected.field(422, ["body", field], str(e))
@@ -86,6 +91,8 @@ class FeaturesAPI(ModelAPI):
             suggested=[LatentIntervention(op="add", sae=m.sae, latent=i, value=float(f"{v:.6g}"), unit="raw",
                                           positions=r.mix_positions)
                        for i, v in zip(m.latents, m.values)],
+            fit_steps=r.mix_fit_steps if m.fit else 0,
+            fit_nll_start=round(m.fit.nll_start, 4) if m.fit else None, fit_nll_end=round(m.fit.nll_end, 4) if m.fit else None,
         ) for m in mixes], latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,
             top_tokens=h.top_tokens,

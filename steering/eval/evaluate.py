@@ -87,9 +87,9 @@ from tqdm.auto import tqdm
 from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
-from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS
+from saesteer_client.schema import DEFAULT_MIX_FIT_STEPS, DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH
 
-from ..concept_search import hook_rows, latent_mix
+from ..concept_search import FIT_PROMPTS, fit_mix, hook_rows, latent_mix
 from ..generate import GenerationSpec, generate, render_prompt
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
@@ -143,15 +143,13 @@ NEUTRAL_PROMPTS = (
 )
 """Held-out neutral chat prompts (none is used to find concept latents or vectors)."""
 
-EFFECT_PROMPTS = (
-    "Tell me something interesting.",
-    "What are you thinking about right now?",
-    "Write two sentences about anything you like.",
+EFFECT_PROMPTS = FIT_PROMPTS + (
     "What would you do with a free afternoon?",
     "Tell me about a place you remember.",
     "Give me a fun fact.",
 )
-"""Calibration prompts of ``latent_effect`` (disjoint from ``NEUTRAL_PROMPTS``)."""
+"""Calibration prompts of ``latent_effect`` (disjoint from ``NEUTRAL_PROMPTS``; the first three are
+``fit_mix``'s)."""
 EFFECT_STRENGTHS = (4.0, 8.0)
 """Clamp strengths (typical activations) at which ``latent_effect`` tries each candidate."""
 EFFECT_TOKENS = 32
@@ -406,14 +404,18 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
 
 def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept,
                   methods: Sequence[str] = METHODS, output=None, judge=None, judge_threshold: float = 0.4,
-                  mix_latents: int = MIX_LATENTS, mix_signs: str = DEFAULT_MIX_SIGNS) -> SteeringSetup:
+                  mix_latents: int = MIX_LATENTS, mix_signs: str = DEFAULT_MIX_SIGNS,
+                  mix_max_frequency: float | None = None, mix_fit_steps: int = 0, positions: str = "all") -> SteeringSetup:
     """Find the concept latent (unless given), the latents of the selection rules ``methods`` use,
     and build the steering directions.
 
     Args:
         output: the SAE's output scores, for ``latent_output``.
         judge: the ``SentenceJudge``, for ``latent_effect``; judge_threshold: where it counts the concept.
-        mix_latents: how many latents ``latent_mix`` sums; mix_signs: which (``concept_search.latent_mix``).
+        mix_latents: how many latents ``latent_mix`` sums; mix_signs, mix_max_frequency: which
+            (``concept_search.latent_mix``; the frequencies are the statistics'); mix_fit_steps:
+            ``concept_search.fit_mix`` steps reweighting the mix at ``DEFAULT_MIX_STRENGTH`` and
+            ``positions`` (where the sweep steers; 0: none).
 
     Raises:
         ValueError: the chosen latent never fired in the statistics (no unit); ``latent_output``
@@ -430,7 +432,12 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
     pos, neg = hook_rows(model, tokenizer, hook_point, concept.positive), hook_rows(model, tokenizer, hook_point, concept.negative)
     diff = pos.mean(0) - neg.mean(0)
     dec = sae.decoder_directions(torch.tensor([latent], device=sae.device))[0].float().cpu()
-    mix, mix_latents = latent_mix(sae, pos, neg, mix_latents, mix_signs) if "latent_mix" in methods else (None, None)
+    mix, mix_latents = latent_mix(sae, pos, neg, mix_latents, mix_signs, stats.frequency,
+                                  mix_max_frequency) if "latent_mix" in methods else (None, None)
+    if mix_latents and mix_fit_steps:
+        fit = fit_mix(model, tokenizer, sae, concept.positive, mix_latents, float(stats.resid_norm_mean),
+                      DEFAULT_MIX_STRENGTH, mix_fit_steps, positions=positions)
+        mix, mix_latents = fit.direction, fit.weights
     return SteeringSetup(
         latent=int(latent),
         typical=stats.typical(int(latent)),
@@ -491,6 +498,11 @@ class SweepConfig:
     mix_signs: str = DEFAULT_MIX_SIGNS
     """Which latents ``latent_mix`` takes: ``"positive"`` (those the concept turns up, as concept
     search suggests) or ``"both"`` (up and down: the SAE's code of the mean-difference vector)."""
+    mix_max_frequency: float | None = None
+    """``latent_mix`` leaves out latents that fire on more than this fraction of tokens (None: none)."""
+    mix_fit_steps: int = DEFAULT_MIX_FIT_STEPS
+    """``fit_mix`` steps reweighting ``latent_mix``'s latents by the model's output, as concept search
+    does by default (0: the contrast weights)."""
     positions: str = "all"
     """Where every steering edit applies: ``"all"``, ``"prompt"`` or ``"generated"``."""
 
@@ -512,7 +524,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
     setup = setup_concept(model, tokenizer, sae, stats, concept, cfg.methods, output, judge, cfg.judge_threshold,
-                          cfg.mix_latents, cfg.mix_signs)
+                          cfg.mix_latents, cfg.mix_signs, cfg.mix_max_frequency, cfg.mix_fit_steps,
+                          cfg.positions)
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tokenizer, None, [{"role": "user", "content": p}]) for p in cfg.prompts]
     system = PROMPTING_SYSTEM.format(concept=concept.name)
@@ -577,7 +590,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
                       "mix_cos_mean_diff": float(setup.mix @ setup.mean_diff)} if setup.mix is not None else {})},
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
-                   "judge_threshold": cfg.judge_threshold, "positions": cfg.positions, "mix_signs": cfg.mix_signs},
+                   "judge_threshold": cfg.judge_threshold, "positions": cfg.positions, "mix_signs": cfg.mix_signs,
+                   "mix_max_frequency": cfg.mix_max_frequency, "mix_fit_steps": cfg.mix_fit_steps},
         "points": points,
         "best": best_at_fluency(points, cfg.methods, cfg.fluency_budget),
         "best_axbench": best_axbench(points, cfg.methods),

@@ -103,8 +103,9 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         assert sorted(m["sae"] for m in mixes) == sorted(attached)
         assert all(len(m["suggested"]) == 128 and {e["op"] for e in m["suggested"]} == {"add"} and m["strength"] == 0.5
                    and 0 < m["mean_diff_cos"] <= 1 for m in mixes)
-        # the default mix adds the concept's latents only, on the prompt's tokens
+        # the default mix adds the concept's latents only, on the prompt's tokens, weights fitted to the output
         assert all(e["value"] > 0 and e["positions"] == "prompt" for m in mixes for e in m["suggested"])
+        assert all(m["fit_steps"] == 10 and m["fit_nll_end"] < m["fit_nll_start"] for m in mixes), mixes
         general = next(m for m in mixes if m["sae"] != SAE)["suggested"]
         plain = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40})
         # the mix as sent, beside a request poisoned with a latent out of range: only that one fails
@@ -120,13 +121,18 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
         # bad mix fields sent beside a good search: each gets its 422, the good one what it got alone
-        bad = [("mix_signs", "negative"), ("mix_positions", "middle")]
-        with ThreadPoolExecutor(3) as ex:
-            rs = list(ex.map(lambda b: c.post("/v1/concepts/search", json=b), [{**body, f: v} for f, v in bad] + [body]))
+        unfitted = {**body, "mix_fit_steps": 0}
+        alone = c.post("/v1/concepts/search", json=unfitted).json()
+        assert alone["latents"] == r_alone["latents"]
+        assert all(m["fit_steps"] == 0 and m["fit_nll_start"] is None for m in alone["mixes"])
+        bad = [("mix_signs", "negative"), ("mix_positions", "middle"), ("mix_fit_steps", 51), ("mix_fit_steps", -1)]
+        with ThreadPoolExecutor(5) as ex:
+            rs = list(ex.map(lambda b: c.post("/v1/concepts/search", json=b), [{**unfitted, f: v} for f, v in bad] + [unfitted]))
         for (field, _), r in zip(bad, rs):
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
-        assert rs[-1].status_code == 200 and rs[-1].json() == r_alone
-        both = c.post("/v1/concepts/search", json={**body, "mix_signs": "both", "mix_latents": 16, "mix_positions": "all"}).json()["mixes"]
+        assert rs[-1].status_code == 200 and rs[-1].json() == alone
+        both = c.post("/v1/concepts/search", json={**unfitted, "mix_signs": "both", "mix_latents": 16,
+                                                   "mix_positions": "all"}).json()["mixes"]
         assert all(len(m["suggested"]) == 16 for m in both) and any(e["value"] < 0 for m in both for e in m["suggested"])
         assert all(e["positions"] == "all" for m in both for e in m["suggested"])
         r = c.post("/v1/concepts/search", json={**body, "sae": "nope"})

@@ -140,3 +140,87 @@ def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae,
         S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, signs="negative")
     with pytest.raises(ValueError, match="no latent is more active"):  # the same sentences on both sides
         S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, POSITIVE)
+
+
+def test_latent_mix_leaves_out_latents_denser_than_asked(lm, sae):
+    """``max_frequency``: latents firing on more than that fraction of tokens are left out before
+    the ``m`` are chosen; the rest keep their weights relative to each other (float64 reference)."""
+    model, tok = lm
+    pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
+    dz = (sae.encode(pos).detach().double().mean(0) - sae.encode(neg).detach().double().mean(0))
+    up = dz.topk(4).indices.tolist()
+    freq = torch.full((sae.cfg.d_sae,), 0.001)
+    freq[up[:2]] = 0.2  # the two latents the concept turns up most are "dense"
+    _, every = S.latent_mix(sae, pos, neg, m=4)
+    _, sparse = S.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=0.05)
+    assert list(every) == up
+    assert not set(up[:2]) & set(sparse) and list(sparse)[:2] == up[2:]
+    keep = torch.tensor(list(sparse))
+    ref = dz[keep] / float((dz[keep] @ sae.W_dec.detach().double()[keep]).norm())
+    assert torch.allclose(torch.tensor(list(sparse.values()), dtype=torch.float64), ref, rtol=1e-5)
+    _, same = S.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=None)
+    assert list(same) == up
+    with pytest.raises(ValueError, match="max_frequency needs"):
+        S.latent_mix(sae, pos, neg, m=4, max_frequency=0.05)
+
+
+def _answer_nll(model, tok, prompt: str, sentence: str, v: torch.Tensor, positions: str = "prompt") -> tuple[float, int]:
+    """Summed NLL (float64) of ``sentence`` as the chat answer to ``prompt``, ``v`` added at the
+    hook point on the prompt's tokens but the first (``"prompt"``) or on the answer's tokens
+    (``"generated"``); one unpadded sequence, no batching."""
+    from saesteer.sae.lm import resolve_hook_point
+    from saesteer.steering.generate import render_prompt
+
+    a = render_prompt(tok, None, [{"role": "user", "content": prompt}])
+    c = tok(sentence, add_special_tokens=False)["input_ids"]
+    mask = torch.zeros(1, len(a) + len(c), 1)
+    if positions == "prompt":
+        mask[0, 1:len(a)] = 1
+    else:
+        mask[0, len(a):] = 1
+    h = resolve_hook_point(model, HOOK).attach(lambda x: x + mask * v.to(x.dtype))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([a + c])).logits[0].double()
+    finally:
+        h.remove()
+    logp = torch.log_softmax(logits[len(a) - 1:-1], -1)
+    return -float(logp[torch.arange(len(c)), torch.tensor(c)].sum()), len(c)
+
+
+def test_fit_mix_objective_is_the_answers_nll_and_fitting_lowers_it(lm, sae):
+    """``fit_mix``: its objective equals a direct per-sequence computation (no padding, float64
+    log-softmax) of the positive sentences' mean NLL per token as answers to the fit prompts with
+    the edit on the prompt's tokens; fitting keeps the latents and their signs, keeps the edit's
+    norm, and lowers the objective."""
+    model, tok = lm
+    pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
+    direction, weights = S.latent_mix(sae, pos, neg, m=8)
+    prompts, strength, r = S.FIT_PROMPTS[:2], 0.5, 40.0
+    still = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts)
+    assert still.nll_start == still.nll_end and set(still.weights) == set(weights)
+    assert float((still.direction - direction).norm()) < 1e-5
+    parts = [_answer_nll(model, tok, p, c, strength * r * direction) for p in prompts for c in POSITIVE]
+    ref = sum(n for n, _ in parts) / sum(k for _, k in parts)
+    assert still.nll_start == pytest.approx(ref, rel=1e-4)
+    fit = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=3, prompts=prompts)
+    assert fit.nll_start == pytest.approx(still.nll_start, rel=1e-6) and fit.nll_end < fit.nll_start - 0.01, fit
+    assert set(fit.weights) == set(weights) and all(w > 0 for w in fit.weights.values())
+    w = list(fit.weights.values())
+    assert w == sorted(w, reverse=True)
+    summed = torch.tensor(w, dtype=torch.float64) @ sae.W_dec.detach().double()[list(fit.weights)]
+    assert float((summed.float() - fit.direction).norm()) < 1e-5 and float(fit.direction.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert float(fit.direction @ direction) < 1 - 1e-4  # the direction moved
+    parts = [_answer_nll(model, tok, p, c, strength * r * fit.direction) for p in prompts for c in POSITIVE]
+    assert sum(n for n, _ in parts) / sum(k for _, k in parts) == pytest.approx(fit.nll_end, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # the model's weights get no gradient
+    gen = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts, positions="generated")
+    parts = [_answer_nll(model, tok, p, c, strength * r * direction, "generated") for p in prompts for c in POSITIVE]
+    assert gen.nll_start == pytest.approx(sum(n for n, _ in parts) / sum(k for _, k in parts), rel=1e-4)
+    assert abs(gen.nll_start - still.nll_start) > 1e-3  # the positions matter
+    with pytest.raises(ValueError, match="positions must be"):
+        S.fit_mix(model, tok, sae, POSITIVE, weights, r, positions="middle")
+    with pytest.raises(ValueError, match="steps must be"):
+        S.fit_mix(model, tok, sae, POSITIVE, weights, r, steps=-1)
+    with pytest.raises(ValueError, match="at least one positive sentence"):
+        S.fit_mix(model, tok, sae, [], weights, r)

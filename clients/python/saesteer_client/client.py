@@ -28,6 +28,7 @@ from .schema import (
     ConceptSearchResponse,
     Condition,
     DEFAULT_MIX_LATENTS,
+    DEFAULT_MIX_FIT_STEPS,
     DEFAULT_MIX_POSITIONS,
     DEFAULT_MIX_SIGNS,
     DEFAULT_MIX_STRENGTH,
@@ -311,24 +312,27 @@ class Client:
         sentences and/or words, best first, each with a ready-to-send ``suggested`` clamp. On a
         text-to-image server: ``positive`` and ``negative`` prompts, both required, and each hit
         suggests scaling its latent by -1 (the removal)."""
-        body = _search_body(positive, words, negative, sae, top_k)
+        body = _search_body(positive, words, negative, sae, top_k, mix_latents=0)  # no mix to compute and fit
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).latents
 
     def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
                              mix_latents: int = DEFAULT_MIX_LATENTS,
                              mix_strength: float = DEFAULT_MIX_STRENGTH,
                              mix_signs: str = DEFAULT_MIX_SIGNS,
-                             mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
+                             mix_positions: str = DEFAULT_MIX_POSITIONS,
+                             mix_fit_steps: int = DEFAULT_MIX_FIT_STEPS) -> list[ConceptSearchMix]:
         """``POST /v1/concepts/search``'s latent mixes: per searched SAE, ``mix_latents`` latents
         whose ``suggested`` add edits bring the concept of the ``positive`` sentences in (they
         steer better than one latent's clamp, ``docs/general_sae.md``); send them as
         ``interventions``. ``mix_signs``: ``"positive"`` (the latents the concept turns up) or
         ``"both"`` (up and down); ``mix_positions``: where the edits apply (default the prompt's
-        tokens). A named concept stores its edits without positions: to save a mix with
+        tokens); ``mix_fit_steps``: steps fitting the weights to the model's output (0: the
+        contrast weights; on CPU each step takes seconds). A named concept stores its edits
+        without positions: to save a mix with
         ``save_concept``, ask with ``mix_positions="all"`` and give the positions where the concept
         is applied (``{"op": "concept", ..., "positions": "prompt"}``)."""
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
-                            mix_signs=mix_signs, mix_positions=mix_positions)
+                            mix_signs=mix_signs, mix_positions=mix_positions, mix_fit_steps=mix_fit_steps)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).mixes
 
     def health(self) -> bool:
@@ -430,16 +434,17 @@ class AsyncClient:
 
     async def search_concepts(self, positive: Sequence[str] = (), *, words: Sequence[str] = (), negative: Sequence[str] = (),
                               sae: str | None = None, top_k: int = 10) -> list[ConceptSearchHit]:
-        body = _search_body(positive, words, negative, sae, top_k)
+        body = _search_body(positive, words, negative, sae, top_k, mix_latents=0)  # no mix to compute and fit
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).latents
 
     async def search_concept_mixes(self, positive: Sequence[str], *, negative: Sequence[str] = (), sae: str | None = None,
                                    mix_latents: int = DEFAULT_MIX_LATENTS,
                                    mix_strength: float = DEFAULT_MIX_STRENGTH,
                                    mix_signs: str = DEFAULT_MIX_SIGNS,
-                                   mix_positions: str = DEFAULT_MIX_POSITIONS) -> list[ConceptSearchMix]:
+                                   mix_positions: str = DEFAULT_MIX_POSITIONS,
+                                   mix_fit_steps: int = DEFAULT_MIX_FIT_STEPS) -> list[ConceptSearchMix]:
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
-                            mix_signs=mix_signs, mix_positions=mix_positions)
+                            mix_signs=mix_signs, mix_positions=mix_positions, mix_fit_steps=mix_fit_steps)
         return ConceptSearchResponse.model_validate((await self._send("POST", "/v1/concepts/search", json=body)).json()).mixes
 
     async def health(self) -> bool:
