@@ -55,7 +55,7 @@ from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.output_scores import final_norm_and_unembedding
 from saesteer.sae.stats import LatentStats
-from saesteer.steering.generate import pad_id, render_prompt
+from saesteer.steering.generate import pad_id, render_prompt, right_padded
 from saesteer_client.schema import (
     DEFAULT_MIX_LATENTS, DEFAULT_MIX_POSITIONS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH, MIX_SIGNS, PositionKind,
 )
@@ -311,14 +311,10 @@ def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mappin
     w0 = torch.tensor(list(weights.values()), dtype=torch.float32, device=param.device)
     seqs = [(render_prompt(tokenizer, None, [{"role": "user", "content": p}]), tokenizer(c, add_special_tokens=False)["input_ids"])
             for p in prompts for c in positive]
-    B, T = len(seqs), max(len(a) + len(c) for a, c in seqs)
-    ids = torch.full((B, T), pad_id(tokenizer), dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    where = torch.zeros((B, T, 1))
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    for b, (a, c) in enumerate(seqs):  # right-padded: every row's positions start at 0
-        ids[b, :len(a) + len(c)] = torch.tensor(a + c)
-        attn[b, :len(a) + len(c)] = 1
+    ids, attn = right_padded([a + c for a, c in seqs], pad_id(tokenizer))
+    where = torch.zeros((*ids.shape, 1))
+    labels = torch.full(ids.shape, -100, dtype=torch.long)
+    for b, (a, c) in enumerate(seqs):
         where[b, {"prompt": slice(1, len(a)), "all": slice(1, len(a) + len(c)),
                   "generated": slice(len(a), len(a) + len(c))}[positions]] = 1
         labels[b, len(a):len(a) + len(c)] = torch.tensor(c)
@@ -333,7 +329,7 @@ def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mappin
             for step in range(steps + 1):
                 u = (w0 * theta.exp()) @ dirs
                 edit["v"] = strength * resid_norm * u / u.norm()
-                logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
                 nll.append(float(loss.detach()))
                 if step < steps:

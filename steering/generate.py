@@ -93,6 +93,23 @@ def left_padded(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, t
     return ids, attn, abs_pos, lens
 
 
+def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole sequences (prompt and completion together, teacher-forced) right-padded into one batch
+    (CPU tensors): every row's positions start at 0, so no position ids are needed.
+
+    Returns:
+        ``(ids, attn)``: ids [B, T] int64 (``pad`` on the right), attn [B, T] int64 (0 on padding);
+        T the longest sequence.
+    """
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        attn[b, : len(s)] = 1
+    return ids, attn
+
+
 def row_generator(spec: GenerationSpec) -> torch.Generator | None:
     """The row's own sampling generator, seeded with ``spec.seed`` (None without a seed)."""
     return torch.Generator().manual_seed(spec.seed) if spec.seed is not None else None

@@ -90,7 +90,7 @@ from saesteer.sae.stats import LatentStats
 from saesteer_client.schema import DEFAULT_MIX_FIT_STEPS, DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH
 
 from ..concept_search import FIT_PROMPTS, fit_mix, hook_rows, latent_mix
-from ..generate import GenerationSpec, generate, render_prompt
+from ..generate import GenerationSpec, generate, render_prompt, right_padded
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
 from .concepts import contrast_latents
@@ -215,13 +215,7 @@ def completion_nll(
     acts: list[torch.Tensor | None] = []
     for i in range(0, len(prompt_ids), batch_size):
         ps, cs = prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size]
-        seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
-        T = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        attn = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-            attn[b, : len(s)] = 1
+        ids, attn = right_padded([list(p) + list(c) for p, c in zip(ps, cs)], pad=0)
         box = {}
         handle = resolve_hook_point(model, hook_point).attach(lambda x: box.__setitem__("x", x.detach())) if hook_point else None
         try:
