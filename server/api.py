@@ -81,6 +81,15 @@ def response_of(steered, plain=None) -> GenerateResponse:
 audit_log = logging.getLogger("saesteer.audit")
 
 
+def row_settings(r: GenerateRequest, deadline: float | None) -> dict:
+    """The ``GenerationSpec`` fields a ``GenerateRequest`` sets for each of its rows (all but the
+    prompt ids and the plan): length, sampling, penalties, stop strings, the ``deadline``
+    (``time.monotonic()`` seconds)."""
+    return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                repetition_penalty=r.repetition_penalty, frequency_penalty=r.frequency_penalty,
+                presence_penalty=r.presence_penalty, stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos)
+
+
 def audit(fingerprint: str, results, with_text: bool = False) -> None:
     """One JSON log line (logger ``saesteer.audit``) per policy that fired on a request's rows:
     policy, action, hits, largest score, the request's fingerprint; the hit positions too, and the
@@ -368,10 +377,7 @@ class GenerateAPI(ModelAPI):
             specs, owners = [], []
             for i in (ready[j] for j in run):
                 r = items[i].request
-                base = dict(
-                    input_ids=items[i].input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, seed=r.seed, stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos,
-                )
+                base = dict(input_ids=items[i].input_ids, **row_settings(r, deadline))
                 specs.append(GenerationSpec(**base, plan=items[i].plan))
                 owners.append((i, "steered"))
                 if r.compare:

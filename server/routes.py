@@ -241,6 +241,8 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
     def to_generate(body, **fields) -> GenerateRequest | object:
         try:
             return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                   frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                                   repetition_penalty=body.repetition_penalty,
                                    stop=body.stop_list(), interventions=body.steering,
                                    disable_policies=body.disable_policies, **fields)
         except ValidationError as e:

@@ -31,7 +31,7 @@ from saesteer_client.schema import DoneEvent, ErrorEvent, GenerateRequest, Token
 
 from saesteer.steering.pool import SAEPool
 
-from .api import ModelAPI, Prepared, Rejected, response_of, row_failure
+from .api import ModelAPI, Prepared, Rejected, response_of, row_failure, row_settings
 from .config import ServerSettings
 from .runtime import release_free_memory, write_atomic
 
@@ -227,8 +227,7 @@ class StreamAPI(ModelAPI):
             self.requests[uid] = _Request(prep, roles)
             deadline = time.monotonic() + self.settings.generation_timeout
             joining.append((uid, [(f"{uid}|{role}", GenerationSpec(
-                prep.input_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
-                stop=list(r.stop), deadline=deadline, ignore_eos=r.ignore_eos, plan=prep.plan if role == "steered" else prep.plain_plan))
+                prep.input_ids, **row_settings(r, deadline), plan=prep.plan if role == "steered" else prep.plain_plan))
                 for role in roles]))
         if not joining:
             return

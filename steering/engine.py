@@ -342,7 +342,7 @@ class ContinuousBatch:
         """Sample ``row``'s next token from its ``logits`` [vocab] (None: non-finite) and say what
         changed."""
         s = row.spec
-        tok = _sample(logits, s, row.gen) if logits is not None else None
+        tok = _sample(logits, s, row.gen, row.tokens) if logits is not None else None
         if tok is None:
             return self._final(row, "error", NON_FINITE)
         # a watched row releases the token its forward has just checked, not the new one

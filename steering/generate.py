@@ -24,12 +24,22 @@ from .policy import SafetyReport, apply_hits
 
 @dataclass
 class GenerationSpec:
-    """One row: prompt token ids, sampling settings, and its intervention plan."""
+    """One row: prompt token ids, sampling settings, and its intervention plan.
+
+    The penalties (``penalized``) change the logits before greedy choice or sampling:
+    ``repetition_penalty`` as transformers' ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et
+    al. 2019: every token of the prompt or the completion so far has a positive logit divided by it
+    and a negative one multiplied; 1 is off), ``frequency_penalty`` and ``presence_penalty`` as
+    OpenAI's API (subtracted once per earlier occurrence in the completion, and once if it occurs
+    at all; 0 is off)."""
 
     input_ids: list[int]
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     plan: InterventionPlan = field(default_factory=InterventionPlan)
@@ -121,9 +131,29 @@ def stop_cut(text: str, stops: Sequence[str]) -> str | None:
     return text[: min(hit)] if hit else None
 
 
-def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None) -> int | None:
-    """The next token of one row from its finite logits [vocab]; None if sampling probabilities
-    come out non-finite."""
+def penalized(logits: torch.Tensor, spec: GenerationSpec, generated: Sequence[int]) -> torch.Tensor:
+    """One row's logits [vocab] (any float dtype, any device) with ``spec``'s repetition, frequency
+    and presence penalties applied (``GenerationSpec``), given the tokens it has generated so far;
+    the logits themselves when every penalty is off. The result is float32 when a penalty applies."""
+    rep, freq, pres = spec.repetition_penalty, spec.frequency_penalty, spec.presence_penalty
+    if rep == 1.0 and not ((freq or pres) and generated):
+        return logits
+    out = logits.float().unsqueeze(0)
+    if rep != 1.0:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        seen = torch.tensor([list(spec.input_ids) + list(generated)], dtype=torch.long, device=logits.device)
+        out = RepetitionPenaltyLogitsProcessor(float(rep))(seen, out)
+    if (freq or pres) and generated:
+        counts = torch.bincount(torch.tensor(list(generated), device=logits.device), minlength=out.shape[-1])[: out.shape[-1]]
+        out = out - freq * counts - pres * (counts > 0).float()
+    return out[0]
+
+
+def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | None, generated: Sequence[int] = ()) -> int | None:
+    """The next token of one row from its finite logits [vocab], after its penalties (``penalized``,
+    given the row's ``generated`` tokens so far); None if sampling probabilities come out non-finite."""
+    logits = penalized(logits, spec, generated)
     if spec.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / spec.temperature, dim=-1)
@@ -200,7 +230,7 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
             for b, s in enumerate(specs):
                 if finish[b] is not None:
                     continue
-                tok = _sample(logits[b], s, gens[b]) if finite[b] else None
+                tok = _sample(logits[b], s, gens[b], out_tokens[b]) if finite[b] else None
                 if tok is None:
                     finish[b], errors[b] = "error", NON_FINITE
                     continue

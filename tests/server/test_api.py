@@ -315,7 +315,8 @@ GOOD = [
         ("Name a colour.", {"temperature": 0.8, "top_p": 0.9, "seed": 3}),
         ("What is two plus two?", {"interventions": [{"op": "ablate", "sae": SAE, "latent": 10, "positions": [1, 2, 3]}]}),
         ("Say hello.", {"interventions": [{"op": "add_vector", "sae": SAE, "vector": [0.01] * 576, "strength": 50.0}]}),
-        ("Give me a fruit.", {"compare": True, "interventions": [{"op": "scale", "sae": SAE, "latent": 77, "value": 3.0}]}),
+        ("Give me a fruit.", {"compare": True, "repetition_penalty": 1.3, "frequency_penalty": 0.5,
+                              "interventions": [{"op": "scale", "sae": SAE, "latent": 77, "value": 3.0}]}),
     ]
 ]
 
@@ -340,6 +341,9 @@ POISON = {
     "position past the limit": (_iv(op="clamp", sae=SAE, latent=5, value=1.0, positions=[1, 5000]), '"positions"'),
     "temperature 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 1e-300}, '"temperature"'),
     "top_p 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 0.5, "top_p": 1e-300}, '"top_p"'),
+    "repetition_penalty 0": ({"messages": MSG, "max_new_tokens": 4, "repetition_penalty": 0.0}, '"repetition_penalty"'),
+    "frequency_penalty 3": ({"messages": MSG, "max_new_tokens": 4, "frequency_penalty": 3.0}, '"frequency_penalty"'),
+    "presence_penalty -1e308": ({"messages": MSG, "max_new_tokens": 4, "presence_penalty": -1e308}, '"presence_penalty"'),
 }
 
 

@@ -111,6 +111,21 @@ def test_refused_before_the_first_token_gets_its_status(server, oai):
     assert c.post("/internal/stream", json={"prompt": "hi"}).status_code == 404
 
 
+def test_openai_penalties_reach_the_generation(oai, server):
+    """OpenAI's frequency_penalty and presence_penalty (and vLLM's repetition_penalty) give the
+    tokens /v1/generate gives with the same penalties, not the unpenalised ones; out of range, a 422."""
+    c, _ = server
+    poem = [{"role": "user", "content": "Write a short poem."}]
+    pen = {"frequency_penalty": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.1}
+    plain = c.post("/v1/generate", json={"messages": poem, "max_new_tokens": 24}).json()["text"]
+    want = c.post("/v1/generate", json={"messages": poem, "max_new_tokens": 24, **pen}).json()["text"]
+    got = oai.chat.completions.create(model=MODEL, messages=poem, max_tokens=24, temperature=0,
+                                      frequency_penalty=1.0, presence_penalty=0.5, extra_body={"repetition_penalty": 1.1})
+    assert got.choices[0].message.content == want != plain
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": poem, "frequency_penalty": 2.5})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "frequency_penalty"], r.text
+
+
 def test_a_poisoned_stream_beside_good_ones(server):
     """A non-finite steer streamed beside good streams: it ends with an error event or a 4xx; the
     good ones get their tokens."""

@@ -220,7 +220,8 @@ class Client:
     def generate(self, prompt: str | None = None, *, messages: list | None = None,
                  interventions: Sequence[Intervention] | None = None, **kw) -> GenerateResponse:
         """``POST /v1/generate``; ``kw`` are ``GenerateRequest`` fields (max_new_tokens,
-        temperature, top_p, seed, stop, compare)."""
+        temperature, top_p, repetition_penalty, frequency_penalty, presence_penalty, seed, stop,
+        compare)."""
         r = self._send("POST", "/v1/generate", json=_request(prompt, messages, interventions, kw))
         return GenerateResponse.model_validate(r.json())
 

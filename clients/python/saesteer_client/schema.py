@@ -58,6 +58,11 @@ MIN_TEMPERATURE = 1e-2
 """Smallest non-zero temperature: below it logits / temperature overflow float32 (use 0 for greedy)."""
 MIN_TOP_P = 1e-3
 """Smallest top_p; a smaller nucleus is the greedy token."""
+MAX_REPETITION_PENALTY = 10.0
+"""Largest ``repetition_penalty`` (transformers' convention: 1 is off, 1.1-1.3 usual; it divides
+logits, so it must stay positive)."""
+MAX_OPENAI_PENALTY = 2.0
+"""Largest magnitude of ``frequency_penalty`` and ``presence_penalty``, as OpenAI's API allows."""
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 BoundedFloat = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
@@ -337,6 +342,13 @@ class GenerateRequest(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=1024)
     temperature: Temperature = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0, description="nucleus sampling: keep the smallest set of tokens with this much probability")
+    repetition_penalty: FiniteFloat = Field(
+        1.0, gt=0.0, le=MAX_REPETITION_PENALTY, description="transformers' repetition penalty: a token already in the "
+        "prompt or the completion has its positive logit divided by it, its negative one multiplied (1: off)")
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY, description="as OpenAI's: "
+                                           "subtracted from a token's logit once per earlier occurrence in the completion")
+    presence_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY, description="as OpenAI's: "
+                                          "subtracted from a token's logit if it occurs in the completion so far")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
     interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
@@ -437,6 +449,10 @@ class _OpenAIRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256, description="the served model's id (GET /v1/models)")
     temperature: Temperature = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0)
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    presence_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY,
+                                            description="not OpenAI's: transformers' and vLLM's (1: off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
                 list[Annotated[str, Field(min_length=1, max_length=256)]], None] = Field(None, description="up to 8 stop strings")
