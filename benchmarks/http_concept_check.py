@@ -9,8 +9,9 @@ money, none of them among the 12 concepts the methods were measured on), against
 1. ``POST /v1/concepts/search`` with the positive sentences (and the server's neutral negatives,
    unless ``--negatives`` gives some);
 2. ``POST /v1/generate`` on the 8 held-out chat prompts of ``eval-steering``
-   (``NEUTRAL_PROMPTS``), greedy, ``--max-new-tokens`` tokens: unsteered, with the top hit's
-   suggested clamp, with the suggested latent mix on ``--sae`` (as returned, no tuning), and, as
+   (``NEUTRAL_PROMPTS``), greedy (``--repetition-penalty``, default off), ``--max-new-tokens``
+   tokens: unsteered, with the top hit's suggested clamp, with the suggested latent mix on
+   ``--sae`` (as returned, no tuning), and, as
    the baseline, the mean-difference vector of the same sentences at the mix's strength and
    positions (read from the model loaded here, sent as ``add_vector``);
 3. scored as ``eval-steering`` scores (``steering.eval.evaluate``): the concept is present when the
@@ -42,7 +43,7 @@ HERE = Path(__file__).parent
 
 
 def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_tokens: int, budget: float,
-        negative: list[str] | None = None, strength: float | None = None) -> dict:
+        negative: list[str] | None = None, strength: float | None = None, repetition_penalty: float = 1.0) -> dict:
     """One concept: search (``negative`` sentences sent as given, or none), a generation per prompt
     for each of the four arms, scores (module docstring)."""
     neg = list(negative or [])
@@ -58,11 +59,12 @@ def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_t
     scorer = ConceptScorer(judge, concept)
     prompt_ids = [render_prompt(tok, None, [{"role": "user", "content": p}]) for p in NEUTRAL_PROMPTS]
     out = {"concept": concept.name, "top_latent": hit.latent, "mix_latents": len(mix.suggested),
-           "mix_strength": mix.strength, "mix_positions": where, "mix_mean_diff_cos": mix.mean_diff_cos, "arms": {}}
+           "mix_strength": mix.strength, "mix_positions": where, "mix_mean_diff_cos": mix.mean_diff_cos,
+           "repetition_penalty": repetition_penalty, "arms": {}}
     base_ppl = None
     for arm, ivs in arms.items():
         res = [client.generate(messages=[{"role": "user", "content": p}], interventions=ivs,
-                               max_new_tokens=max_new_tokens) for p in NEUTRAL_PROMPTS]
+                               max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty) for p in NEUTRAL_PROMPTS]
         texts = [r.text for r in res]
         comp = [[t for t in r.tokens if t != tok.eos_token_id] for r in res]
         nll, _ = completion_nll(model, prompt_ids, comp)
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--negatives", default=None, help="a JSON list of sentences sent as the search's negatives "
                     "(default: none, the server's neutral set)")
     ap.add_argument("--strength", type=float, default=None, help="mix_strength sent (default: the server's)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="every generation's repetition_penalty, the unsteered ones too (default 1: off)")
     ap.add_argument("--only", nargs="*", default=None, help="these concepts only")
     ap.add_argument("--out", default=None, help="write the table here (.md) and the samples beside it (.json)")
     a = ap.parse_args()
@@ -120,7 +124,8 @@ def main() -> None:
                 for c in json.loads(Path(a.concepts).read_text()) if not a.only or c["name"] in a.only]
     negative = json.loads(Path(a.negatives).read_text()) if a.negatives else None
     with Client(a.url) as client:
-        results = [run(client, model, tok, judge, c, a.sae, a.max_new_tokens, a.fluency_budget, negative, a.strength)
+        results = [run(client, model, tok, judge, c, a.sae, a.max_new_tokens, a.fluency_budget, negative, a.strength,
+                       a.repetition_penalty)
                    for c in concepts]
     md = markdown(results)
     print(md)

@@ -178,7 +178,8 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     cfg = SweepConfig(methods=methods, strengths=strengths, prompts=prompts, max_new_tokens=a.max_new_tokens,
                       batch_size=a.batch_size, fluency_budget=a.fluency_budget, judge_threshold=a.judge_threshold,
                       mix_latents=MIX_LATENTS if a.mix_latents is None else a.mix_latents, positions=a.positions,
-                      mix_signs=a.mix_signs, mix_max_frequency=a.mix_max_frequency, mix_fit_steps=a.mix_fit_steps)
+                      mix_signs=a.mix_signs, mix_max_frequency=a.mix_max_frequency, mix_fit_steps=a.mix_fit_steps,
+                      repetition_penalty=a.repetition_penalty)
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
     judge = SentenceJudge(a.judge)
@@ -368,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent_mix leaves out latents firing on more than this fraction of tokens (default: none left out)")
     es.add_argument("--mix-fit-steps", type=int, default=DEFAULT_MIX_FIT_STEPS,
                     help=f"fit_mix steps reweighting latent_mix by the model's output (default {DEFAULT_MIX_FIT_STEPS}, as concept search; 0: none)")
+    es.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="every answer's repetition penalty, unsteered ones too (as a request's; default 1: off)")
     es.add_argument("--positions", default="all", choices=get_args(PositionKind),
                     help="where every steering edit applies (as a request's positions; default all)")
     es.add_argument("--fluency-budget", type=float, default=3.0, help="summary: best concept rate at perplexity <= this x unsteered")

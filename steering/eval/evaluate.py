@@ -499,6 +499,8 @@ class SweepConfig:
     does by default (0: the contrast weights)."""
     positions: str = "all"
     """Where every steering edit applies: ``"all"``, ``"prompt"`` or ``"generated"``."""
+    repetition_penalty: float = 1.0
+    """Every answer's (the unsteered ones' too) ``GenerationSpec.repetition_penalty`` (1: off)."""
 
 
 def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judge, cfg: SweepConfig | None = None,
@@ -512,8 +514,10 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         A JSON-ready report: ``concept``, ``setup`` (latent, units, the selected latents), ``points``
         (one per method and strength: ``concept_rate``, ``concept_margin``, ``keyword_rate``,
         ``latent_activation``, ``perplexity``, ``distinct_bigrams``, ``relevance``, ``fluent_rate``,
-        ``axbench``, ``samples``), ``best`` (per method, the strongest concept rate among fluent
-        points) and ``best_axbench`` (per method, the point of best AxBench score).
+        ``fluent_concept_rate`` (answers both fluent, as the AxBench score's fluency part, and on
+        concept), ``axbench``, ``samples`` with each answer's ``fluent``), ``best`` (per method, the
+        strongest concept rate among fluent points) and ``best_axbench`` (per method, the point of
+        best AxBench score).
     """
     cfg = cfg or SweepConfig()
     hook_point = sae.cfg.hook_point
@@ -530,7 +534,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     for m, s in grid:
         plan = make_plan(m, s, setup, sae_id, hook_point, cfg.positions)
         for j, ids in enumerate(prompted_ids if m == "prompting" else prompt_ids):
-            specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan))
+            specs.append(GenerationSpec(input_ids=ids, max_new_tokens=cfg.max_new_tokens, plan=plan,
+                                        repetition_penalty=cfg.repetition_penalty))
             owners.append((m, s, j))
     steerer = Steerer(model, {sae_id: sae})
     results = []
@@ -568,9 +573,10 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
             "distinct_bigrams": sum(distinct_bigrams(comp[i]) for i in idx) / len(idx),
             "relevance": float(rel[idx].mean()),
             "fluent_rate": sum(parts["fluent"][i] for i in idx) / len(idx),
+            "fluent_concept_rate": sum(parts["fluent"][i] * bool(sim[i] > cfg.judge_threshold) for i in idx) / len(idx),
             "axbench": sum(parts["hm"][i] for i in idx) / len(idx),
-            "samples": [{"prompt": cfg.prompts[owners[i][2]], "text": texts[i], "concept_similarity": round(float(sim[i]), 4)}
-                        for i in idx],
+            "samples": [{"prompt": cfg.prompts[owners[i][2]], "text": texts[i], "concept_similarity": round(float(sim[i]), 4),
+                         "fluent": bool(parts["fluent"][i])} for i in idx],
         })
     base = next(p for p in points if p["strength"] == 0)
     for p in points:  # strength 0 is shared by every family
@@ -585,7 +591,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         "config": {"methods": list(cfg.methods), "strengths": {m: list(cfg.strengths[m]) for m in cfg.methods},
                    "prompts": list(cfg.prompts), "max_new_tokens": cfg.max_new_tokens, "fluency_budget": cfg.fluency_budget,
                    "judge_threshold": cfg.judge_threshold, "positions": cfg.positions, "mix_signs": cfg.mix_signs,
-                   "mix_max_frequency": cfg.mix_max_frequency, "mix_fit_steps": cfg.mix_fit_steps},
+                   "mix_max_frequency": cfg.mix_max_frequency, "mix_fit_steps": cfg.mix_fit_steps,
+                   "repetition_penalty": cfg.repetition_penalty},
         "points": points,
         "best": best_at_fluency(points, cfg.methods, cfg.fluency_budget),
         "best_axbench": best_axbench(points, cfg.methods),

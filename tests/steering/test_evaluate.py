@@ -264,6 +264,11 @@ def test_sweep_finds_a_strength_where_the_concept_appears(lm, python_sae, judge,
     assert best["concept_similarity"] > pts[0.0]["concept_similarity"] and best["concept_margin"] > pts[0.0]["concept_margin"]
     for p in pts.values():
         assert p["perplexity"] > 1 and len(p["samples"]) == 3
+        # answers both fluent and on concept, counted from the samples' own flags and similarities
+        both = [s["fluent"] and s["concept_similarity"] > cfg.judge_threshold for s in p["samples"]]
+        assert p["fluent_concept_rate"] == pytest.approx(sum(both) / 3)
+        assert p["fluent_rate"] == pytest.approx(sum(s["fluent"] for s in p["samples"]) / 3)
+        assert p["fluent_concept_rate"] <= min(p["fluent_rate"], p["concept_rate"])
     # the report files are written and readable
     paths = write_reports([report], tmp_path)
     back = json.loads(paths["json"].read_text())
