@@ -33,7 +33,7 @@ from saesteer.sae.lm import load_model
 from saesteer.server.config import DEFAULT_SAE_NAME
 from saesteer.steering.concept_search import NEUTRAL_SENTENCES, hook_rows
 from saesteer.steering.eval.evaluate import (
-    FLUENT_DISTINCT_BIGRAMS, NEUTRAL_PROMPTS, Concept, ConceptScorer, completion_nll, distinct_bigrams,
+    FLUENT_DISTINCT_BIGRAMS, NEUTRAL_PROMPTS, Concept, ConceptScorer, completion_nll, distinct_bigrams, load_concepts,
 )
 from saesteer.steering.eval.judge import SentenceJudge
 from saesteer.steering.generate import render_prompt
@@ -120,8 +120,7 @@ def main() -> None:
     a = ap.parse_args()
     model, tok = load_model()
     judge = SentenceJudge()
-    concepts = [Concept(c["name"], c["positive"], list(NEUTRAL_SENTENCES), None, c.get("keywords", []))
-                for c in json.loads(Path(a.concepts).read_text()) if not a.only or c["name"] in a.only]
+    concepts = [c for c in load_concepts(a.concepts) if not a.only or c.name in a.only]
     negative = json.loads(Path(a.negatives).read_text()) if a.negatives else None
     with Client(a.url) as client:
         results = [run(client, model, tok, judge, c, a.sae, a.max_new_tokens, a.fluency_budget, negative, a.strength,

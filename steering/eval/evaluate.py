@@ -89,7 +89,7 @@ from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
 from saesteer_client.schema import DEFAULT_MIX_FIT_STEPS, DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH
 
-from ..concept_search import FIT_PROMPTS, fit_mix, hook_rows, latent_mix
+from ..concept_search import FIT_PROMPTS, NEUTRAL_SENTENCES, fit_mix, hook_rows, latent_mix
 from ..generate import GenerationSpec, generate, render_prompt, right_padded
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
@@ -177,11 +177,17 @@ class Concept:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Concept":
-        """Raises ValueError on unknown keys or empty sentence sets."""
+        """A concept from its JSON object; without ``negative``, concept search's default
+        (``NEUTRAL_SENTENCES``), as a search sent only positive sentences gets (issue 15's unseen
+        concepts, ``benchmarks/unseen_concepts.json``).
+
+        Raises:
+            ValueError: unknown keys or empty sentence sets.
+        """
         unknown = set(d) - {"name", "positive", "negative", "latent", "keywords"}
         if unknown:
             raise ValueError(f"concept {d.get('name')!r}: unknown keys {sorted(unknown)}")
-        c = cls(**d)
+        c = cls(**{"negative": list(NEUTRAL_SENTENCES), **d})
         if not c.positive or not c.negative:
             raise ValueError(f"concept {c.name!r}: needs positive and negative sentences")
         return c

@@ -42,6 +42,18 @@ BENCH_CONCEPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "concepts.
 NOTES_PROMPTS = ("Write one sentence about your morning.", "Tell me something interesting.", "Describe a place you like.")
 
 
+def test_a_concept_without_negatives_gets_concept_searchs_neutral_set():
+    from saesteer.steering.concept_search import NEUTRAL_SENTENCES
+
+    unseen = load_concepts(BENCH_CONCEPTS.parent / "unseen_concepts.json")
+    assert [c.name for c in unseen] == ["trains", "birds", "money"]
+    assert all(c.negative == list(NEUTRAL_SENTENCES) and len(c.positive) == 6 and c.keywords for c in unseen)
+    with pytest.raises(ValueError, match="needs positive and negative"):
+        Concept.from_dict({"name": "x", "positive": ["a"], "negative": []})
+    with pytest.raises(ValueError, match="unknown keys"):
+        Concept.from_dict({"name": "x", "positive": ["a"], "negatives": ["b"]})
+
+
 @pytest.fixture(scope="module")
 def judge():
     from saesteer.steering.eval.judge import SentenceJudge
