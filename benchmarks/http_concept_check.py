@@ -17,7 +17,8 @@ money, none of them among the 12 concepts the methods were measured on), against
 3. scored as ``eval-steering`` scores (``steering.eval.evaluate``): the concept is present when the
    all-MiniLM-L6-v2 judge's similarity to the concept sentences exceeds 0.4; an answer is fluent
    when its perplexity under the unsteered model (loaded here) is at most 3x the unsteered answers'
-   mean and its distinct-bigram ratio is at least 0.6.
+   mean and its distinct-bigram ratio is at least 0.6; "not repetitive" keeps the second rule
+   only (people's own sentences about a concept fail the first: ``fluency_calibration.py``).
 
     python benchmarks/http_concept_check.py --out docs/general_sae/http_check/report.md
 """
@@ -73,32 +74,36 @@ def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_t
             base_ppl = sum(ppl) / len(ppl)
         sim, _ = scorer.scores(texts)
         kw = scorer.keyword_hits(texts)
-        fluent = [p <= budget * base_ppl and distinct_bigrams(c) >= FLUENT_DISTINCT_BIGRAMS for p, c in zip(ppl, comp)]
+        varied = [distinct_bigrams(c) >= FLUENT_DISTINCT_BIGRAMS for c in comp]
+        fluent = [p <= budget * base_ppl and v for p, v in zip(ppl, varied)]
         present = [bool(s > 0.4) for s in sim]
         out["arms"][arm] = {
             "concept_rate": sum(present) / len(present),
             "keyword_rate": sum(kw) / len(kw),
             "fluent_rate": sum(fluent) / len(fluent),
             "fluent_and_present": sum(f and p for f, p in zip(fluent, present)) / len(present),
+            "varied_and_present": sum(v and p for v, p in zip(varied, present)) / len(present),
             "perplexity_ratio": sum(ppl) / len(ppl) / base_ppl,
-            "samples": [{"prompt": p, "text": t, "similarity": round(float(s), 3)} for p, t, s in zip(NEUTRAL_PROMPTS, texts, sim)],
+            "samples": [{"prompt": p, "text": t, "similarity": round(float(s), 3), "perplexity_ratio": round(x / base_ppl, 2),
+                         "varied": v} for p, t, s, x, v in zip(NEUTRAL_PROMPTS, texts, sim, ppl, varied)],
         }
     return out
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| concept | arm | concept rate | keyword rate | fluent | fluent and on concept | perplexity (x unsteered) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| concept | arm | concept rate | keyword rate | fluent | fluent and on concept | not repetitive and on concept "
+             "| perplexity (x unsteered) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for arm, a in r["arms"].items():
             name = {"top_clamp": f"clamp latent {r['top_latent']}",
                     "mix": f"mix of {r['mix_latents']} (s={r['mix_strength']:g}, {r.get('mix_positions', 'all')}, cos {r['mix_mean_diff_cos']:.2f})"}.get(arm, arm)
             lines.append(f"| {r['concept']} | {name} | {a['concept_rate']:.2f} | {a['keyword_rate']:.2f} | {a['fluent_rate']:.2f} "
-                         f"| {a['fluent_and_present']:.2f} | {a['perplexity_ratio']:.2f} |")
+                         f"| {a['fluent_and_present']:.2f} | {a['varied_and_present']:.2f} | {a['perplexity_ratio']:.2f} |")
     lines.append("")
     for r in results:
         lines.append(f"**{r['concept']}, the mix's answers:**\n")
-        lines += [f"- *{s['prompt']}* {s['text']!r} ({s['similarity']:.2f})" for s in r["arms"]["mix"]["samples"]]
+        lines += [f"- *{s['prompt']}* {s['text']!r} (judge {s['similarity']:.2f}, perplexity {s['perplexity_ratio']:.1f}x"
+                  f"{'' if s['varied'] else ', repetitive'})" for s in r["arms"]["mix"]["samples"]]
         lines.append("")
     return "\n".join(lines)
 
