@@ -341,7 +341,7 @@ POISON = {
     "position past the limit": (_iv(op="clamp", sae=SAE, latent=5, value=1.0, positions=[1, 5000]), '"positions"'),
     "temperature 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 1e-300}, '"temperature"'),
     "top_p 1e-300": ({"messages": MSG, "max_new_tokens": 4, "temperature": 0.5, "top_p": 1e-300}, '"top_p"'),
-    "repetition_penalty 0": ({"messages": MSG, "max_new_tokens": 4, "repetition_penalty": 0.0}, '"repetition_penalty"'),
+    "repetition_penalty 1e-300": ({"messages": MSG, "max_new_tokens": 4, "repetition_penalty": 1e-300}, '"repetition_penalty"'),
     "frequency_penalty 3": ({"messages": MSG, "max_new_tokens": 4, "frequency_penalty": 3.0}, '"frequency_penalty"'),
     "presence_penalty -1e308": ({"messages": MSG, "max_new_tokens": 4, "presence_penalty": -1e308}, '"presence_penalty"'),
 }

@@ -62,7 +62,7 @@ def test_a_penalised_row_breaks_its_loop_and_batches_as_alone(lm):
     assert [got[str(i)] for i in range(4)] == alone
 
 
-@pytest.mark.parametrize("field,value", [("repetition_penalty", 0.0), ("repetition_penalty", 11.0),
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 0.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 11.0),
                                          ("frequency_penalty", 2.5), ("presence_penalty", -3.0)])
 def test_out_of_range_penalties_are_refused_by_the_schema(field, value):
     from pydantic import ValidationError

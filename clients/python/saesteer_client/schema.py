@@ -58,9 +58,12 @@ MIN_TEMPERATURE = 1e-2
 """Smallest non-zero temperature: below it logits / temperature overflow float32 (use 0 for greedy)."""
 MIN_TOP_P = 1e-3
 """Smallest top_p; a smaller nucleus is the greedy token."""
+MIN_REPETITION_PENALTY = 1e-2
+"""Smallest ``repetition_penalty``: it divides positive logits, and below this they overflow as
+logits / temperature would (transformers' convention: 1 is off, 1.1-1.3 usual, below 1 favours
+repeats)."""
 MAX_REPETITION_PENALTY = 10.0
-"""Largest ``repetition_penalty`` (transformers' convention: 1 is off, 1.1-1.3 usual; it divides
-logits, so it must stay positive)."""
+"""Largest ``repetition_penalty``."""
 MAX_OPENAI_PENALTY = 2.0
 """Largest magnitude of ``frequency_penalty`` and ``presence_penalty``, as OpenAI's API allows."""
 
@@ -343,7 +346,7 @@ class GenerateRequest(_Strict):
     temperature: Temperature = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0, description="nucleus sampling: keep the smallest set of tokens with this much probability")
     repetition_penalty: FiniteFloat = Field(
-        1.0, gt=0.0, le=MAX_REPETITION_PENALTY, description="transformers' repetition penalty: a token already in the "
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="transformers' repetition penalty: a token already in the "
         "prompt or the completion has its positive logit divided by it, its negative one multiplied (1: off)")
     frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY, description="as OpenAI's: "
                                            "subtracted from a token's logit once per earlier occurrence in the completion")
@@ -451,7 +454,7 @@ class _OpenAIRequest(BaseModel):
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0)
     frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
     presence_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
-    repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY,
+    repetition_penalty: FiniteFloat = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
                                             description="not OpenAI's: transformers' and vLLM's (1: off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
