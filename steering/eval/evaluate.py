@@ -561,7 +561,8 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     kw = scorer.keyword_hits(texts)
     prompt_emb = judge.embed(list(cfg.prompts))
     rel = (emb * prompt_emb[[j for _, _, j in owners]]).sum(-1)
-    parts = axbench_parts(owners, [math.exp(x) for x in nll], [distinct_bigrams(c) for c in comp], sim > cfg.judge_threshold,
+    hit = sim > cfg.judge_threshold  # [n] bool: the judge finds the concept
+    parts = axbench_parts(owners, [math.exp(x) for x in nll], [distinct_bigrams(c) for c in comp], hit,
                           rel, cfg.fluency_budget)
     points = []
     for m, s in grid:
@@ -570,7 +571,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
         points.append({
             "method": m,
             "strength": s,
-            "concept_rate": float((sim[idx] > cfg.judge_threshold).float().mean()),
+            "concept_rate": float(hit[idx].float().mean()),
             "concept_similarity": float(sim[idx].mean()),
             "concept_margin": float(margin[idx].mean()),
             "keyword_rate": (sum(kw[i] for i in idx) / len(idx)) if kw is not None else None,
@@ -579,7 +580,7 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
             "distinct_bigrams": sum(distinct_bigrams(comp[i]) for i in idx) / len(idx),
             "relevance": float(rel[idx].mean()),
             "fluent_rate": sum(parts["fluent"][i] for i in idx) / len(idx),
-            "fluent_concept_rate": sum(parts["fluent"][i] * bool(sim[i] > cfg.judge_threshold) for i in idx) / len(idx),
+            "fluent_concept_rate": sum(parts["fluent"][i] * bool(hit[i]) for i in idx) / len(idx),
             "axbench": sum(parts["hm"][i] for i in idx) / len(idx),
             "samples": [{"prompt": cfg.prompts[owners[i][2]], "text": texts[i], "concept_similarity": round(float(sim[i]), 4),
                          "fluent": bool(parts["fluent"][i])} for i in idx],

@@ -77,6 +77,10 @@ def _temperature_floor(v: float) -> float:
 
 Temperature = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_temperature_floor)]
 """0 (greedy) or at least ``MIN_TEMPERATURE``."""
+RepetitionPenalty = Annotated[float, Field(allow_inf_nan=False, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)]
+"""transformers' (and vLLM's) repetition penalty, 1 off (``MIN_REPETITION_PENALTY``)."""
+OpenAIPenalty = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)]
+"""OpenAI's ``frequency_penalty`` or ``presence_penalty``, 0 off."""
 PositionKind = Literal["all", "prompt", "generated"]
 """The named kinds of ``Positions``."""
 Positions = Union[
@@ -345,13 +349,13 @@ class GenerateRequest(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=1024)
     temperature: Temperature = Field(0.0, ge=0.0, le=5.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0, description="nucleus sampling: keep the smallest set of tokens with this much probability")
-    repetition_penalty: FiniteFloat = Field(
-        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="transformers' repetition penalty: a token already in the "
-        "prompt or the completion has its positive logit divided by it, its negative one multiplied (1: off)")
-    frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY, description="as OpenAI's: "
-                                           "subtracted from a token's logit once per earlier occurrence in the completion")
-    presence_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY, description="as OpenAI's: "
-                                          "subtracted from a token's logit if it occurs in the completion so far")
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="transformers' repetition penalty: a token already in "
+                                                  "the prompt or the completion has its positive logit divided by it, its "
+                                                  "negative one multiplied (1: off)")
+    frequency_penalty: OpenAIPenalty = Field(0.0, description="as OpenAI's: subtracted from a token's logit once per "
+                                             "earlier occurrence in the completion")
+    presence_penalty: OpenAIPenalty = Field(0.0, description="as OpenAI's: subtracted from a token's logit if it occurs "
+                                            "in the completion so far")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=MAX_STOP)
     interventions: list[Intervention] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
@@ -452,10 +456,9 @@ class _OpenAIRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256, description="the served model's id (GET /v1/models)")
     temperature: Temperature = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; otherwise >= {MIN_TEMPERATURE:g}")
     top_p: FiniteFloat = Field(1.0, ge=MIN_TOP_P, le=1.0)
-    frequency_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
-    presence_penalty: FiniteFloat = Field(0.0, ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)
-    repetition_penalty: FiniteFloat = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
-                                            description="not OpenAI's: transformers' and vLLM's (1: off)")
+    frequency_penalty: OpenAIPenalty = 0.0
+    presence_penalty: OpenAIPenalty = 0.0
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="not OpenAI's: transformers' and vLLM's (1: off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
                 list[Annotated[str, Field(min_length=1, max_length=256)]], None] = Field(None, description="up to 8 stop strings")
