@@ -22,6 +22,7 @@ from saesteer_client.schema import (
     LatentActivation,
     LatentIntervention,
     LatentTrace,
+    SUGGESTED_REPETITION_PENALTY,
     TokenFeatures,
 )
 
@@ -93,6 +94,7 @@ class FeaturesAPI(ModelAPI):
                        for i, v in zip(m.latents, m.values)],
             fit_steps=r.mix_fit_steps if m.fit else 0,
             fit_nll_start=round(m.fit.nll_start, 4) if m.fit else None, fit_nll_end=round(m.fit.nll_end, 4) if m.fit else None,
+            repetition_penalty=SUGGESTED_REPETITION_PENALTY,
         ) for m in mixes], latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,
             top_tokens=h.top_tokens,

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from saesteer_client.schema import SUGGESTED_REPETITION_PENALTY
+
 from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
 
 from serving import serve
@@ -106,18 +108,29 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
         # the default mix adds the concept's latents only, on the prompt's tokens, weights fitted to the output
         assert all(e["value"] > 0 and e["positions"] == "prompt" for m in mixes for e in m["suggested"])
         assert all(m["fit_steps"] == 10 and m["fit_nll_end"] < m["fit_nll_start"] for m in mixes), mixes
+        assert all(m["repetition_penalty"] == SUGGESTED_REPETITION_PENALTY for m in mixes)  # the decoding to send with it
         general = next(m for m in mixes if m["sae"] != SAE)["suggested"]
         plain = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40})
         # the mix as sent, beside a request poisoned with a latent out of range: only that one fails
-        with ThreadPoolExecutor(3) as ex:
-            rs = list(ex.map(lambda iv: c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40, "interventions": iv}),
-                             [general, general[:-1] + [{**general[-1], "latent": 10**6}], []]))
+        # and the mix with the decoding it suggests
+        def send(iv, penalty=1.0):
+            return c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 40, "interventions": iv,
+                                                "repetition_penalty": penalty})
+
+        with ThreadPoolExecutor(4) as ex:
+            rs = list(ex.map(send, [general, general[:-1] + [{**general[-1], "latent": 10**6}], [], general],
+                             [1.0, 1.0, 1.0, SUGGESTED_REPETITION_PENALTY]))
         assert rs[1].status_code == 422 and rs[1].json()["detail"][0]["loc"][:3] == ["body", "interventions", 127], rs[1].text
         assert rs[2].status_code == 200 and rs[2].json()["text"] == plain.json()["text"]
         assert rs[0].status_code == 200, rs[0].text
         text = rs[0].json()["text"].lower()
         assert any(w in text for w in ("sea", "ocean", "wave", "beach", "water")), text  # the concept comes in
         assert not any(w in plain.json()["text"].lower() for w in ("sea", "ocean", "wave", "beach"))
+        assert rs[3].status_code == 200, rs[3].text
+        penalised = rs[3].json()["text"].lower()
+        assert any(w in penalised for w in ("sea", "ocean", "wave", "beach", "water")), penalised
+        words = penalised.split()
+        assert len(set(zip(words, words[1:]))) == len(words) - 1, penalised  # no word pair said twice
         r = c.post("/v1/concepts/search", json={**body, "mix_latents": 257})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mix_latents"]
         # bad mix fields sent beside a good search: each gets its 422, the good one what it got alone
