@@ -9,9 +9,9 @@ money, none of them among the 12 concepts the methods were measured on), against
 1. ``POST /v1/concepts/search`` with the positive sentences (and the server's neutral negatives,
    unless ``--negatives`` gives some);
 2. ``POST /v1/generate`` on the 8 held-out chat prompts of ``eval-steering``
-   (``NEUTRAL_PROMPTS``), greedy (``--repetition-penalty``, default off), ``--max-new-tokens``
-   tokens: unsteered, with the top hit's suggested clamp, with the suggested latent mix on
-   ``--sae`` (as returned, no tuning), and, as
+   (``NEUTRAL_PROMPTS``), greedy, with the ``repetition_penalty`` the mix suggests (or
+   ``--repetition-penalty``), ``--max-new-tokens`` tokens: unsteered, with the top hit's suggested
+   clamp, with the suggested latent mix on ``--sae`` (as returned, no tuning), and, as
    the baseline, the mean-difference vector of the same sentences at the mix's strength and
    positions (read from the model loaded here, sent as ``add_vector``);
 3. scored as ``eval-steering`` scores (``steering.eval.evaluate``): the concept is present when the
@@ -44,13 +44,15 @@ HERE = Path(__file__).parent
 
 
 def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_tokens: int, budget: float,
-        negative: list[str] | None = None, strength: float | None = None, repetition_penalty: float = 1.0) -> dict:
+        negative: list[str] | None = None, strength: float | None = None, repetition_penalty: float | None = None) -> dict:
     """One concept: search (``negative`` sentences sent as given, or none), a generation per prompt
-    for each of the four arms, scores (module docstring)."""
+    for each of the four arms, scores (module docstring). ``repetition_penalty`` None: the mix's."""
     neg = list(negative or [])
     hit = client.search_concepts(concept.positive, negative=neg, sae=sae, top_k=1)[0]
     (mix,) = client.search_concept_mixes(concept.positive, negative=neg, sae=sae,
                                          **({"mix_strength": strength} if strength else {}))
+    if repetition_penalty is None:
+        repetition_penalty = mix.repetition_penalty
     hook = next(s.hook_point for s in client.saes() if s.id == sae)
     pos, negr = (hook_rows(model, tok, hook, t) for t in (concept.positive, neg or list(NEUTRAL_SENTENCES)))
     md = (pos.mean(0) - negr.mean(0)).tolist()  # the baseline, as a raw vector at the same strength
@@ -118,8 +120,9 @@ def main() -> None:
     ap.add_argument("--negatives", default=None, help="a JSON list of sentences sent as the search's negatives "
                     "(default: none, the server's neutral set)")
     ap.add_argument("--strength", type=float, default=None, help="mix_strength sent (default: the server's)")
-    ap.add_argument("--repetition-penalty", type=float, default=1.0,
-                    help="every generation's repetition_penalty, the unsteered ones too (default 1: off)")
+    ap.add_argument("--repetition-penalty", type=float, default=None,
+                    help="every generation's repetition_penalty, the unsteered ones too (default: the one the mix "
+                    "suggests)")
     ap.add_argument("--only", nargs="*", default=None, help="these concepts only")
     ap.add_argument("--out", default=None, help="write the table here (.md) and the samples beside it (.json)")
     a = ap.parse_args()
