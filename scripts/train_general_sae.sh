@@ -29,11 +29,18 @@ mkdir -p .cache
 [ -f "$OOD/emails.jsonl.gz" ] || python scripts/build_ood_text.py --out "$OOD"
 HOOKS=()
 for b in $BLOCKS; do HOOKS+=(--hook "blocks.$b.hook_resid_post"); done
-# one pass of the model per split collects every hook point (--out is then a folder)
-[ -d .cache/acts_general_val ] || saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split validation \
-  --n-tokens 120000 --out .cache/acts_general_val
-[ -d .cache/acts_general_train ] || saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split train \
-  --n-tokens "$N_COLLECT" --out .cache/acts_general_train
+# one pass of the model per split collects every hook point (--out is then a folder; with one hook
+# point collect writes a file, so it is named inside the folder)
+collect_once() {  # SPLIT N_TOKENS DIR
+  [ -d "$3" ] && return
+  if [ ${#HOOKS[@]} -eq 2 ]; then
+    mkdir -p "$3" && saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split "$1" --n-tokens "$2" --out "$3/${HOOKS[1]}.safetensors"
+  else
+    saesteer collect "${HOOKS[@]}" --data "$CORPUS" --split "$1" --n-tokens "$2" --out "$3"
+  fi
+}
+collect_once validation 120000 .cache/acts_general_val
+collect_once train "$N_COLLECT" .cache/acts_general_train
 for b in $BLOCKS; do
   HOOK=blocks.$b.hook_resid_post
   ACTS=(--acts ".cache/acts_general_train/$HOOK.safetensors" --val-acts ".cache/acts_general_val/$HOOK.safetensors")
