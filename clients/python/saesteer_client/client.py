@@ -326,8 +326,8 @@ class Client:
         whose ``suggested`` add edits bring the concept of the ``positive`` sentences in (they
         steer better than one latent's clamp, ``docs/general_sae.md``); send them as
         ``interventions``, with the mix's ``repetition_penalty`` as the request's (the decoding
-        the suggestion was measured with). ``mix_signs``: ``"positive"`` (the latents the concept turns up) or
-        ``"both"`` (up and down); ``mix_positions``: where the edits apply (default the prompt's
+        the suggestion was measured with). ``mix_signs``: ``"positive"`` (the latents the
+        concept turns up) or ``"both"`` (up and down); ``mix_positions``: where the edits apply (default the prompt's
         tokens); ``mix_fit_steps``: steps fitting the weights to the model's output (0: the
         contrast weights; on CPU each step takes seconds). A named concept stores its edits
         without positions: to save a mix with
