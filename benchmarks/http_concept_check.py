@@ -34,7 +34,8 @@ from saesteer.sae.lm import load_model
 from saesteer.server.config import DEFAULT_SAE_NAME
 from saesteer.steering.concept_search import NEUTRAL_SENTENCES, hook_rows
 from saesteer.steering.eval.evaluate import (
-    FLUENT_DISTINCT_BIGRAMS, NEUTRAL_PROMPTS, Concept, ConceptScorer, completion_nll, distinct_bigrams, load_concepts,
+    FLUENT_DISTINCT_BIGRAMS, NEUTRAL_PROMPTS, Concept, ConceptScorer, completion_nll, distinct_bigrams, fluent_answer,
+    load_concepts,
 )
 from saesteer.steering.eval.judge import SentenceJudge
 from saesteer.steering.generate import render_prompt
@@ -76,8 +77,9 @@ def run(client: Client, model, tok, judge, concept: Concept, sae: str, max_new_t
             base_ppl = sum(ppl) / len(ppl)
         sim, _ = scorer.scores(texts)
         kw = scorer.keyword_hits(texts)
-        varied = [distinct_bigrams(c) >= FLUENT_DISTINCT_BIGRAMS for c in comp]
-        fluent = [p <= budget * base_ppl and v for p, v in zip(ppl, varied)]
+        distinct = [distinct_bigrams(c) for c in comp]
+        varied = [d >= FLUENT_DISTINCT_BIGRAMS for d in distinct]
+        fluent = [fluent_answer(p, d, budget * base_ppl) for p, d in zip(ppl, distinct)]
         present = [bool(s > 0.4) for s in sim]
         out["arms"][arm] = {
             "concept_rate": sum(present) / len(present),

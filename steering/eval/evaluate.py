@@ -606,6 +606,13 @@ def sweep(model, tokenizer, sae: SAE, stats: LatentStats, concept: Concept, judg
     }
 
 
+def fluent_answer(perplexity: float, distinct: float, limit: float) -> bool:
+    """The per-answer fluency rule (module docstring): perplexity under the unsteered model at most
+    ``limit`` (the fluency budget times the unsteered answers' mean; NaN, an empty answer, fails) and
+    a distinct-bigram ratio of at least ``FLUENT_DISTINCT_BIGRAMS``."""
+    return not math.isnan(perplexity) and perplexity <= limit and distinct >= FLUENT_DISTINCT_BIGRAMS
+
+
 def axbench_parts(owners: Sequence[tuple[str, float, int]], perplexity: Sequence[float], distinct: Sequence[float],
                   concept_hit: torch.Tensor, relevance: torch.Tensor, fluency_budget: float) -> dict[str, list[float]]:
     """Per answer, the AxBench parts and their harmonic mean (module docstring).
@@ -625,7 +632,7 @@ def axbench_parts(owners: Sequence[tuple[str, float, int]], perplexity: Sequence
     base_rel = {owners[i][2]: float(relevance[i]) for i in base}
     fluent, rel, hm = [], [], []
     for i, (_, _, j) in enumerate(owners):
-        f = float(not math.isnan(perplexity[i]) and perplexity[i] <= limit and distinct[i] >= FLUENT_DISTINCT_BIGRAMS)
+        f = float(fluent_answer(perplexity[i], distinct[i], limit))
         r = min(1.0, max(0.0, float(relevance[i]) / base_rel[j])) if base_rel.get(j, 0.0) > 0 else 0.0
         c = float(concept_hit[i])
         fluent.append(f)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from saesteer_client import Client, SaesteerError, add, add_vector, clamp
+from saesteer_client.schema import SUGGESTED_REPETITION_PENALTY
 
 from saesteer.server.config import DEFAULT_SAE_NAME, PYTHON_SAE_NAME
 
@@ -178,7 +179,8 @@ def test_sdk_concept_search_mixes_send_as_they_are(server_url):
         mixes = c.search_concept_mixes(pos, mix_latents=16, mix_strength=0.2, mix_fit_steps=2)
         assert sorted(m.sae for m in mixes) == sorted(s.id for s in c.saes())
         assert all(len(m.suggested) == 16 and m.strength == 0.2 and {e.op for e in m.suggested} == {"add"} for m in mixes)
-        assert all(m.fit_steps == 2 and m.fit_nll_end < m.fit_nll_start and m.repetition_penalty == 1.2 for m in mixes)
+        assert all(m.fit_steps == 2 and m.fit_nll_end < m.fit_nll_start and m.repetition_penalty == SUGGESTED_REPETITION_PENALTY
+                   for m in mixes)
         general = next(m for m in mixes if m.sae == DEFAULT_SAE_NAME)
         steered = c.generate(messages=MSG, interventions=general.suggested, max_new_tokens=8)
         assert steered.tokens != c.generate(messages=MSG, max_new_tokens=8).tokens

@@ -327,12 +327,12 @@ class Client:
         steer better than one latent's clamp, ``docs/general_sae.md``); send them as
         ``interventions``, with the mix's ``repetition_penalty`` as the request's (the decoding
         the suggestion was measured with). ``mix_signs``: ``"positive"`` (the latents the
-        concept turns up) or ``"both"`` (up and down); ``mix_positions``: where the edits apply (default the prompt's
-        tokens); ``mix_fit_steps``: steps fitting the weights to the model's output (0: the
-        contrast weights; on CPU each step takes seconds). A named concept stores its edits
-        without positions: to save a mix with
-        ``save_concept``, ask with ``mix_positions="all"`` and give the positions where the concept
-        is applied (``{"op": "concept", ..., "positions": "prompt"}``)."""
+        concept turns up) or ``"both"`` (up and down); ``mix_positions``: where the edits apply
+        (default the prompt's tokens); ``mix_fit_steps``: steps fitting the weights to the model's
+        output (0: the contrast weights; on CPU each step takes seconds). A named concept stores
+        its edits without positions: to save a mix with ``save_concept``, ask with
+        ``mix_positions="all"`` and give the positions where the concept is applied
+        (``{"op": "concept", ..., "positions": "prompt"}``)."""
         body = _search_body(positive, (), negative, sae, 1, mix_latents=mix_latents, mix_strength=mix_strength,
                             mix_signs=mix_signs, mix_positions=mix_positions, mix_fit_steps=mix_fit_steps)
         return ConceptSearchResponse.model_validate(self._send("POST", "/v1/concepts/search", json=body).json()).mixes
