@@ -1,20 +1,19 @@
-"""The LitServe API for steered text generation (``POST /v1/generate``).
+"""What the workers that hold the text model share (``ModelAPI``): loading the model and the SAE
+pool, the safety policies, rendering and checking a request against the loaded model
+(``prepare``: a ``Prepared`` request or a ``Rejected`` one with its 4xx), and building responses.
 
 Lifecycle (LitServe 0.2.19, ``shared/litserve.md``): ``setup`` loads the model once per worker,
 and the SAEs too unless a memory budget (``sae_memory_mb``) makes the worker's ``SAEPool`` load
-them on first use, evicting the least recently used; ``decode_request`` runs per request and
-never raises: a request that does not fit the loaded model (unknown SAE, latent out of range, too
-many tokens, SAEs over the memory budget, ...) becomes a ``Rejected`` item
-that ``predict`` skips and ``encode_response`` answers with a 4xx, so one bad request never fails
-the others in its batch (LitServe fails a whole batch on any exception). Only plain data crosses
-the process boundary.
+them on first use, evicting the least recently used. A request that does not fit the loaded model
+(unknown SAE, latent out of range, too many tokens, SAEs over the memory budget, ...) becomes a
+``Rejected`` that answers only that request, never its neighbours. Only plain data crosses the
+process boundary.
 """
 
 # No `from __future__ import annotations` here: LitServe reads the real annotation of
 # decode_request's `request` parameter as the FastAPI body type.
 import logging
 import os
-import time
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ from saesteer_client.schema import Completion, ErrorItem, GenerateRequest, Gener
 from saesteer.steering.pool import SAEPool
 
 from .config import ServerSettings
-from .errors import error_response
 from .runtime import release_free_memory
 
 log = logging.getLogger("saesteer.server")
@@ -288,117 +286,3 @@ class ModelAPI(ls.LitAPI):
         if isinstance(ids, Rejected):
             return ids
         return Prepared(request, ids, plan, plain)
-
-
-class GenerateAPI(ModelAPI):
-    """Steered generation on a transformers causal LM with SAEs attached (``POST /v1/generate``);
-    arguments as ``ModelAPI``."""
-
-    def __init__(self, settings: ServerSettings, saes: SAEPool, runtime_dir: str | None = None, **kwargs):
-        super().__init__(settings, saes, max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
-                         api_path="/v1/generate", **kwargs)
-        self.runtime_dir = runtime_dir
-        self.status = None
-
-    def setup(self, device):
-        from .runtime import WorkerStatus
-
-        if self.runtime_dir is not None:
-            self.status = WorkerStatus(self.runtime_dir)
-            self.status.write("loading")
-        super().setup(device)
-        if self.status is not None:
-            self.status.write("idle")
-
-    # -- per request -----------------------------------------------------------------------------
-    def decode_request(self, request: GenerateRequest) -> Prepared | Rejected:
-        """Check ``request`` against the loaded model; never raises (an unexpected error becomes
-        this request's 500, not its batch's)."""
-        from .runtime import request_fingerprint
-
-        try:
-            out = self.prepare(request)
-        except Exception as e:
-            log.error("decode_request failed: %s: %s", type(e).__name__, e, exc_info=e)
-            out = Rejected.field(500, ["body"], f"request could not be prepared ({type(e).__name__})", "internal_error")
-        if self.status is not None:
-            out.fingerprint = request_fingerprint(request)
-        return out
-
-    def batch(self, inputs):
-        return inputs
-
-    def predict(self, items):
-        """Generate for a batch; never raises. Each item becomes its output dict or a ``Rejected``:
-        if the batch fails, its rows are retried one by one, so an exception (or non-finite
-        logits) ends only the row that causes it."""
-        if not isinstance(items, list):  # LitServe's unbatched loop (max_batch_size=1)
-            return self.predict([items])[0]
-        if self.status is not None:  # which requests this worker holds, should it die
-            self.status.write("busy", [it.fingerprint for it in items])
-        try:
-            return self._predict(items)
-        finally:
-            release_free_memory()
-            if self.status is not None:
-                self.status.write("idle")
-
-    def _predict(self, items: list) -> list:
-        ready = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
-        try:
-            return self._generate(items, ready)
-        except Exception as e:
-            if len(ready) <= 1:
-                return [self._failed(it, e) if isinstance(it, Prepared) else it for it in items]
-            log.warning("batch of %d failed (%s: %s); retrying its rows one by one", len(ready), type(e).__name__, e)
-        outputs: list = list(items)
-        for i in ready:
-            try:
-                outputs[i] = self._generate(items, [i])[i]
-            except Exception as e:
-                outputs[i] = self._failed(items[i], e)
-        return outputs
-
-    @staticmethod
-    def _failed(item: Prepared, e: Exception) -> Rejected:
-        log.error("request failed in generation: %s: %s", type(e).__name__, e, exc_info=e)
-        return Rejected.field(500, ["body"], f"generation failed ({type(e).__name__}); other requests were not affected",
-                              "internal_error")
-
-    def _generate(self, items: list, ready: list[int]) -> list:
-        """Outputs for ``items`` where the rows ``ready`` are generated and the rest passed through."""
-        from saesteer.steering.generate import GenerationSpec, generate
-
-        outputs: list = list(items)
-        deadline = time.monotonic() + self.settings.generation_timeout
-        # under a memory budget, a batch whose SAEs do not fit together runs as several sub-batches
-        # (a row's tokens do not depend on its neighbours); without one this is a single run
-        for run in self.saes.pack([items[i].plan.sae_ids() for i in ready]):
-            specs, owners = [], []
-            for i in (ready[j] for j in run):
-                r = items[i].request
-                base = dict(input_ids=items[i].input_ids, **row_settings(r, deadline))
-                specs.append(GenerationSpec(**base, plan=items[i].plan))
-                owners.append((i, "steered"))
-                if r.compare:
-                    specs.append(GenerationSpec(**base, plan=items[i].plain_plan))
-                    owners.append((i, "unsteered"))
-            results = generate(self.model, self.tokenizer, specs, self.steerer)
-            per: dict[int, dict] = {}
-            for (i, role), res in zip(owners, results):
-                per.setdefault(i, {})[role] = res
-            for i, d in per.items():
-                bad = d["steered"].error or (d.get("unsteered") and d["unsteered"].error)
-                outputs[i] = row_failure(bad, bool(items[i].request.interventions), self.settings) if bad else d
-                if not bad:
-                    self.record_hits(items[i].fingerprint, [d["steered"], d.get("unsteered")])
-        return outputs
-
-    def unbatch(self, output):
-        return list(output)
-
-    def encode_response(self, output) -> GenerateResponse:
-        if isinstance(output, Rejected):
-            return error_response(output.status, output.detail)
-        steered, plain = output["steered"], output.get("unsteered")
-        return response_of(steered, plain)

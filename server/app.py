@@ -1,11 +1,13 @@
 """Building and running the saesteer server: ``build_server(settings)`` and ``saesteer serve``.
 
-Routes: ``POST /v1/generate`` (``GenerateAPI``), ``POST /v1/features`` (``FeaturesAPI``, unless
-``features`` is off), with ``streaming`` (default) ``stream: true`` on ``/v1/generate`` and the
+A text server runs two inference workers: the text worker (``text_worker.TextWorker``: one engine
+over one copy of the weights, behind every text route) and, unless ``features`` is off, the search
+worker (``search_worker.SearchAPI``: concept search, which loads its own model copy on first use).
+Routes: ``POST /v1/generate`` (JSON, or SSE with ``stream: true``), ``POST /v1/features``, the
 OpenAI-compatible ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
-(``routes``, over ``StreamAPI``'s continuous batching), or for a text-to-image model ``POST /v1/images`` (``ImagesAPI``) alone,
-``GET /v1/saes`` (metadata read at start in the
-API process; which SAEs a worker holds resident is not listed, that lives in the worker),
+(``routes``), ``POST /v1/concepts/search``; or for a text-to-image model ``POST /v1/images``
+(``ImagesAPI``) alone. Beside them ``GET /v1/saes`` (metadata read at start in the API process;
+which SAEs a worker holds resident is not listed, that lives in the worker),
 ``GET /v1/saes/{sae_id}/latents/{latent}`` (a latent's statistics and top contexts, read from the
 SAE's folder on first use, the last few SAEs' kept),
 ``GET /health`` (LitServe's), ``GET /ready`` (503 while loading, draining or stuck),
@@ -41,19 +43,18 @@ from saesteer.sae.stats import latent_record, load_latent_stats
 from saesteer.steering.policy import PolicyError, load_policies
 from saesteer.steering.pool import SAEPool
 
-from .api import GenerateAPI
 from .api import POLICIES_RELOAD
 from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, PolicyGuard, RateLimitMiddleware, hash_key, load_keys_file
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
-from .features_api import FeaturesAPI, install_search
+from .search_worker import SearchAPI, install_search
 from .gate import GenerateGate
 from .concepts import ConceptStore
 from .concepts import install as install_concepts
 from .images_api import ImagesAPI
 from .routes import HideInternal
 from .routes import install as install_routes
-from .stream_api import STREAM_PATH, StreamAPI
+from .text_worker import TEXT_PATH, TextWorker
 from .middleware import BodyLimitMiddleware, short
 from .observe import Metrics, ObserveMiddleware, readiness
 from .runtime import SharedState, write_atomic
@@ -144,17 +145,11 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     if settings.serves_images:
         apis, workers = [ImagesAPI(settings, pool)], {"/v1/images": settings.workers}
     else:
-        apis, workers = [], {}
-        if settings.generate_loop == "static":
-            apis.append(GenerateAPI(settings, pool, runtime_dir=runtime_dir))
-            workers["/v1/generate"] = settings.workers
+        apis, workers = [TextWorker(settings, pool, runtime_dir)], {TEXT_PATH: 1}
+        middlewares.append(HideInternal)  # outermost: the worker's own route is not for clients
         if settings.features:
-            apis.append(FeaturesAPI(settings, pool))
-            workers["/v1/features"] = 1
-        if settings.streaming:
-            apis.append(StreamAPI(settings, pool, runtime_dir))
-            workers[STREAM_PATH] = 1
-            middlewares.append(HideInternal)  # outermost: the worker's own route is not for clients
+            apis.append(SearchAPI(settings, pool, runtime_dir))
+            workers[SearchAPI.path] = 1
     server = ls.LitServer(
         apis,
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
@@ -206,12 +201,10 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     server.app.add_exception_handler(RequestValidationError, validation_error)
     if keys:
         declare_bearer(server.app)
-    if settings.streaming and not settings.serves_images:
-        install_routes(server, settings, runtime_dir, settings.model_id)
     if settings.serves_images:
         install_search(server.app, "/v1/images")  # before the concepts routes: /v1/concepts/{name} must not take it
-    elif settings.features:
-        install_search(server.app)
+    else:
+        install_routes(server, settings, runtime_dir, settings.model_id)
     install_concepts(server.app, concepts, pool)
     install_policies(server, settings, policies, check_policies, runtime_dir)
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)

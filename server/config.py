@@ -74,8 +74,6 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
     dtype: str = Field("float32", description="model dtype: float32, bfloat16, float16")
-    max_batch_size: int = Field(8, ge=1, le=256, description="most requests the worker runs as one batch")
-    batch_timeout: float = Field(0.02, ge=0.0, le=1.0, description="seconds to wait for a batch to fill")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt a request may send, in tokens (422 above)")
     max_total_tokens: int = Field(4096, ge=2, description="prompt + max_new_tokens limit per request")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
@@ -89,13 +87,24 @@ class ServerSettings(BaseSettings):
                                                          "client address without keys); None: unlimited")
     rate_limit_tokens_per_minute: float | None = Field(None, gt=0, description="generated tokens per minute per key "
                                                        "(max_new_tokens, twice with compare); None: unlimited")
-    workers: int = Field(1, ge=1, le=16, description="inference workers (each holds its own model copy)")
+    workers: int = Field(1, ge=1, le=16, description="image workers of a text-to-image server (each holds its own "
+                         "pipeline copy); a text server has one text worker, whose engine batches every request")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
     family: Literal["auto", "text", "image"] = Field(
         "auto", description="the model family: a causal LM (text) or a diffusers text-to-image pipeline (image); "
         "auto: image when --model is a folder with model_index.json")
-    features: bool = Field(True, description="serve POST /v1/features (latents per token) from a worker of its own, "
-                           "which holds a second copy of the model")
+    features: bool = Field(True, description="serve POST /v1/features (latents per token, read by the text worker "
+                           "between decode steps) and POST /v1/concepts/search (in the search worker, which loads a "
+                           "second, unpacked copy of the model on the first search)")
+    max_search_tokens: int = Field(
+        150_000, ge=1, description="the most a concept search may cost, in token forward passes (a backward counted "
+        "as two; steering.concept_search.search_cost), counted before it starts: 422 above. The default admits a "
+        "search of at most about 40 s on 2 CPU cores")
+    search_timeout: float = Field(
+        60.0, gt=0, description="seconds a concept search may run; past it the work stops and the caller gets 504")
+    search_threads: int = Field(
+        1, ge=1, le=256, description="torch threads of the search worker, which runs at the lowest CPU priority "
+        "(SCHED_IDLE) so that generation keeps its cores")
     generation_timeout: float = Field(
         300.0, gt=0, description="seconds a request may spend generating, from the start of its batch; a row "
         "still generating then ends with 504 (the other rows of its batch go on)",
@@ -130,17 +139,9 @@ class ServerSettings(BaseSettings):
         "head bfloat16): lighter weights that decode faster at batch 1 (measured on SmolLM2, "
         "docs/continuous_batching.md: float16 is the fastest at KL < 1e-4 nats per token from the float32 "
         "model, int8 KL 0.004); the residual stream, attention and SAEs stay float32")
-    streaming: bool = Field(
-        True, description="serve stream: true on POST /v1/generate and the OpenAI-compatible routes "
-        "(/v1/chat/completions, /v1/completions, /v1/models) from a continuous-batching worker of its own, "
-        "which holds another copy of the model")
-    generate_loop: Literal["static", "continuous"] = Field(
-        "static", description="how POST /v1/generate without stream runs: static batches in a worker of its "
-        "own (static), or in the continuous-batching worker beside the streams and the OpenAI routes "
-        "(continuous: one model copy fewer; needs streaming)")
     max_running_rows: int = Field(
-        16, ge=1, le=256, description="rows the continuous-batching worker decodes together (a compare "
-        "request is two); later requests wait in its queue")
+        16, ge=1, le=256, description="rows the text worker's engine decodes together (a compare request is "
+        "two); later requests wait in its queue")
     served_model_name: str | None = Field(
         None, max_length=256, description="the model id of the OpenAI-compatible routes (GET /v1/models); "
         "None: --model, or SmolLM2-135M-Instruct for the default")
@@ -177,12 +178,6 @@ class ServerSettings(BaseSettings):
     def _light_weights_need_packing(self):
         if self.weights != "float32" and not (self.pack_linears and self.dtype == "float32" and self.device == "cpu"):
             raise ValueError(f"weights {self.weights} applies to a float32 model on cpu with pack_linears on")
-        return self
-
-    @model_validator(mode="after")
-    def _continuous_needs_streaming(self):
-        if self.generate_loop == "continuous" and not self.streaming:
-            raise ValueError("generate_loop continuous runs in the streaming worker: it needs streaming on")
         return self
 
     @property

@@ -6,7 +6,7 @@ its layer L; ``saesteer.sae.diffusion``); requests are checked against their con
 requests are, and the steering itself is ``steering.diffusion.generate_images``. One request at a
 time per worker (a batch of diffusion requests would need equal sizes and steps).
 
-The same worker answers ``POST /v1/concepts/search`` on an image server (``features_api.install_search``
+The same worker answers ``POST /v1/concepts/search`` on an image server (``search_worker.install_search``
 hands it a ``ConceptSearchRequest``): contrasting prompts through the text encoder
 (``steering.concept_search.search_prompt_concepts``); each hit suggests scaling its latent by -1.
 """
@@ -33,7 +33,7 @@ from saesteer.steering.pool import SAEPool
 from .api import Rejected
 from .config import ServerSettings
 from .errors import error_response
-from .features_api import check_search_saes, search_sae_ids
+from .search_worker import check_search_saes, search_sae_ids
 
 log = logging.getLogger("saesteer.server")
 

@@ -102,15 +102,13 @@ def policy_hits(runtime_dir: str) -> dict[tuple[str, str], int]:
 
 
 def batch_rows(runtime_dir: str) -> int:
-    """Rows generating now: each busy static worker's batch (the requests its status file holds;
-    ``compare`` counts once) plus the continuous batch's rows."""
-    static = sum(len(w.get("requests", [])) for w in read_workers(runtime_dir) if w["alive"] and w["state"] == "busy")
-    return static + int(stream_status(runtime_dir).get("running_rows", 0))
+    """Rows generating now: the text worker's running batch (a ``compare`` request is two rows)."""
+    return int(stream_status(runtime_dir).get("running_rows", 0))
 
 
 def stream_status(runtime_dir: str) -> dict:
-    """The continuous-batching worker's counts (``stream_api.StreamAPI`` writes them to
-    ``<runtime_dir>/stream.json``); {} before it has started or without one."""
+    """The text worker's counts (``text_worker.TextWorker`` writes them to
+    ``<runtime_dir>/stream.json``); {} before it has started."""
     try:
         return json.loads((Path(runtime_dir) / "stream.json").read_text())
     except (OSError, ValueError):
@@ -197,7 +195,7 @@ def readiness(state: SharedState, stuck_after_s: float) -> tuple[bool, dict]:
     and alive, and none busy on one batch for more than ``stuck_after_s`` seconds."""
     workers = [w for w in read_workers(state.runtime_dir) if w["alive"]]
     now = time.time()
-    serving = [w for w in workers if w["state"] in ("idle", "busy")]
+    serving = [w for w in workers if w["state"] in ("idle", "busy") and w.get("role") != "search"]
     stuck = [w["pid"] for w in workers if w["state"] == "busy" and now - w["since"] > stuck_after_s]
     reasons = []
     if state.draining.value:
@@ -207,5 +205,9 @@ def readiness(state: SharedState, stuck_after_s: float) -> tuple[bool, dict]:
     if stuck:
         reasons.append(f"worker(s) {stuck} busy for over {stuck_after_s:.0f} s")
     ok = not reasons
+    search = next((w["state"] for w in workers if w.get("role") == "search"), None)
     return ok, {"ready": ok, "workers": {str(w["pid"]): w["state"] for w in workers}, "reasons": reasons,
-                "queue_depth": state.in_flight.value}
+                "queue_depth": state.in_flight.value,
+                # the search worker loads its model copy on the first concept search
+                "search_model": None if search is None else ("not loaded" if search == "standby" else
+                                                             "loading" if search == "loading" else "loaded")}

@@ -1,14 +1,15 @@
-"""HTTP routes over the streaming worker (``stream_api.StreamAPI``): ``POST /v1/generate`` with
-``stream: true`` (server-sent events), and the OpenAI-compatible ``POST /v1/chat/completions``,
-``POST /v1/completions`` and ``GET /v1/models``, streamed or not, with ``steering``.
+"""The text routes, over the text worker (``text_worker.TextWorker``): ``POST /v1/generate``
+(JSON, or server-sent events with ``stream: true``), ``POST /v1/features`` (the read-out), and the
+OpenAI-compatible ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models``,
+streamed or not, with ``steering``.
 
-These handlers run in the HTTP process. They put the request on the streaming worker's LitServe
-queue and read its events back (what LitServe's own streaming handler does), so that they can:
+These handlers run in the HTTP process. They put the request on the text worker's LitServe queue
+and read its events back (what LitServe's own streaming handler does), so that they can:
 - answer a request refused before its first token with its real status (LitServe's streaming
   route would send 200 and an empty body);
 - speak SSE (LitServe streams NDJSON) in our format or OpenAI's;
-- tell the worker when the client goes away (LitServe does not notice): a file
-  ``<runtime_dir>/cancel/<uid>``, and the row leaves the batch at the next step.
+- tell the worker when the client goes away (LitServe does not notice): a ``Cancel`` note on the
+  same queue, and the row leaves the batch at the next step.
 Errors after the first byte arrive as a last SSE event (``event: error``, or OpenAI's
 ``data: {"error": ...}``), never as a silently truncated 200.
 """
@@ -24,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from saesteer_client.schema import (
     ChatChoice,
     ChatChunkChoice,
@@ -36,11 +37,12 @@ from saesteer_client.schema import (
     CompletionRequest,
     ErrorEvent,
     ErrorItem,
+    FeaturesRequest,
+    FeaturesResponse,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
-    StreamEvent,
     TextChoice,
     TextCompletion,
 )
@@ -48,17 +50,16 @@ from starlette.responses import StreamingResponse
 
 from .errors import error_response, field_error
 from .middleware import error_body, send_error
-from .stream_api import STREAM_PATH
+from .text_worker import TEXT_PATH, Cancel
 
 log = logging.getLogger("saesteer.server")
-_EVENT = TypeAdapter(StreamEvent)
 DEFAULT_CHAT_TOKENS = 64
 WORKER_CHECK_S = 1.0
-"""While waiting for a stream's next event, how often to check that the streaming worker lives."""
+"""While waiting for a request's next event, how often to check that the text worker lives."""
 
 
 class HideInternal:
-    """404 for the streaming worker's own LitServe route: clients use the routes of this module."""
+    """404 for the text worker's own LitServe route: clients use the routes of this module."""
 
     def __init__(self, app):
         self.app = app
@@ -69,22 +70,23 @@ class HideInternal:
         await self.app(scope, receive, send)
 
 
-class StreamClient:
-    """Submits ``GenerateRequest``s to the streaming worker and reads their events.
+class TextClient:
+    """Submits requests to the text worker and reads their events.
 
     Args:
         server: the ``LitServer`` (its queues and response buffer, in the HTTP process).
-        runtime_dir: the server's runtime folder (cancel files).
+        runtime_dir: the server's runtime folder (the worker's status file).
     """
 
     def __init__(self, server, runtime_dir: str):
-        self.server, self.cancel_dir = server, Path(runtime_dir) / "cancel"
+        self.server, self.runtime_dir = server, runtime_dir
 
-    async def events(self, request: GenerateRequest) -> AsyncIterator:
-        """The request's events (``TokenEvent``..., then ``DoneEvent`` or ``ErrorEvent``). Closed
-        before its last event (the client went away), the worker is told to drop the request. If
-        the streaming worker dies meanwhile, a last ``ErrorEvent`` 503 (LitServe restarts it; a
-        stream of LitServe's own would wait forever)."""
+    async def events(self, request: GenerateRequest | FeaturesRequest) -> AsyncIterator:
+        """The request's events: for a generation ``TokenEvent``s (streamed requests only), then
+        ``DoneEvent`` or ``ErrorEvent``; for a read-out its ``FeaturesResponse`` or an
+        ``ErrorEvent``. Closed before its last event (the client went away), the worker is told to
+        drop the request. If the text worker dies meanwhile, a last ``ErrorEvent`` 503 (LitServe
+        restarts it; a stream of LitServe's own would wait forever)."""
         from litserve.utils import LitAPIStatus, ResponseBufferItem
 
         from .observe import stream_status
@@ -95,8 +97,9 @@ class StreamClient:
         event = asyncio.Event()
         buffer: deque = deque()
         srv.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
-        worker = stream_status(str(self.cancel_dir.parent)).get("pid")
-        srv._get_request_queue(STREAM_PATH).put((srv.app.response_queue_id, uid, time.monotonic(), request))
+        worker = stream_status(self.runtime_dir).get("pid")
+        queue = srv._get_request_queue(TEXT_PATH)
+        queue.put((srv.app.response_queue_id, uid, time.monotonic(), request))
         finished = False
         try:
             while not finished:
@@ -105,30 +108,25 @@ class StreamClient:
                 except asyncio.TimeoutError:
                     if worker is not None and not pid_alive(int(worker)):
                         finished = True
-                        yield ErrorEvent(status=503, detail="the streaming worker died; it is being restarted, retry shortly")
+                        yield ErrorEvent(status=503, detail="the text worker died; it is being restarted, retry shortly")
                     continue
                 event.clear()
                 while buffer and not finished:
                     data, status = buffer.popleft()
-                    if status == LitAPIStatus.FINISH_STREAMING:
-                        finished = True
-                    elif status == LitAPIStatus.ERROR:  # queue timeout (504), or LitServe saw the worker die
+                    if status == LitAPIStatus.ERROR:  # LitServe saw the worker die
                         finished = True
                         yield ErrorEvent(status=getattr(data, "status_code", 503),
                                          detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
-                    else:
-                        for line in str(data).splitlines():
-                            if line.strip():
-                                ev = _EVENT.validate_json(line)
-                                finished = finished or ev.type != "token"
-                                yield ev
+                        continue
+                    finished = status == LitAPIStatus.FINISH_STREAMING
+                    for ev in (data if isinstance(data, list) else [data]):
+                        yield ev
         finally:
             srv.response_buffer.pop(uid, None)
             if not finished:
                 try:
-                    self.cancel_dir.mkdir(parents=True, exist_ok=True)
-                    (self.cancel_dir / uid).touch()
-                except OSError as e:
+                    queue.put((srv.app.response_queue_id, uid, time.monotonic(), Cancel(uid)))
+                except Exception as e:  # the manager is gone: the server is stopping
                     log.warning("could not cancel %s: %s", uid, e)
 
 
@@ -180,7 +178,7 @@ def _stream(gen: AsyncIterator[str], events: AsyncIterator) -> StreamingResponse
 
 def _refusal(ev, openai: bool = False) -> object:
     if ev is None:
-        return error_response(503, "the streaming worker ended the request without an answer; retry")
+        return error_response(503, "the text worker ended the request without an answer; retry")
     return error_response(ev.status, _openai_fields(ev.detail) if openai else ev.detail)
 
 
@@ -202,27 +200,16 @@ def _openai_fields(detail):
 
 
 def install(server, settings, runtime_dir: str, model_id: str) -> None:
-    """Add the routes to ``server.app`` (the LitServer, before ``run``), replacing LitServe's
-    ``/v1/generate`` route by one that streams with ``stream: true`` and passes the rest on to the
-    static-batching worker, or, without one (``--generate-loop continuous``), answers them from the
-    continuous batch too."""
-    from fastapi.routing import APIRoute
-
+    """Add the text routes to ``server.app`` (the LitServer, before ``run``)."""
     app = server.app
-    client = StreamClient(server, runtime_dir)
+    client = TextClient(server, runtime_dir)
     created = int(time.time())
-    lit_generate = None
-    for route in list(app.router.routes):
-        if isinstance(route, APIRoute) and route.path == "/v1/generate":
-            lit_generate = route.endpoint
-            app.router.routes.remove(route)
+
     async def generate(request: GenerateRequest):
-        if not request.stream and lit_generate is not None:  # the static-batching worker
-            return await lit_generate(request)
         first, events = await _first(client.events(request))
         if first is None or first.type == "error":
             return _refusal(first)
-        if not request.stream:  # --generate-loop continuous: ride the streams' batch
+        if not request.stream:
             last = await _final(first, events)
             return last.response if last.type == "done" else _refusal(last)
 
@@ -231,6 +218,11 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
                 yield _sse(ev.model_dump_json(), ev.type)
 
         return _stream(sse(), events)
+
+    async def features(request: FeaturesRequest):
+        out, events = await _first(client.events(request))
+        await events.aclose()
+        return out if isinstance(out, FeaturesResponse) else _refusal(out)
 
     def check_model(name: str):
         if name != model_id:
@@ -243,7 +235,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
             return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                                    repetition_penalty=body.repetition_penalty,
-                                   stop=body.stop_list(), interventions=body.steering,
+                                   stop=body.stop_list(), interventions=body.steering, stream=body.stream,
                                    disable_policies=body.disable_policies, **fields)
         except ValidationError as e:
             return error_response(422, _openai_fields([ErrorItem(loc=["body", *err["loc"]], msg=err["msg"], type=err["type"])
@@ -322,6 +314,9 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
     app.add_api_route("/v1/generate", generate, methods=["POST"], response_model=None,
                       responses={200: {"model": GenerateResponse, "content": {"text/event-stream": {}}}},
                       summary="Steered generation (JSON, or server-sent events with stream: true)")
+    if settings.features:
+        app.add_api_route("/v1/features", features, methods=["POST"], response_model=FeaturesResponse,
+                          summary="An SAE's latents at every token of a prompt (and completion)")
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None, responses=responses,
                       summary="OpenAI-compatible chat completions, with saesteer's steering")
     app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None, responses=responses,

@@ -78,18 +78,23 @@ class WorkerStatus:
 
     Args:
         runtime_dir: the server's runtime folder.
+        role: what the worker serves: "text" (the text worker), "search" (concept search's
+            gradient worker), "images".
     """
 
-    def __init__(self, runtime_dir: str):
+    def __init__(self, runtime_dir: str, role: str):
         self.dir = Path(runtime_dir) / "workers"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pid = os.getpid()
+        self.role = role
         self.path = self.dir / f"{self.pid}.json"
 
     def write(self, state: str, requests: list[str] = ()) -> None:
-        """Record ``state`` ("loading", "idle" or "busy") and the fingerprints of the requests held
-        (atomically: written aside, then renamed)."""
-        write_atomic(self.path, json.dumps({"pid": self.pid, "state": state, "since": time.time(), "requests": list(requests)}))
+        """Record ``state`` ("loading", "idle", "busy", or "standby": started, its model not loaded
+        until first use) and the fingerprints of the requests held (atomically: written aside,
+        then renamed)."""
+        write_atomic(self.path, json.dumps({"pid": self.pid, "role": self.role, "state": state, "since": time.time(),
+                                            "requests": list(requests)}))
 
 
 def read_workers(runtime_dir: str) -> list[dict]:

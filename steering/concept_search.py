@@ -43,6 +43,7 @@ against 0.370, ``docs/general_sae.md``). Sent as ordinary ``add`` edits on laten
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, get_args
@@ -258,9 +259,50 @@ class MixFit:
     nll_end: float
 
 
+class SearchDeadline(TimeoutError):
+    """A concept search ran past its ``deadline`` (``time.monotonic()`` seconds); its work stops."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise SearchDeadline("the concept search ran past its deadline")
+
+
+def search_cost(tokenizer, positive: Sequence[str], negative: Sequence[str], n_saes: int, n_hook_points: int,
+                mixes: bool, fit_steps: int, prompts: Sequence[str] = FIT_PROMPTS) -> int:
+    """What a concept search costs, in token forward passes (a backward pass counted as two
+    forwards): the ranking's one forward per sentence, and with ``mixes`` one more per sentence and
+    hook point plus, per SAE, ``fit_mix``'s ``fit_steps + 1`` forwards and ``fit_steps`` backwards
+    over its answer batch. Counted with the tokenizer, without running the model, so that a server
+    can refuse a search before starting it (``max_search_tokens``).
+
+    Args:
+        positive, negative: the request's sentences (an empty ``negative`` counts
+            ``NEUTRAL_SENTENCES``); n_saes, n_hook_points: the SAEs searched and their hook points.
+        mixes: whether mixes are suggested (positive sentences and ``mix_latents`` > 0).
+        fit_steps: ``mix_fit_steps``.
+    """
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    negative = list(negative) or list(NEUTRAL_SENTENCES)
+    sentences = sum(n_tokens(t) for t in [*positive, *negative]) if positive else 0
+    cost = sentences
+    if mixes and positive:
+        cost += sentences * n_hook_points
+        if fit_steps:
+            used = positive if len(positive) <= FIT_MAX_SENTENCES else [
+                positive[round(i * (len(positive) - 1) / (FIT_MAX_SENTENCES - 1))] for i in range(FIT_MAX_SENTENCES)]
+            answer = sum(len(render_prompt(tokenizer, None, [{"role": "user", "content": p}])) for p in prompts) * len(used) \
+                + len(prompts) * sum(n_tokens(t) for t in used)
+            cost += n_saes * (3 * fit_steps + 1) * answer
+    return cost
+
+
 def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mapping[int, float], resid_norm: float,
             strength: float = DEFAULT_MIX_STRENGTH, steps: int = 10, lr: float = FIT_LR,
-            prompts: Sequence[str] = FIT_PROMPTS, positions: str = DEFAULT_MIX_POSITIONS) -> MixFit:
+            prompts: Sequence[str] = FIT_PROMPTS, positions: str = DEFAULT_MIX_POSITIONS,
+            deadline: float | None = None) -> MixFit:
     """Reweight a latent mix by its effect on the model's output: the weights that make the
     positive sentences most likely as the model's answers to neutral chat prompts when the mix is
     added on the prompts' tokens.
@@ -288,6 +330,7 @@ def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mappin
         strength: the norm of the edit while fitting, in residual norms.
         steps: Adam steps (0: the mix as given, with its objective measured).
         prompts: the chat prompts answered; positions: where the edit applies (``PositionKind``).
+        deadline: ``time.monotonic()`` seconds past which the fit stops (checked before each step).
 
     Returns:
         ``MixFit``. Cost: (steps + 1) forward and steps backward passes over
@@ -296,6 +339,7 @@ def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mappin
 
     Raises:
         ValueError: no positive sentence, no latent, steps < 0, or unknown positions.
+        SearchDeadline: past ``deadline``.
     """
     if not positive or not weights:
         raise ValueError("fitting a mix needs at least one positive sentence and one latent")
@@ -327,6 +371,7 @@ def fit_mix(model, tokenizer, sae: SAE, positive: Sequence[str], weights: Mappin
     try:
         with torch.enable_grad():
             for step in range(steps + 1):
+                _check_deadline(deadline)
                 u = (w0 * theta.exp()) @ dirs
                 edit["v"] = strength * resid_norm * u / u.norm()
                 logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
@@ -373,7 +418,7 @@ def concept_mixes(
     model, tokenizer, saes: Mapping[str, SAE], stats: Mapping[str, LatentStats | None],
     positive: Sequence[str], negative: Sequence[str] = (),
     m: int = DEFAULT_MIX_LATENTS, strength: float = DEFAULT_MIX_STRENGTH, signs: str = DEFAULT_MIX_SIGNS,
-    fit_steps: int = 0, positions: str = DEFAULT_MIX_POSITIONS,
+    fit_steps: int = 0, positions: str = DEFAULT_MIX_POSITIONS, deadline: float | None = None,
 ) -> list[ConceptMix]:
     """One ``ConceptMix`` per SAE of ``saes`` (module docstring), in their order. The residual norm
     R is the SAE's ``resid_norm_mean`` from its statistics, or, without statistics, the mean norm of
@@ -386,10 +431,12 @@ def concept_mixes(
             default SAE is 0.5 on the prompt's tokens, ``docs/general_sae.md``); signs: which
             latents (``latent_mix``); fit_steps: ``fit_mix`` steps that reweight each mix at
             ``strength`` and ``positions`` (0: the contrast weights as they are).
+        deadline: ``time.monotonic()`` seconds past which the work stops (checked between passes).
 
     Raises:
         ValueError: no positive sentence; m < 1; an unknown ``signs``; ``"positive"`` and no latent
             more active on the positive sentences; fit_steps < 0.
+        SearchDeadline: past ``deadline``.
     """
     if not positive:
         raise ValueError("a latent mix needs at least one positive sentence")
@@ -397,6 +444,7 @@ def concept_mixes(
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     out = []
     for sid, sae in saes.items():
+        _check_deadline(deadline)
         hp = sae.cfg.hook_point
         if hp not in rows:
             rows[hp] = (hook_rows(model, tokenizer, hp, positive), hook_rows(model, tokenizer, hp, negative))
@@ -406,7 +454,8 @@ def concept_mixes(
         r = float(st.resid_norm_mean) if st is not None else float(torch.cat([pos, neg]).norm(dim=-1).mean())
         fit = None
         if fit_steps:
-            fit = fit_mix(model, tokenizer, sae, positive, weights, r, strength, fit_steps, positions=positions)
+            fit = fit_mix(model, tokenizer, sae, positive, weights, r, strength, fit_steps, positions=positions,
+                          deadline=deadline)
             direction, weights = fit.direction, fit.weights
         md = (pos.mean(0) - neg.mean(0)).double()
         cos = float(direction.double() @ md / (md.norm() or 1.0))

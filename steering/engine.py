@@ -23,18 +23,50 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, Sequence
 
 import torch
 
 from saesteer.sae.activations import forward_until
 from saesteer.sae.kv_cache import spare_cache
 
-from .generate import NON_FINITE, TIMEOUT, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
+from .generate import NON_FINITE, TIMEOUT, GenerationResult, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .hooks import Steerer, StepPositions
 from .policy import SafetyReport, apply_hits
+from .readout import Readout, read_latents
 
 CANCELLED = "cancelled"
 """``RowEvent.error`` of a row removed by ``ContinuousBatch.cancel`` (its client went away)."""
+
+
+class Engine(Protocol):
+    """What the server's text worker needs of an engine: rows (one per completion; a ``compare``
+    request is two) that join with their own plan and settings, one decode step for every running
+    row, cancels, and read-outs. ``ContinuousBatch`` is the built-in implementation; a second
+    engine (vLLM) implements the same methods, so no route changes with the engine.
+
+    Keys are strings unique among the running rows; every method runs on one thread.
+    """
+
+    def add_many(self, rows: list[tuple[str, GenerationSpec]]) -> list["RowEvent"]:
+        """Start ``rows`` ((key, spec) pairs): each row's first event, in order. Raises on a
+        failure that leaves no row started."""
+
+    def step(self) -> list["RowEvent"]:
+        """One decode step for every running row: one event per row; rows that end leave."""
+
+    def cancel(self, key: str) -> "RowEvent | None":
+        """Remove a running row now; its last event, or None if it was not running."""
+
+    def keys(self) -> list[str]:
+        """The running rows' keys."""
+
+    def __len__(self) -> int:
+        """How many rows run."""
+
+    def read_out(self, sae, input_ids: list[int], top_k: int, latents: Sequence[int]) -> Readout:
+        """``sae``'s code at every token of ``input_ids`` (one forward to its hook point, no
+        generation): ``steering.readout.read_latents``'s ``Readout``."""
 
 
 @dataclass
@@ -65,6 +97,11 @@ class RowEvent:
     full_text: str | None = None
     release: list[int] | None = None
     safety: list[dict] | None = None
+
+    def result(self, prompt_tokens: int) -> GenerationResult:
+        """A last event as the row's ``GenerationResult`` (``prompt_tokens``: its prompt's length)."""
+        return GenerationResult(tokens=list(self.tokens or []), text=self.full_text or "", finish_reason=self.finish_reason,
+                                prompt_tokens=prompt_tokens, error=self.error, safety=self.safety or [])
 
     def shown_tokens(self) -> list[int]:
         """The token ids this event makes visible to the client."""
@@ -119,6 +156,12 @@ class ContinuousBatch:
     def keys(self) -> list[str]:
         """The keys of the rows running, in batch order."""
         return [r.key for r in self.rows]
+
+    @torch.inference_mode()
+    def read_out(self, sae, input_ids: list[int], top_k: int = 8, latents: Sequence[int] = ()) -> Readout:
+        """``Engine.read_out``: one forward of the model to ``sae``'s hook point, beside the batch
+        (whose KV cache it does not touch)."""
+        return read_latents(self.model, sae, input_ids, top_k, latents)
 
     # -- joining --------------------------------------------------------------------------------
     def add(self, key: str, spec: GenerationSpec) -> RowEvent:

@@ -1,25 +1,21 @@
-"""Batched, steered text generation with a KV cache.
+"""What a generation row is (``GenerationSpec``, ``GenerationResult``), how its prompt is rendered
+and padded, how its next token is chosen (penalties, sampling), and ``generate``: a batch of rows
+run to their ends on the engine (``steering.engine``).
 
-One forward over the left-padded prompts (prefill), then one token per row per step. Each row has
-its own interventions (``Steerer``), sampling settings and seed, so a batch gives every request
-what it would get alone (greedy: the same tokens, tested). Prompt positions are steered once at
-prefill and each generated position at its decode step.
+Each row has its own interventions (``Steerer``), sampling settings and seed, so a batch gives
+every request what it would get alone (greedy: the same tokens, tested). Prompt positions are
+steered once at prefill and each generated position at its decode step.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from saesteer.sae.activations import forward_until
-
-from .hooks import Steerer, StepPositions
+from .hooks import Steerer
 from .plan import InterventionPlan
-from .policy import SafetyReport, apply_hits
 
 
 @dataclass
@@ -167,9 +163,11 @@ def _sample(logits: torch.Tensor, spec: GenerationSpec, gen: torch.Generator | N
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer | None = None) -> list[GenerationResult]:
-    """Generate for a batch of rows, each steered by its own plan.
+    """Generate for a batch of rows, each steered by its own plan, to the end of every row: the
+    engine's decode loop (``steering.engine.ContinuousBatch``) run with all rows joining at once,
+    each row leaving when it ends. The one decode loop of the project: the server's text worker
+    runs the same one.
 
     Args:
         model: a transformers causal LM.
@@ -181,101 +179,20 @@ def generate(model, tokenizer, specs: Sequence[GenerationSpec], steerer: Steerer
         One ``GenerationResult`` per row, in order. A row whose logits become non-finite (an
         overflowing steer) ends at once with ``finish_reason="error"``, ``error=NON_FINITE``;
         the other rows go on unchanged (the hooks keep each row's numbers in its row). A row
-        still unfinished at its ``deadline`` (checked before each decode step) ends with
-        ``error=TIMEOUT``.
+        still unfinished at its ``deadline`` ends with ``error=TIMEOUT``; a row whose own forward
+        raised during decoding with ``error="exception:<type>"`` (the others go on).
 
-    Runs under ``torch.inference_mode`` (no autograd bookkeeping on any of its ~1,000 small
-    operations per decode step; the KV cache is ``sae.kv_cache.spare_cache``).
+    Raises:
+        Whatever the model or the steering hooks raise during the prefill.
     """
-    dev = next(model.parameters()).device
-    B = len(specs)
-    pad = pad_id(tokenizer)
-    ids, attn, abs_pos, lens = left_padded([s.input_ids for s in specs], pad)
-    positions = StepPositions(abs_pos=abs_pos.to(dev), prompt_len=lens.to(dev))
-    gens = [row_generator(s) for s in specs]
-    eos = tokenizer.eos_token_id
-    out_tokens: list[list[int]] = [[] for _ in specs]
-    finish: list[str | None] = [None] * B
-    errors: list[str | None] = [None] * B
-    stop_texts: list[str | None] = [None] * B  # text cut at a stop string
-    plans = [s.plan for s in specs]
-    steering = steerer is not None and any(plans)
-    reports = [SafetyReport() for _ in specs]
-    # a row whose generated tokens a policy watches is checked one forward after its last token
-    # (a token's activation exists once it is fed back): ``checking`` rows have finished but wait
-    watch_gen = [s.plan.watches_generated for s in specs]
-    checking = [False] * B
-    lens_l = lens.tolist()
+    from .engine import ContinuousBatch
 
-    from saesteer.sae.kv_cache import spare_cache
-
-    cache = spare_cache(model.config)  # decode steps append in place, not by copying the cache
-    cur_ids, cur_attn = ids.to(dev), attn.to(dev)
-    pos_ids = abs_pos.clamp(min=0).to(dev)
-    ctx = steerer.steer(plans, positions) if steering else nullcontext()
-    with ctx as watches:
-        step_in = cur_ids
-        for step in range(max(s.max_new_tokens for s in specs) + 1):
-            inputs = dict(input_ids=step_in, attention_mask=cur_attn, position_ids=pos_ids, past_key_values=cache, use_cache=True)
-            if step > 0 and all(f is not None for f in finish):  # only last tokens' checks left: no logits needed
-                forward_until(model, watches.deepest(), **inputs)
-                police(watches.take(), reports, lens_l, finish, checking, out_tokens, stop_texts)
-                break
-            logits = model(**inputs).logits[:, -1]
-            if watches is not None and len(watches):
-                police(watches.take(), reports, lens_l, finish, checking, out_tokens, stop_texts)
-            checking = [False] * B
-            nxt = torch.full((B,), pad, dtype=torch.long)
-            finite = torch.isfinite(logits).all(-1).tolist()  # one device sync per step
-            for b, s in enumerate(specs):
-                if finish[b] is not None:
-                    continue
-                tok = _sample(logits[b], s, gens[b], out_tokens[b]) if finite[b] else None
-                if tok is None:
-                    finish[b], errors[b] = "error", NON_FINITE
-                    continue
-                nxt[b] = tok
-                out_tokens[b].append(tok)
-                if tok == eos and not s.ignore_eos:
-                    finish[b] = "stop"
-                    continue
-                if s.stop:
-                    stop_texts[b] = stop_cut(tokenizer.decode(out_tokens[b], skip_special_tokens=True), s.stop)
-                    if stop_texts[b] is not None:
-                        finish[b], checking[b] = "stop", watch_gen[b]
-                        continue
-                if len(out_tokens[b]) >= s.max_new_tokens:
-                    finish[b], checking[b] = "length", watch_gen[b]
-            if any(s.deadline is not None for s in specs):
-                now = time.monotonic()
-                for b, s in enumerate(specs):
-                    if finish[b] is None and s.deadline is not None and now > s.deadline:
-                        finish[b], errors[b] = "error", TIMEOUT
-            if all(f is not None for f in finish) and not any(checking):
-                break
-            step_in = nxt.view(B, 1).to(dev)
-            cur_attn = torch.cat([cur_attn, torch.ones((B, 1), dtype=cur_attn.dtype, device=dev)], dim=1)
-            positions.abs_pos = (lens + step).view(B, 1).to(dev)
-            pos_ids = positions.abs_pos
-    results = []
-    for b, s in enumerate(specs):
-        toks = out_tokens[b]
-        text = stop_texts[b]
-        if text is None:
-            text = tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True)
-        results.append(GenerationResult(tokens=toks, text=text, finish_reason=finish[b] or "length",
-                                        prompt_tokens=len(s.input_ids), error=errors[b], safety=reports[b].to_wire()))
-    return results
-
-
-def police(hits: list, reports: list, prompt_lens: list[int], finish: list, checking: list, out_tokens: list,
-           stop_texts: list) -> None:
-    """Apply one forward's policy ``hits`` (``steering.policy.Hit``) to the rows' state, in place:
-    each hit is reported on its row, unless the row already ended (and is not ``checking`` its last
-    token); a ``refuse`` hit ends the row with ``content_filter``, its tokens cut before the token
-    that fired (all of them for a hit in the prompt)."""
-    for b, cut in apply_hits(hits, reports, prompt_lens, live=lambda b: finish[b] is None or checking[b]).items():
-        out_tokens[b][:] = out_tokens[b][:cut]
-        stop_texts[b] = None
-        finish[b] = "content_filter"
-
+    batch = ContinuousBatch(model, tokenizer, steerer)
+    last: dict[str, object] = {}
+    events = batch.add_many([(str(i), s) for i, s in enumerate(specs)])
+    while True:
+        last.update((ev.key, ev) for ev in events if ev.finish_reason is not None)
+        if not len(batch):
+            break
+        events = batch.step()
+    return [last[str(i)].result(len(s.input_ids)) for i, s in enumerate(specs)]

@@ -30,7 +30,7 @@ def client(tmp_path_factory):
         {"name": "admin", "sha256": hash_key(KEYS["admin"]), "scopes": ["admin"]},
         {"name": "tok", "sha256": hash_key(KEYS["tok"]), "scopes": ["generate"], "tokens_per_minute": 20},
     ]}))
-    settings = ServerSettings(api_keys_file=str(d / "keys.json"), max_batch_size=4, batch_timeout=0.05,
+    settings = ServerSettings(api_keys_file=str(d / "keys.json"),
                               max_prompt_tokens=200, max_total_tokens=300)
     with serve(settings) as c:
         yield c

@@ -32,7 +32,7 @@ def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
 
 def settings_for(root, **kw) -> ServerSettings:
     gemma = write_gemma_scope(root)
-    return ServerSettings(saes=[python_sae_spec(), f"gs6={gemma}"], max_batch_size=4, batch_timeout=0.05,
+    return ServerSettings(saes=[python_sae_spec(), f"gs6={gemma}"],
                           max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000, **kw)
 
 

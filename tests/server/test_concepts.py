@@ -23,8 +23,7 @@ EDITS = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 4.0, "unit": "typi
 
 
 def serve_concepts(folder):
-    return serve(ServerSettings(concepts_dir=str(folder), features=False, streaming=False, max_batch_size=4,
-                                batch_timeout=0.05))
+    return serve(ServerSettings(concepts_dir=str(folder), features=False))
 
 
 def tokens(c, interventions) -> list[int]:
@@ -85,7 +84,7 @@ def test_a_server_without_a_concepts_folder_says_so(tmp_path):
 
 
 def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
-    settings = ServerSettings(features=True, streaming=False, max_batch_size=4, batch_timeout=0.05)
+    settings = ServerSettings(features=True)
     with serve(settings) as c:
         body = {"positive": ["The waves crashed on the sandy beach.", "We sailed across the open sea.",
                              "Whales swim in the deep ocean."], "words": ["ocean", "sea"], "top_k": 5}

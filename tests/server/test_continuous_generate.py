@@ -1,5 +1,5 @@
-"""``--generate-loop continuous``: non-streamed /v1/generate rides the continuous batch (no static
-worker), ready, concurrent requests each getting their solo answer, refusals with the field named."""
+"""Non-streamed /v1/generate rides the text worker's continuous batch: ready, concurrent requests
+each getting their solo answer, refusals with the field named; also with float16 weights."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def body(i: int) -> dict:
 def test_non_streamed_generate_rides_the_continuous_batch(tmp_path, weights):
     """Also with float16 weights (``--weights float16``, the fastest batch-1 decode: issue 14): the
     same contract. (int8 runs the same ``speed_up`` path; its layers are tested in tests/sae.)"""
-    settings = ServerSettings(generate_loop="continuous", features=False, runtime_dir=str(tmp_path / "rt"), weights=weights)
-    # readiness comes from the streaming worker's status file
+    settings = ServerSettings(features=False, runtime_dir=str(tmp_path / "rt"), weights=weights)
+    # readiness comes from the text worker's status file
     with serve(settings, monitor=True, ready="/ready") as c:
         alone = [c.post("/v1/generate", json=body(i)).json() for i in range(6)]
         bad = {**body(1), "interventions": [{"op": "ablate", "sae": SAE, "latent": 10**6}]}
@@ -41,11 +41,6 @@ def test_non_streamed_generate_rides_the_continuous_batch(tmp_path, weights):
         together = [g.json() for g in got]
         assert [a["tokens"] for a in alone] == [t["tokens"] for t in together]
         assert together[4]["unsteered"] is not None and together[4]["usage"]["completion_tokens"] == len(together[4]["tokens"])
-
-
-def test_continuous_needs_streaming():
-    with pytest.raises(ValidationError, match="needs streaming"):
-        ServerSettings(generate_loop="continuous", streaming=False)
 
 
 def test_lighter_weights_need_a_packed_float32_cpu_model():

@@ -22,7 +22,7 @@ MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    settings = ServerSettings(max_batch_size=4, batch_timeout=0.05, generation_timeout=8.0, max_queue=3,
+    settings = ServerSettings(generation_timeout=8.0, max_queue=3,
                               runtime_dir=str(tmp_path_factory.mktemp("runtime")))
     with serve(settings, monitor=True) as c:  # the monitor restarts dead workers
         yield c, settings

@@ -49,7 +49,7 @@ def client(tmp_path_factory):
         {"name": "gen", "sha256": hash_key(KEYS["gen"]), "scopes": ["generate"]},
         {"name": "admin", "sha256": hash_key(KEYS["admin"]), "scopes": ["admin"]}]}))
     settings = ServerSettings(api_keys_file=str(d / "keys.json"), policies=str(policy_file(d)), features=False,
-                              max_batch_size=4, batch_timeout=0.2, runtime_dir=str(d / "rt"))
+                              runtime_dir=str(d / "rt"))
     with serve(settings, ready="/ready") as c:
         c.policy_path = Path(settings.policies)
         yield c

@@ -26,7 +26,7 @@ STEER = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 8.0, "unit": "typi
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runtime = tmp_path_factory.mktemp("runtime")
-    settings = ServerSettings(features=False, max_batch_size=4, batch_timeout=0.05, max_prompt_tokens=200,
+    settings = ServerSettings(features=False, max_prompt_tokens=200,
                               max_total_tokens=1200, runtime_dir=str(runtime))
     with serve(settings, monitor=True) as c:  # the monitor restarts dead workers
         yield c, str(runtime)
@@ -108,7 +108,7 @@ def test_refused_before_the_first_token_gets_its_status(server, oai):
     r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "steering": [
         {"op": "ablate", "sae": SAE, "latent": 10**6}]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steering", 0, "latent"]  # OpenAI's names
-    assert c.post("/internal/stream", json={"prompt": "hi"}).status_code == 404
+    assert c.post("/internal/text", json={"prompt": "hi"}).status_code == 404
 
 
 def test_openai_penalties_reach_the_generation(oai, server):

@@ -197,11 +197,30 @@ def test_bfloat16_model_steers_like_float32(setup):
     plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all")])
     spec = [GenerationSpec(ids, 12, plan=plan)]
     fast = generate(m16, tok, spec, Steerer(m16, {sid: sae}))[0].tokens
-    full = generate(m16, tok, spec, Steerer(m16, {sid: sae}, full=True))[0].tokens
     fp32 = generate(model, tok, spec, Steerer(model, {sid: sae}))[0].tokens
     plain_tokens = generate(m16, tok, [GenerationSpec(ids, 12)])[0].tokens
-    assert fast == full
     assert fast[:5] == fp32[:5] and fast != plain_tokens  # the same code-like opening as in float32
+    # sparse equals full decode up to bfloat16 rounding (their deltas sum in different orders, and
+    # bfloat16 rounds the whole forward: measured 1.1 % and 1.3 % relative error from the float32
+    # model's steered logits, 1.4 % from each other): teacher-forced on the same tokens, both are
+    # as close to float32 as bfloat16 allows, and their greedy choices agree wherever the top two
+    # logits are apart by more than that noise (this steer ties them exactly at its 6th token)
+    x = torch.tensor([ids + fast])
+    pos = StepPositions(abs_pos=torch.arange(x.shape[1]).unsqueeze(0), prompt_len=torch.tensor([len(ids)]))
+    with torch.no_grad():
+        logits = []
+        for m, full in ((m16, False), (m16, True), (model, False)):
+            with Steerer(m, {sid: sae}, full=full).steer([plan], pos):
+                logits.append(m(input_ids=x).logits[0, len(ids) - 1:-1].float())
+    a, b, ref = logits
+
+    def rel(u, v):
+        return float((u - v).norm() / v.norm())
+
+    assert rel(a, ref) < 0.02 and rel(b, ref) < 0.02 and rel(a, b) < 0.025
+    top = a.topk(2).values
+    apart = top[:, 0] - top[:, 1] > 0.5
+    assert apart.sum() >= 6 and torch.equal(a.argmax(-1)[apart], b.argmax(-1)[apart])
 
 
 def _hook_count(model) -> int:
