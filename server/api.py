@@ -37,7 +37,6 @@ class Rejected:
 
     status: int
     detail: list[ErrorItem]
-    fingerprint: str = ""  # server.runtime.request_fingerprint of the request
 
     @classmethod
     def field(cls, status: int, loc: list, msg: str, kind: str = "value_error") -> "Rejected":
@@ -113,7 +112,6 @@ class Prepared:
     input_ids: list[int]
     plan: object  # steering.plan.InterventionPlan, the server's policies included
     plain_plan: object = None  # with compare, the unsteered row's: the policies alone
-    fingerprint: str = ""
 
 
 class ModelAPI(ls.LitAPI):
@@ -181,18 +179,22 @@ class ModelAPI(ls.LitAPI):
         return load_policies(self.settings.policies, self.saes.configs, self.concepts.get,
                              self.saes.units.resid_norm, hook_point_width(self.model))
 
-    def record_hits(self, fingerprint: str, results) -> None:
-        """Audit a finished request's policy hits (``audit``) and count them per policy and action
-        into ``<runtime_dir>/policy_hits/<pid>.json`` (``/metrics``' ``saesteer_policy_hits_total``;
-        one file per worker process, so a restarted worker's counts stay counted)."""
-        audit(fingerprint, results, self.policies.audit_text)
+    def record_hits(self, request, results) -> None:
+        """Audit a finished request's policy hits (``audit``, naming the request by its
+        ``runtime.request_fingerprint``) and count them per policy and action into
+        ``<runtime_dir>/policy_hits/<pid>.json`` (``/metrics``' ``saesteer_policy_hits_total``; one
+        file per worker process, so a restarted worker's counts stay counted)."""
         hits = [h for res in results if res is not None for h in (getattr(res, "safety", None) or [])]
-        rd = self.runtime_dir
-        if not hits or rd is None:
+        if not hits:
             return
         import json
 
-        from .runtime import POLICY_HITS_DIR, write_atomic
+        from .runtime import POLICY_HITS_DIR, request_fingerprint, write_atomic
+
+        audit(request_fingerprint(request), results, self.policies.audit_text)
+        rd = self.runtime_dir
+        if rd is None:
+            return
 
         counts = self._hit_counts
         for h in hits:

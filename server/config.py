@@ -97,14 +97,19 @@ class ServerSettings(BaseSettings):
                            "between decode steps) and POST /v1/concepts/search (in the search worker, which loads a "
                            "second, unpacked copy of the model on the first search)")
     max_search_tokens: int = Field(
-        150_000, ge=1, description="the most a concept search may cost, in token forward passes (a backward counted "
-        "as two; steering.concept_search.search_cost), counted before it starts: 422 above. The default admits a "
-        "search of at most about 40 s on 2 CPU cores")
+        20_000, ge=1, description="the most a concept search may cost, in token forward passes (a backward counted "
+        "as two; steering.concept_search.search_cost), counted before it starts: 422 above. The default admits "
+        "searches of about 50 s at most on 2 CPU cores (with the default fit: 11 sentences on one SAE, 4 on two)")
     search_timeout: float = Field(
-        60.0, gt=0, description="seconds a concept search may run; past it the work stops and the caller gets 504")
-    search_threads: int = Field(
-        1, ge=1, le=256, description="torch threads of the search worker, which runs at the lowest CPU priority "
-        "(SCHED_IDLE) so that generation keeps its cores")
+        55.0, gt=0, description="seconds a concept search may run (checked between its passes, a few seconds apart "
+        "on CPU: 55 keeps every search under a minute); past it the work stops and the caller gets 504")
+    max_readout_tokens: int = Field(
+        1024, ge=1, description="longest text POST /v1/features reads (prompt + completion, in tokens; 422 above): "
+        "the text worker reads it between two decode steps, which wait for it")
+    search_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads of the search worker, which runs at the lowest CPU priority "
+        "(SCHED_IDLE: only on cores that generation leaves idle, so its threads never slow generation); None: "
+        "one per core")
     generation_timeout: float = Field(
         300.0, gt=0, description="seconds a request may spend generating, from the start of its batch; a row "
         "still generating then ends with 504 (the other rows of its batch go on)",

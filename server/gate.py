@@ -1,12 +1,14 @@
-"""Admission and deadlines for ``POST /v1/generate`` in the HTTP process (pure ASGI middleware).
+"""Admission and deadlines for the generating routes in the HTTP process (pure ASGI middleware).
 
 - a bounded queue: past ``max_queue`` requests in flight (queued or generating), 503 with
   ``Retry-After`` at once instead of a late 504;
 - draining (after SIGTERM): new requests on any route but /health and /ready get 503 with
   ``Retry-After``;
-- a request whose inference worker died ends with 503 within seconds (LitServe leaves it
-  waiting forever): the worker's status file lists the fingerprints of the requests it holds;
 - a backstop: no request waits longer than its queue and generation limits plus a grace period.
+
+A request whose text worker dies ends with 503 within a second or two: the routes watch the
+worker's pid while they wait (``routes.TextClient``), so nothing here needs to know which request
+a worker holds.
 """
 
 from __future__ import annotations
@@ -16,22 +18,11 @@ import logging
 import time
 
 from .middleware import GENERATE_PATHS, send_error
-from .runtime import SharedState, read_workers, request_fingerprint
+from .runtime import SharedState
 
 log = logging.getLogger("saesteer.server")
 POLL_S = 1.0
 DRAIN_OPEN = frozenset({"/health", "/ready"})  # still answered while draining (/ready says 503)
-
-
-def _fingerprint(body: bytes | None) -> str | None:
-    from saesteer_client.schema import GenerateRequest
-
-    if not body:
-        return None
-    try:
-        return request_fingerprint(GenerateRequest.model_validate_json(body))
-    except Exception:  # invalid: FastAPI answers it with a 422 before it is queued
-        return None
 
 
 class GenerateGate:
@@ -43,8 +34,8 @@ class GenerateGate:
         max_queue: generate requests in flight (queued or generating) past which new ones get 503.
         hard_deadline_s: no generate request is held longer than this (503 after).
 
-    A refused or ended request gets ``scope["saesteer.reject"]``: "queue_full", "draining",
-    "worker_died" or "deadline" (for metrics and logs).
+    A refused or ended request gets ``scope["saesteer.reject"]``: "queue_full", "draining" or
+    "deadline" (for metrics and logs).
     """
 
     def __init__(self, app, state: SharedState, max_queue: int, hard_deadline_s: float):
@@ -75,22 +66,12 @@ class GenerateGate:
                 self.state.in_flight.value -= 1
 
     async def _watched(self, scope, receive, send):
-        started = swallowed = False
-        fp = _fingerprint(scope.get("saesteer.body"))
-        arrived = time.time()
-        died = "the inference worker holding this request died; it is being restarted, retry shortly"
+        started = False
 
         async def tracked_send(msg):
-            nonlocal started, swallowed
-            if swallowed:
-                return
+            nonlocal started
             if msg["type"] == "http.response.start":
                 started = True
-                # where LitServe's monitor saw the death first, it answers a bare 500: say what happened
-                if msg["status"] == 500 and fp is not None and self._worker_died_holding(fp, arrived):
-                    swallowed = True
-                    scope["saesteer.reject"] = "worker_died"
-                    return await send_error(send, 503, died, {"retry-after": "5"})
             await send(msg)
 
         t0 = time.monotonic()
@@ -100,25 +81,12 @@ class GenerateGate:
                 done, _ = await asyncio.wait({task}, timeout=POLL_S)
                 if done:
                     return task.result()
-                if started:
-                    continue
-                reason = None
-                if fp is not None and self._worker_died_holding(fp, arrived):
-                    reason, msg = "worker_died", died
-                elif time.monotonic() - t0 > self.hard_deadline_s:
-                    reason, msg = "deadline", f"no answer within {self.hard_deadline_s:.0f} s"
-                if reason:
+                if not started and time.monotonic() - t0 > self.hard_deadline_s:
                     task.cancel()
+                    msg = f"no answer within {self.hard_deadline_s:.0f} s"
                     log.error("ending request: %s", msg)
-                    scope["saesteer.reject"] = reason
+                    scope["saesteer.reject"] = "deadline"
                     return await send_error(send, 503, msg, {"retry-after": "5"})
         finally:
             if not task.done():
                 task.cancel()
-
-    def _worker_died_holding(self, fp: str, arrived: float) -> bool:
-        """Whether a dead worker held a request with fingerprint ``fp`` that arrived at ``arrived``
-        (wall clock): a worker's batch holds only requests that arrived before it started, so a
-        client's identical retry after the death is not mistaken for the lost one."""
-        return any(not w["alive"] and fp in w.get("requests", ()) and arrived <= w.get("since", 0)
-                   for w in read_workers(self.state.runtime_dir))

@@ -177,9 +177,12 @@ def _stream(gen: AsyncIterator[str], events: AsyncIterator) -> StreamingResponse
 
 
 def _refusal(ev, openai: bool = False) -> object:
+    """The error response of a request that ended with ``ev`` (an ``ErrorEvent``, or None: no
+    answer at all); a 503 (the worker died, or is gone) says when to retry."""
     if ev is None:
-        return error_response(503, "the text worker ended the request without an answer; retry")
-    return error_response(ev.status, _openai_fields(ev.detail) if openai else ev.detail)
+        return error_response(503, "the text worker ended the request without an answer; retry", {"retry-after": "5"})
+    headers = {"retry-after": "5"} if ev.status == 503 else None
+    return error_response(ev.status, _openai_fields(ev.detail) if openai else ev.detail, headers)
 
 
 _OPENAI_NAMES = {"interventions": "steering", "max_new_tokens": "max_tokens"}
@@ -234,7 +237,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
         try:
             return GenerateRequest(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                                   repetition_penalty=body.repetition_penalty,
+                                   repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
                                    stop=body.stop_list(), interventions=body.steering, stream=body.stream,
                                    disable_policies=body.disable_policies, **fields)
         except ValidationError as e:

@@ -1,10 +1,10 @@
 """State shared by the server's processes: the HTTP process (uvicorn, forked from the main one),
 the main process (LitServe's manager and our signal handling) and the inference workers (spawned).
 
-LitServe 0.2.19 does not tell the HTTP process which worker holds a request, nor fail a request
-whose worker died (``shared/litserve.md``). So each worker writes a small status file into the
-runtime folder: its pid, whether it is busy, and the fingerprints of the requests it holds. The
-HTTP process reads them to end a request whose worker died with a 503.
+Each worker writes a small status file into the runtime folder (``WorkerStatus``): its pid, its
+role, and whether it is loading, idle or busy, and since when. ``/ready`` reads them, and the
+text routes watch the text worker's pid while they wait, so that a request whose worker died
+ends with a 503 (LitServe 0.2.19 would leave it waiting, ``shared/litserve.md``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def request_fingerprint(request) -> str:
-    """A short hash of a ``GenerateRequest``'s canonical JSON: the same in the HTTP process (from
-    the body) and in the worker (from the unpickled model)."""
+    """A short hash of a ``GenerateRequest``'s canonical JSON: how the audit log names a request
+    without writing its prompt."""
     return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -91,8 +91,8 @@ class WorkerStatus:
 
     def write(self, state: str, requests: list[str] = ()) -> None:
         """Record ``state`` ("loading", "idle", "busy", or "standby": started, its model not loaded
-        until first use) and the fingerprints of the requests held (atomically: written aside,
-        then renamed)."""
+        until first use), and ``requests`` (short names of the requests held, where a worker lists
+        them), atomically: written aside, then renamed."""
         write_atomic(self.path, json.dumps({"pid": self.pid, "role": self.role, "state": state, "since": time.time(),
                                             "requests": list(requests)}))
 

@@ -8,8 +8,8 @@ It is heavy work beside generation, and bounded as such (``SearchAPI``):
   passes) and refused with a 422 naming ``mix_fit_steps`` above ``max_search_tokens``;
 - a deadline: past ``search_timeout`` seconds the work stops and the caller gets a 504;
 - isolation: the worker runs at the lowest CPU priority (``SCHED_IDLE`` where the OS has it, else
-  nice 19) with ``search_threads`` torch threads, so generation keeps its speed while a search
-  runs and the search takes the cores that generation leaves idle.
+  nice 19) with ``search_threads`` torch threads (default one per core), so generation keeps its
+  speed while a search runs and the search takes only the cores that generation leaves idle.
 
 The image server's worker answers the same route itself (``install_search``).
 """
@@ -71,7 +71,8 @@ class SearchAPI(ModelAPI):
         from .runtime import WorkerStatus
 
         self.device_name = device
-        self.priority = lower_priority(self.settings.search_threads)
+        self.threads = self.settings.search_threads or len(os.sched_getaffinity(0))
+        self.priority = lower_priority(self.threads)
         self.status = WorkerStatus(self.runtime_dir, role="search")
         self.status.write("standby")
 
@@ -81,7 +82,7 @@ class SearchAPI(ModelAPI):
         super().setup(self.device_name)
         self.loaded = True
         log.warning("search worker: model loaded on first use in %.1f s (%s, %d threads)", time.monotonic() - t0,
-                    self.priority, self.settings.search_threads)
+                    self.priority, self.threads)
 
     def decode_request(self, request: ConceptSearchRequest) -> "ConceptSearchRequest | Rejected":
         bad = check_search_saes(request, self.saes)

@@ -47,7 +47,7 @@ from saesteer.steering.pool import SAEPool
 
 from .api import ModelAPI, Prepared, Rejected, response_of, row_failure, row_settings
 from .config import ServerSettings
-from .runtime import release_free_memory, request_fingerprint, write_atomic
+from .runtime import release_free_memory, write_atomic
 
 log = logging.getLogger("saesteer.server")
 
@@ -116,7 +116,6 @@ class _Request:
     def __init__(self, prepared: Prepared, roles: list[str]):
         self.prepared, self.roles = prepared, roles
         self.stream = prepared.request.stream
-        self.fingerprint = prepared.fingerprint
         self.done: dict[str, object] = {}  # role -> final RowEvent
 
 
@@ -139,8 +138,7 @@ class TextWorker(ModelAPI):
 
         from .runtime import WorkerStatus
 
-        # the status file every worker keeps: /ready waits for it, and the generate gate answers
-        # 503 at once for the requests it held if it dies
+        # the status file every worker keeps: /ready waits for it
         self.status = WorkerStatus(self.runtime_dir, role="text")
         self.status.write("loading")
         self._held: list[str] = []
@@ -194,10 +192,10 @@ class TextWorker(ModelAPI):
             if not len(self.engine) and self.counts["running_rows"]:
                 release_free_memory()  # the batch has just emptied
             self._write_status()
-            held = sorted(r.fingerprint for r in self.requests.values())
-            if held != self._held:
+            held = sorted(self.requests)
+            if held != self._held:  # since when it has held these: /ready's stuck check
                 self._held = held
-                self.status.write("busy" if held else "idle", held)
+                self.status.write("busy" if held else "idle")
         msgs = [(uid, tokens, False) for uid, tokens in out.items() if uid not in finals]
         msgs += [(uid, ([*out[uid], last] if uid in out else last), True) for uid, last in finals.items()]
         return msgs
@@ -248,7 +246,6 @@ class TextWorker(ModelAPI):
                                   or not self.saes.fits(running | prep.plan.sae_ids())):
                 break  # no room beside the running rows (rows, or SAEs under the budget): wait for some to leave
             self.pending.popleft()
-            prep.fingerprint = request_fingerprint(request)
             self.requests[uid] = _Request(prep, roles)
             rows += len(roles)
             deadline = time.monotonic() + self.settings.generation_timeout
@@ -294,7 +291,7 @@ class TextWorker(ModelAPI):
             del self.requests[uid]
             n = len(req.prepared.input_ids)
             results = [req.done[role].result(n) for role in req.roles]
-            self.record_hits(req.fingerprint, results)
+            self.record_hits(req.prepared.request, results)
             finals[uid] = DoneEvent(response=response_of(*results))
 
     def _fail(self, uid: str, rejected: Rejected, finals: dict) -> None:
@@ -345,6 +342,10 @@ class TextWorker(ModelAPI):
         ids = self.render(request, len(extra), "completion")
         if isinstance(ids, Rejected):
             return ids
+        if len(ids) + len(extra) > self.settings.max_readout_tokens:
+            field = "completion" if extra else ("prompt" if request.prompt is not None else "messages")
+            return Rejected.field(422, at + [field], f"the text to read is {len(ids) + len(extra)} tokens; this server reads "
+                                  f"at most {self.settings.max_readout_tokens} (max_readout_tokens)", "too_many_tokens")
         if not self.saes.fits([request.sae]):
             return Rejected.field(422, at + ["sae"], f"SAE {request.sae!r} does not fit this server's SAE memory budget", "sae_memory")
         return ids + extra, len(ids)

@@ -75,25 +75,3 @@ def test_a_killed_workers_request_ends_with_503_and_the_server_recovers(served):
             break
         assert time.time() < deadline, (r.status_code, r.text)
         time.sleep(2)
-
-
-def test_an_identical_retry_is_not_mistaken_for_the_lost_request(tmp_path):
-    """A dead worker's status file lists the fingerprints of its batch; only requests that arrived
-    before that batch started can be in it, so a client's identical retry is served normally."""
-    import json
-    import subprocess
-    import sys
-
-    from saesteer.server.gate import GenerateGate
-    from saesteer.server.runtime import SharedState
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a pid that has exited
-    (tmp_path / "workers").mkdir()
-    since = time.time()
-    (tmp_path / "workers" / f"{pid}.json").write_text(json.dumps({"pid": pid, "state": "busy", "since": since,
-                                                                  "requests": ["abc"]}))
-    gate = GenerateGate(None, SharedState(str(tmp_path)), max_queue=4, hard_deadline_s=60)
-    assert gate._worker_died_holding("abc", since - 1.0)  # arrived before the batch: lost with it
-    assert not gate._worker_died_holding("abc", since + 1.0)  # the retry
-    assert not gate._worker_died_holding("other", since - 1.0)

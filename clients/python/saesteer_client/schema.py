@@ -468,6 +468,8 @@ class _OpenAIRequest(BaseModel):
     frequency_penalty: OpenAIPenalty = 0.0
     presence_penalty: OpenAIPenalty = 0.0
     repetition_penalty: RepetitionPenalty = Field(1.0, description="not OpenAI's: transformers' and vLLM's (1: off)")
+    ignore_eos: bool = Field(False, description="not OpenAI's: vLLM's; generate max_tokens even past the "
+                             "end-of-sequence token (benchmarks)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Union[Annotated[str, Field(min_length=1, max_length=256)],
                 list[Annotated[str, Field(min_length=1, max_length=256)]], None] = Field(None, description="up to 8 stop strings")
