@@ -91,15 +91,16 @@ class SearchAPI(ModelAPI):
     def predict(self, request):
         if isinstance(request, Rejected):
             return request
+        deadline = time.monotonic() + self.settings.search_timeout  # the first search's model load counts too
         if not self.loaded:
             self._load()
         self.status.write("busy")
         try:
-            return self._search(request)
+            return self._search(request, deadline)
         finally:
             self.status.write("idle")
 
-    def _search(self, r: ConceptSearchRequest):
+    def _search(self, r: ConceptSearchRequest, deadline: float):
         from saesteer.steering.concept_search import SearchDeadline, concept_mixes, search_concepts, search_cost
 
         s = self.settings
@@ -113,7 +114,6 @@ class SearchAPI(ModelAPI):
                 f"this search costs {cost} token passes over {len(ids)} SAE(s); the server's limit is "
                 f"{s.max_search_tokens} (max_search_tokens): send fewer sentences, fewer mix_fit_steps, or name one sae",
                 "search_too_costly")
-        deadline = time.monotonic() + s.search_timeout
         try:
             with self.saes.use(ids) as saes:
                 hits = search_concepts(self.model, self.tokenizer, saes, self.saes.stats, r.positive, r.negative, r.words, r.top_k)
