@@ -56,18 +56,10 @@ def free_port() -> int:
 
 def tree_rss_mib(pid: int) -> float:
     """RSS of ``pid`` and all its descendants, summed (MiB), from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
+    from saesteer.server.runtime import descendants
+
+    total = 0.0
+    for p in {pid, *descendants(pid)}:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

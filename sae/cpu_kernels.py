@@ -60,6 +60,12 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 linear layers on this CPU (it needs AVX512 BW/VL/DQ or
+    AVX-NE-CONVERT; ``BF16Linear`` and the int8 format's bfloat16 LM head need it)."""
+    return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class BF16Linear(nn.Module):
     """A linear layer whose weight is held in bfloat16, packed for oneDNN.
 
@@ -403,8 +409,9 @@ def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batc
         model is not float32 on CPU or oneDNN is missing.
 
     Raises:
-        ValueError: an unknown ``weights``, or a format this torch build cannot run (float16
-            without FBGEMM, int8 without its kernel).
+        ValueError: an unknown ``weights``, or a format this torch build or CPU cannot run
+            (float16 without FBGEMM, int8 without its kernel, bfloat16 and int8 without
+            ``bf16_supported``).
     """
     from .lm import PackedLinear
 
@@ -413,6 +420,9 @@ def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batc
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32 or not onednn_available():
         return {"fused_blocks": 0, "linears": 0, "weights": "float32", "scripted_blocks": 0}
+    if weights in ("bfloat16", "int8") and not bf16_supported():
+        raise ValueError(f"weights {weights} needs a CPU on which oneDNN runs bfloat16 (AVX512 BW/VL/DQ or "
+                         "AVX-NE-CONVERT); this one does not: use float32 or float16")
     fused = fuse_projections(model) if fuse else 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     n = 0

@@ -183,6 +183,12 @@ class ServerSettings(BaseSettings):
     def _light_weights_need_packing(self):
         if self.weights != "float32" and not (self.pack_linears and self.dtype == "float32" and self.device == "cpu"):
             raise ValueError(f"weights {self.weights} applies to a float32 model on cpu with pack_linears on")
+        if self.weights in ("bfloat16", "int8"):
+            from saesteer.sae.cpu_kernels import bf16_supported
+
+            if not bf16_supported():  # refused here, not by a worker that fails to start
+                raise ValueError(f"weights {self.weights} needs a CPU on which oneDNN runs bfloat16 (AVX512 BW/VL/DQ "
+                                 "or AVX-NE-CONVERT); this one does not: use float32 or float16")
         return self
 
     @property

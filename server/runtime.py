@@ -73,6 +73,24 @@ def pid_alive(pid: int) -> bool:
         return True  # no procfs: trust kill(0)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, theirs, ...), read from /proc (empty without it)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
 class WorkerStatus:
     """The status file of one inference worker, ``<runtime_dir>/workers/<pid>.json``.
 

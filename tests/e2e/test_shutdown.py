@@ -15,31 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from saesteer.server.runtime import read_workers
+from saesteer.server.runtime import descendants, read_workers
 
 from test_sdk import free_port
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
 MSG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
 
 
 def alive(pid: int) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from saesteer.sae.cpu_kernels import BF16Linear, FP16Linear, Int8Linear, onednn_available, speed_up
+from saesteer.sae.cpu_kernels import BF16Linear, FP16Linear, Int8Linear, bf16_supported, onednn_available, speed_up
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
@@ -188,6 +188,11 @@ def test_scripted_decode_step_equals_the_eager_block_and_yields_to_inner_hooks(l
             assert torch.equal(ks, ke) and torch.equal(vs, ve)
 
 
+NO_BF16 = pytest.mark.skipif(not bf16_supported(), reason="oneDNN runs no bfloat16 on this CPU (no AVX512 BW/VL/DQ "
+                             "or AVX-NE-CONVERT)")
+
+
+@NO_BF16
 def test_bf16_linear_is_the_product_of_bf16_rounded_inputs_and_weights():
     torch.manual_seed(0)
     lin = nn.Linear(576, 960, bias=False).requires_grad_(False)
@@ -246,7 +251,17 @@ def test_unknown_weight_format_is_refused_and_other_dtypes_are_left_alone(lm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["float16", "bfloat16", "int8"])
+def test_bfloat16_formats_are_refused_where_the_cpu_cannot_run_them(lm):
+    """Where ``bf16_supported`` is false, speed_up refuses bfloat16 and int8 (whose LM head is
+    bfloat16) with a ValueError that says why, instead of failing inside oneDNN."""
+    if bf16_supported():
+        pytest.skip("this CPU runs bfloat16: nothing to refuse")
+    for weights in ("bfloat16", "int8"):
+        with pytest.raises(ValueError, match="needs a CPU on which oneDNN runs bfloat16"):
+            speed_up(copy.deepcopy(lm[0]), weights)
+
+
+@pytest.mark.parametrize("weights", ["float16", pytest.param("bfloat16", marks=NO_BF16), pytest.param("int8", marks=NO_BF16)])
 def test_lighter_weights_cost_little_against_float32_on_english_text(lm, weights):
     """KL per token and top-1 agreement against the float32 model on 512 tokens of the README.
     Measured (2048 tokens of README and docs): float16 KL < 1e-5, bfloat16 0.001, int8 0.004 nats;
