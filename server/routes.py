@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from pydantic import ValidationError
 from saesteer_client.schema import (
