@@ -46,9 +46,11 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from .activations import sink_mask, special_token_mask, token_windows
+from .calibrate import calibrate_threshold, mean_l0
 from .lm import resolve_hook_point
 from .model import SAE
-from .train import _Config, calibrate_threshold, mean_l0, warmup_decay_schedule
+from .train import warmup_decay_schedule
+from .train_config import _Config
 
 
 class FinetuneConfig(_Config):

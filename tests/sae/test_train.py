@@ -156,7 +156,7 @@ def test_eval_markdown_table_lists_the_figures():
 
 
 def test_config_file_round_trip_gives_the_same_configs(tmp_path):
-    from saesteer.sae.train import RunConfig, load_config, write_config
+    from saesteer.sae.train_config import RunConfig, load_config, write_config
 
     cfg = TrainConfig(architecture="topk", d_sae=123, k=7, lr=3.5e-4, adam_betas=(0.8, 0.99), aux_coef=1 / 32, seed=9)
     run = RunConfig(hook_point="blocks.3.hook_resid_post", acts="a.safetensors", ce_tokens=0, out_dtype="bfloat16")
@@ -173,7 +173,7 @@ def test_config_file_round_trip_gives_the_same_configs(tmp_path):
 
 
 def test_config_unknown_key_and_bad_values_are_named(tmp_path):
-    from saesteer.sae.train import ConfigError, load_config, resolve_config
+    from saesteer.sae.train_config import ConfigError, load_config, resolve_config
 
     p = tmp_path / "run.yaml"
     p.write_text("d_sae: 64\nlearning_rate: 0.001\n")
@@ -191,7 +191,7 @@ def test_config_unknown_key_and_bad_values_are_named(tmp_path):
 
 def test_cli_flags_override_the_config_file(tmp_path):
     from saesteer.cli import build_parser
-    from saesteer.sae.train import cli_overrides, load_config
+    from saesteer.sae.train_config import cli_overrides, load_config
 
     p = tmp_path / "run.yaml"
     p.write_text("d_sae: 64\nk: 4\nlr: 0.001\nbatch_size: 256\nhook: blocks.1.hook_resid_post\nout_dtype: float32\nout: a\n")
@@ -291,7 +291,8 @@ def _random_batchtopk(d_in=32, d_sae=256, k=8, seed=0, input_scale=1.0):
 
 @pytest.mark.parametrize("target", [4.0, 8.0, 31.5])
 def test_calibrated_threshold_hits_the_target_l0(target):
-    from saesteer.sae.train import calibrate_threshold, dataset_input_scale, mean_l0
+    from saesteer.sae.calibrate import calibrate_threshold, mean_l0
+    from saesteer.sae.train import dataset_input_scale
 
     torch.set_num_threads(1)
     data = _synthetic(n=20_000, seed=4)
@@ -305,7 +306,7 @@ def test_calibrated_threshold_hits_the_target_l0(target):
 
 
 def test_calibration_with_ties_and_unreachable_targets():
-    from saesteer.sae.train import calibrate_threshold, mean_l0
+    from saesteer.sae.calibrate import calibrate_threshold, mean_l0
 
     torch.set_num_threads(1)
     sae = _random_batchtopk()
@@ -325,7 +326,8 @@ def test_calibrate_cli_writes_the_sae_with_the_new_threshold(tmp_path, capsys):
     from saesteer.cli import main
     from saesteer.sae.activations import save_activations
     from saesteer.sae.io import load_sae, save_sae
-    from saesteer.sae.train import dataset_input_scale, mean_l0
+    from saesteer.sae.calibrate import mean_l0
+    from saesteer.sae.train import dataset_input_scale
 
     torch.set_num_threads(1)
     data = _synthetic(n=8_000, seed=6)
