@@ -124,7 +124,7 @@ class ShapesPipeline(_pipeline_base()):
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, generator=None, num_images_per_prompt: int = 1,
-                 prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "pil"):
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "pil", callback_on_step_end=None):
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         num_inference_steps, guidance_scale = pipeline_defaults(self, num_inference_steps, guidance_scale)
@@ -143,11 +143,13 @@ class ShapesPipeline(_pipeline_base()):
                         device="cpu", dtype=self.unet.dtype).to(self.device)
         self.scheduler.set_timesteps(num_inference_steps)
         x = x * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             inp = self.scheduler.scale_model_input(torch.cat([x, x]), t)
             eps = self.unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             e_u, e_c = eps.chunk(2)
             x = self.scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+            if callback_on_step_end is not None:  # diffusers' contract: (pipe, step, timestep, kwargs) -> kwargs
+                callback_on_step_end(self, i, t, {})
         img = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return ImagePipelineOutput(images=img)

@@ -43,6 +43,33 @@ class Rejected:
         return cls(status, [ErrorItem(loc=loc, msg=msg, type=kind)])
 
 
+@dataclass
+class Counted:
+    """A heavy route's answer (a response model or a ``Rejected``) with the work it cost, in token
+    forward passes (``middleware.COST_HEADER``), which the token rate limit charges to the caller."""
+
+    output: object
+    cost: int
+
+
+def encoded(output):
+    """What a worker's ``encode_response`` returns for ``output``: the error response of a
+    ``Rejected``, the JSON of a ``Counted`` answer with its cost in ``COST_HEADER``, or ``output``."""
+    from starlette.responses import JSONResponse
+
+    from .errors import error_response
+    from .middleware import COST_HEADER
+
+    headers = {}
+    if isinstance(output, Counted):
+        output, headers = output.output, {COST_HEADER: str(int(output.cost))}
+    if isinstance(output, Rejected):
+        return error_response(output.status, output.detail, headers)
+    if headers:
+        return JSONResponse(output.model_dump(mode="json"), headers=headers)
+    return output
+
+
 def row_failure(error: str, steered: bool, settings: ServerSettings) -> Rejected:
     """The answer to a request one of whose rows ended with ``error`` (``steering.generate``'s
     ``NON_FINITE``/``TIMEOUT``, the engine's ``CANCELLED``, or anything else); ``steered``: the

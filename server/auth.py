@@ -8,8 +8,11 @@ with every scope (hashed when read). A request sends ``Authorization: Bearer <ke
 - ``/health`` and ``/ready`` are open; everything else needs a key once keys are configured.
 
 Rate limits are token buckets per key (per client address without keys): ``requests_per_minute``
-and ``tokens_per_minute`` (a generate request costs ``max_new_tokens``, twice with ``compare``);
-over either, 429 with ``Retry-After`` (whole seconds until the bucket holds enough).
+and ``tokens_per_minute`` (a generate request costs ``max_new_tokens``, twice with ``compare``,
+charged as it is admitted; a concept search, a read-out or an image request costs the work its
+worker reports in ``middleware.COST_HEADER``, charged once it is answered, and is admitted while the
+key's bucket is not in debt); over either, 429 with ``Retry-After`` (whole seconds until the bucket
+holds enough).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .middleware import GENERATE_PATHS, body_json, field_item, send_error
+from .middleware import COST_HEADER, COUNTED_PATHS, GENERATE_PATHS, body_json, field_item, send_error
 
 Scope = Literal["generate", "images", "features", "concepts:write", "admin"]
 SCOPES: tuple[str, ...] = ("generate", "images", "features", "concepts:write", "admin")
@@ -188,9 +191,13 @@ class RateLimitMiddleware:
         rpm = key.requests_per_minute if key is not None and key.requests_per_minute else self.rpm
         tpm = key.tokens_per_minute if key is not None and key.tokens_per_minute else self.tpm
         req_b = self._bucket(who, "requests", rpm)
-        is_gen = scope["path"] in GENERATE_PATHS and scope.get("method") == "POST"
-        tok_b = self._bucket(who, "tokens", tpm) if is_gen else None
-        cost = generate_cost(body_json(scope)) if tok_b is not None else 0
+        post = scope.get("method") == "POST"
+        is_gen = scope["path"] in GENERATE_PATHS and post
+        counted = scope["path"] in COUNTED_PATHS and post
+        tok_b = self._bucket(who, "tokens", tpm) if is_gen or counted else None
+        # generation is charged its most tokens before it starts; heavy work once done, by what the
+        # worker counted (COST_HEADER), so it only needs the bucket out of debt to start
+        cost = generate_cost(body_json(scope)) if is_gen and tok_b is not None else 1 if tok_b is not None else 0
         waits = [(req_b.wait_for(1), "requests") if req_b else (0.0, ""), (tok_b.wait_for(cost), "tokens") if tok_b else (0.0, "")]
         wait, what = max(waits)
         if wait > 0:
@@ -207,9 +214,29 @@ class RateLimitMiddleware:
             )
         if req_b:
             req_b.charge(1)
-        if tok_b:
+        if tok_b is not None and is_gen:
             tok_b.charge(cost)
+        if tok_b is not None and counted:
+            send = _charging(send, tok_b)
         await self.app(scope, receive, send)
+
+
+def _charging(send, bucket: _Bucket):
+    """``send`` that charges ``bucket`` the work a response reports in ``COST_HEADER`` (a bucket may
+    go into debt: the key's next requests then wait, 429 with ``Retry-After``, until it refills)."""
+    name = COST_HEADER.encode()
+
+    async def counted_send(message):
+        if message["type"] == "http.response.start":
+            for k, v in message.get("headers") or ():
+                if k.lower() == name:
+                    try:
+                        bucket.charge(max(0.0, float(v)))
+                    except ValueError:
+                        pass
+        await send(message)
+
+    return counted_send
 
 
 class PolicyGuard:

@@ -85,8 +85,10 @@ class ServerSettings(BaseSettings):
                                    "same entries as api_keys_file")
     rate_limit_requests_per_minute: float | None = Field(None, gt=0, description="requests per minute per key (per "
                                                          "client address without keys); None: unlimited")
-    rate_limit_tokens_per_minute: float | None = Field(None, gt=0, description="generated tokens per minute per key "
-                                                       "(max_new_tokens, twice with compare); None: unlimited")
+    rate_limit_tokens_per_minute: float | None = Field(None, gt=0, description="tokens per minute per key: "
+                                                       "a generation's max_new_tokens (twice with compare), a concept search's, "
+                                                       "read-out's or image request's counted work (token passes, after it); "
+                                                       "None: unlimited")
     workers: int = Field(1, ge=1, le=16, description="image workers of a text-to-image server (each holds its own "
                          "pipeline copy); a text server has one text worker, whose engine batches every request")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait in the queue (504 after)")
@@ -129,6 +131,13 @@ class ServerSettings(BaseSettings):
         None, description="content-safety policies file (JSON or YAML; steering.policy): detectors that flag, "
         "steer or refuse on every generation; reloaded on SIGHUP or POST /v1/admin/policies/reload. A bad file, "
         "or one naming an unknown concept or SAE, stops the server from starting")
+    max_image_passes: int = Field(
+        400, ge=1, description="the most an image request may cost, in denoiser passes at the model's native size "
+        "(images_api.image_cost: n x steps x the area over the native area, twice with compare), counted before it "
+        "starts: 422 above. 400 is 8 images of 50 steps at the native size")
+    image_timeout: float = Field(
+        120.0, gt=0, description="seconds an image request may run (checked after each denoising step); past it "
+        "the work stops and the caller gets 504, the worker goes on")
     max_image_side: int | None = Field(
         None, ge=8, le=4096, description="largest width or height POST /v1/images draws, in pixels (422 above); "
         "None: twice the model's native size (64 for shapes-t2i, 1024 for SD 1.x). Work grows with the area: "

@@ -15,6 +15,8 @@ hands it a ``ConceptSearchRequest``): contrasting prompts through the text encod
 import base64
 import io
 import logging
+import math
+import time
 from dataclasses import dataclass
 
 import litserve as ls
@@ -30,9 +32,8 @@ from saesteer_client.schema import (
 
 from saesteer.steering.pool import SAEPool
 
-from .api import Rejected
+from .api import Counted, Rejected, encoded
 from .config import ServerSettings
-from .errors import error_response
 from .search_worker import check_search_saes, search_sae_ids
 
 log = logging.getLogger("saesteer.server")
@@ -42,6 +43,15 @@ log = logging.getLogger("saesteer.server")
 class _Job:
     request: ImagesRequest
     plan: object  # steering.plan.InterventionPlan
+    cost: int  # image_cost
+
+
+def image_cost(r: ImagesRequest, native: int, default_steps: int) -> int:
+    """What an image request costs, in denoiser passes at the pipeline's native size (a pass runs
+    both classifier-free guidance branches): ``n x steps x`` the image's area over the native one
+    (at least 1), twice with ``compare``. Counted before any work (``max_image_passes``)."""
+    area = max(1.0, (r.width or native) * (r.height or native) / native**2)
+    return math.ceil(r.n * (r.steps or default_steps) * area * (2 if r.compare else 1))
 
 
 def _png(img) -> Image:
@@ -68,7 +78,7 @@ class ImagesAPI(ls.LitAPI):
     def setup(self, device):
         import torch
 
-        from saesteer.sae.diffusion import load_pipeline, native_size
+        from saesteer.sae.diffusion import load_pipeline, native_size, pipeline_defaults
         from saesteer.steering.hooks import Steerer
 
         s = self.settings
@@ -80,6 +90,7 @@ class ImagesAPI(ls.LitAPI):
         self.steerer = Steerer(self.pipe.text_encoder, self.saes)
         self.native = native_size(self.pipe)
         self.max_side = s.max_image_side or 2 * self.native
+        self.default_steps = pipeline_defaults(self.pipe)[0]
 
     def decode_request(self, request: ImagesRequest) -> _Job | Rejected:
         from saesteer.steering.plan import PlanError, build_plan
@@ -100,26 +111,33 @@ class ImagesAPI(ls.LitAPI):
             if side is not None and side > self.max_side:
                 return Rejected.field(422, ["body", name], f"{name} {side} is above this server's limit of {self.max_side} "
                                       f"pixels (the model draws {self.native} natively)", "image_too_large")
+        cost = image_cost(request, self.native, self.default_steps)
+        if cost > self.settings.max_image_passes:
+            return Rejected.field(422, ["body", "n" if request.n > 1 else "steps"],
+                                  f"this request costs {cost} denoiser passes at the native size ({request.n} image(s) x "
+                                  f"{request.steps or self.default_steps} steps x its area{', twice for compare' if request.compare else ''}); "
+                                  f"the server's limit is {self.settings.max_image_passes} (max_image_passes)", "image_too_costly")
 
         try:
             plan = build_plan(request.interventions, self.steerer.configs, self.steerer.hook_widths, self.saes.units,
                               max_position=self.pipe.tokenizer.model_max_length, concepts=self.concepts.get)
         except PlanError as e:
             return Rejected(422, [e.item])
-        return _Job(request, plan)
+        return _Job(request, plan, cost)
 
-    def _search(self, r: ConceptSearchRequest) -> ConceptSearchResponse:
+    def _search(self, r: ConceptSearchRequest) -> Counted:
         from saesteer.steering.concept_search import search_prompt_concepts
 
         with self.saes.use(search_sae_ids(r, self.saes)) as saes:
             hits = search_prompt_concepts(self.pipe, saes, self.saes.stats, r.positive, r.negative, r.top_k)
-        return ConceptSearchResponse(latents=[ConceptSearchHit(
+        cost = (len(r.positive) + len(r.negative)) * self.pipe.tokenizer.model_max_length  # one encoder pass per prompt
+        return Counted(ConceptSearchResponse(latents=[ConceptSearchHit(
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score, top_tokens=[],
             suggested=LatentIntervention(op="scale", sae=h.sae, latent=h.latent, value=h.value),
-        ) for h in hits])
+        ) for h in hits]), cost)
 
     def predict(self, job):
-        from saesteer.steering.diffusion import ImageSpec, generate_images
+        from saesteer.steering.diffusion import ImageDeadline, ImageSpec, generate_images
         from saesteer.steering.plan import InterventionPlan
 
         if isinstance(job, Rejected):
@@ -133,16 +151,20 @@ class ImagesAPI(ls.LitAPI):
         r = job.request
         base = dict(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, guidance_scale=r.guidance_scale,
                     width=r.width, height=r.height, seed=r.seed if r.seed is not None else 0, n=r.n, branches=r.branches)
+        deadline = time.monotonic() + self.settings.image_timeout
         try:
             with self.saes.use(job.plan.sae_ids()):
-                steered = generate_images(self.pipe, ImageSpec(**base, plan=job.plan), self.steerer)
-            plain = generate_images(self.pipe, ImageSpec(**base, plan=InterventionPlan())) if r.compare else None
+                steered = generate_images(self.pipe, ImageSpec(**base, plan=job.plan), self.steerer, deadline)
+            plain = generate_images(self.pipe, ImageSpec(**base, plan=InterventionPlan()), deadline=deadline) if r.compare else None
+        except ImageDeadline:
+            return Counted(Rejected.field(
+                504, ["body"], f"the images took over the server's image_timeout ({self.settings.image_timeout:g} s) "
+                "and were stopped; ask for fewer images, fewer steps or a smaller size", "image_timeout"), job.cost)
         except Exception as e:  # never a dead worker, and the error names no internals
             log.error("image generation failed: %s: %s", type(e).__name__, e, exc_info=e)
             return Rejected.field(500, ["body"], f"image generation failed ({type(e).__name__})", "internal_error")
-        return ImagesResponse(images=[_png(i) for i in steered], unsteered=[_png(i) for i in plain] if plain else None)
+        return Counted(ImagesResponse(images=[_png(i) for i in steered], unsteered=[_png(i) for i in plain] if plain else None),
+                       job.cost)
 
     def encode_response(self, output) -> ImagesResponse:
-        if isinstance(output, Rejected):
-            return error_response(output.status, output.detail)
-        return output
+        return encoded(output)

@@ -11,6 +11,15 @@ from saesteer_client.schema import ErrorItem, ErrorResponse
 GENERATE_PATHS = frozenset({"/v1/generate", "/v1/chat/completions", "/v1/completions"})
 """The routes that generate tokens: admission control, token rate limits and the generate scope."""
 
+COUNTED_PATHS = frozenset({"/v1/concepts/search", "/v1/features", "/v1/images"})
+"""The heavy routes whose work the worker counts once it is done and reports in ``COST_HEADER``:
+the token rate limit charges it to the caller's key after the answer (``auth.RateLimitMiddleware``)."""
+
+COST_HEADER = "x-saesteer-cost"
+"""Response header with the work a request cost, in token forward passes (a backward pass counted as
+two): a concept search's ``search_cost``, the tokens a read-out read, an image request's denoiser
+passes at the model's native size (``images_api.image_cost``)."""
+
 MAX_MESSAGE_CHARS = 300
 """Error messages longer than this are cut (with the original length said), so a megabyte-long
 field value is never echoed back whole."""

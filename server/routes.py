@@ -47,6 +47,7 @@ from saesteer_client.schema import (
 )
 from starlette.responses import StreamingResponse
 
+from .api import Counted, encoded
 from .errors import error_response, field_error
 from .middleware import error_body, send_error
 from .text_worker import TEXT_PATH, Cancel
@@ -224,7 +225,9 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
     async def features(request: FeaturesRequest):
         out, events = await _first(client.events(request))
         await events.aclose()
-        return out if isinstance(out, FeaturesResponse) else _refusal(out)
+        if not isinstance(out, FeaturesResponse):
+            return _refusal(out)
+        return encoded(Counted(out, len(out.tokens)))  # one forward over the text read: its tokens
 
     def check_model(name: str):
         if name != model_id:

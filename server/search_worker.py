@@ -28,9 +28,8 @@ from saesteer_client.schema import (
     SUGGESTED_REPETITION_PENALTY,
 )
 
-from .api import ModelAPI, Rejected
+from .api import Counted, ModelAPI, Rejected, encoded
 from .config import ServerSettings
-from .errors import error_response
 
 log = logging.getLogger("saesteer.server")
 
@@ -121,13 +120,14 @@ class SearchAPI(ModelAPI):
                                       r.mix_latents, r.mix_strength, r.mix_signs, r.mix_fit_steps,
                                       r.mix_positions, deadline=deadline) if mixes else []
         except SearchDeadline:
-            return Rejected.field(504, ["body"], f"the search ran past the server's search_timeout ({s.search_timeout:g} s) "
-                                  "and was stopped; send fewer sentences or mix_fit_steps, or retry when the server is "
-                                  "less busy (searches yield the CPU to generation)", "search_timeout")
+            return Counted(Rejected.field(
+                504, ["body"], f"the search ran past the server's search_timeout ({s.search_timeout:g} s) and was "
+                "stopped; send fewer sentences or mix_fit_steps, or retry when the server is less busy (searches "
+                "yield the CPU to generation)", "search_timeout"), cost)
         except ValueError as e:  # no usable concept tokens
             field = "words" if r.words else "positive"
             return Rejected.field(422, ["body", field], str(e))
-        return ConceptSearchResponse(mixes=[ConceptSearchMix(
+        return Counted(ConceptSearchResponse(mixes=[ConceptSearchMix(
             sae=m.sae, strength=m.strength, mean_diff_cos=round(m.mean_diff_cos, 4),
             suggested=[LatentIntervention(op="add", sae=m.sae, latent=i, value=float(f"{v:.6g}"), unit="raw",
                                           positions=r.mix_positions)
@@ -139,12 +139,10 @@ class SearchAPI(ModelAPI):
             sae=h.sae, latent=h.latent, score=h.score, input_score=h.input_score, output_score=h.output_score,
             top_tokens=h.top_tokens,
             suggested=LatentIntervention(op="clamp", sae=h.sae, latent=h.latent, value=round(h.value, 4), unit=h.unit),
-        ) for h in hits])
+        ) for h in hits]), cost)
 
     def encode_response(self, output) -> ConceptSearchResponse:
-        if isinstance(output, Rejected):
-            return error_response(output.status, output.detail)
-        return output
+        return encoded(output)
 
 
 def search_sae_ids(request: ConceptSearchRequest, saes) -> list[str]:

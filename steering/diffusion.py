@@ -12,6 +12,7 @@ edits nothing gives bit-identical embeddings and, for the same seed, the same im
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,10 +65,32 @@ def branch_plans(plan: InterventionPlan, branches: str) -> tuple[InterventionPla
             negated(plan) if branches in ("both", "uncond") else InterventionPlan())
 
 
+class ImageDeadline(TimeoutError):
+    """Image generation ran past its deadline (checked after each denoising step)."""
+
+
+def _stop_at(deadline: float | None):
+    """A diffusers ``callback_on_step_end`` raising ``ImageDeadline`` past ``deadline``
+    (``time.monotonic()`` seconds); None: no callback."""
+    if deadline is None:
+        return None
+
+    def check(pipe, step, timestep, kwargs):
+        if time.monotonic() > deadline:
+            raise ImageDeadline(f"image generation passed its deadline at denoising step {step + 1}")
+        return kwargs
+
+    return check
+
+
 @torch.no_grad()
-def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None) -> list:
+def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None, deadline: float | None = None) -> list:
     """``spec.n`` PIL images from ``pipe`` (``saesteer.sae.diffusion.load_pipeline``); the same seed
-    and an idle plan give the same pixels as no plan."""
+    and an idle plan give the same pixels as no plan.
+
+    Raises:
+        ImageDeadline: ``time.monotonic()`` passed ``deadline`` (checked after each denoising step).
+    """
     cond_plan, uncond_plan = branch_plans(spec.plan, spec.branches)
     cond = text_embeddings(pipe, [spec.prompt], [cond_plan], steerer)
     uncond = text_embeddings(pipe, [spec.negative_prompt], [uncond_plan], steerer)
@@ -77,5 +100,5 @@ def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None) -> li
     steps, guidance = pipeline_defaults(pipe, spec.steps, spec.guidance_scale)
     out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                guidance_scale=guidance, height=spec.height, width=spec.width, generator=gen,
-               num_images_per_prompt=spec.n)
+               num_images_per_prompt=spec.n, callback_on_step_end=_stop_at(deadline))
     return list(out.images)

@@ -28,7 +28,7 @@ def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     pipe = tiny_pipeline_folder(root / "pipe")
     save_sae(tiny_sae(), root / "te9")
-    with serve(ServerSettings(model=str(pipe), saes=[f"te9={root / 'te9'}"], features=False)) as c:
+    with serve(ServerSettings(model=str(pipe), saes=[f"te9={root / 'te9'}"], features=False, max_image_passes=50)) as c:
         yield c
 
 
@@ -42,6 +42,7 @@ def test_images_of_the_requested_size_and_idle_steering_is_exact(client):
     assert r.status_code == 200, r.text
     imgs = [pixels(i) for i in r.json()["images"]]
     assert len(imgs) == 2 and imgs[0].shape == (16, 24, 3)
+    assert r.headers["x-saesteer-cost"] == "9"  # 2 images x 3 steps x 1.5 times the native area
     plain = pixels(client.post("/v1/images", json=base).json()["images"][0])
     assert plain.shape == (16, 16, 3)  # the model's default size
     idle = client.post("/v1/images", json={**base, "interventions": [{"op": "scale", "sae": "te9", "latent": 3, "value": 1.0}]})
@@ -60,6 +61,8 @@ def test_images_of_the_requested_size_and_idle_steering_is_exact(client):
     ({"prompt": "x", "steps": 0}, '"steps"', "greater than or equal"),
     ({"prompt": "x", "steps": 101}, '"steps"', "less than or equal"),
     ({"prompt": "x", "n": 9}, '"n"', "less than or equal"),
+    ({"prompt": "x", "n": 8, "steps": 10}, '"n"', "80 denoiser passes"),  # over max_image_passes (50)
+    ({"prompt": "x", "steps": 30, "compare": True}, '"steps"', "limit is 50 (max_image_passes)"),
     ({"prompt": "x", "interventions": [{"op": "clamp", "sae": "smollm2-135m-res10-k32", "latent": 1, "value": 1}]}, '"sae"', "unknown SAE"),
     ({"prompt": "x", "interventions": [{"op": "clamp", "sae": "te9", "latent": 64, "value": 1}]}, '"latent"', "out of range"),
     ({"prompt": "x", "interventions": [{"op": "add_vector", "sae": "te9", "vector": [1.0] * 576}]}, '"vector"', "d_in 32"),
@@ -109,3 +112,16 @@ def test_refused_image_requests_beside_good_ones_leave_them_unchanged(client):
     assert answers[2].status_code == 422 and '"negative"' in answers[2].text
     for a in (answers[0], answers[3]):
         assert a.status_code == 200 and np.array_equal(pixels(a.json()["images"][0]), alone)
+
+
+def test_images_past_the_deadline_are_a_504_and_the_worker_goes_on(tmp_path):
+    """With an image_timeout shorter than one denoising step, an image request stops after its
+    first step with a 504 naming the setting; the same worker then answers a concept search."""
+    pipe = tiny_pipeline_folder(tmp_path / "pipe")
+    save_sae(tiny_sae(), tmp_path / "te9")
+    with serve(ServerSettings(model=str(pipe), saes=[f"te9={tmp_path / 'te9'}"], features=False, image_timeout=1e-6)) as c:
+        r = c.post("/v1/images", json={"prompt": "a red circle", "steps": 50})
+        assert r.status_code == 504 and r.json()["detail"][0]["type"] == "image_timeout", r.text
+        assert r.headers["x-saesteer-cost"] == "50"  # the work admitted is charged
+        r = c.post("/v1/concepts/search", json={"positive": ["a red circle"], "negative": ["a blue circle"], "top_k": 2})
+        assert r.status_code == 200, r.text

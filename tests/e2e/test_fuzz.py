@@ -22,7 +22,8 @@ SAE = "smollm2-135m-res10-k32"
 MODEL = "SmolLM2-135M-Instruct"
 EXAMPLES = {"POST /v1/generate": 300, "GET /v1/saes": 10, "GET /v1/saes/{sae_id}/latents/{latent}": 60,
             "POST /v1/chat/completions": 80, "POST /v1/completions": 60, "GET /v1/models": 3,
-            "POST /v1/concepts": 30, "GET /v1/concepts/{name}": 10, "GET /v1/concepts": 2}
+            "POST /v1/concepts": 30, "GET /v1/concepts/{name}": 10, "GET /v1/concepts": 2,
+            "POST /v1/features": 40, "POST /v1/concepts/search": 15}
 GENERATING = ("/v1/generate", "/v1/chat/completions", "/v1/completions")
 
 
@@ -30,7 +31,8 @@ GENERATING = ("/v1/generate", "/v1/chat/completions", "/v1/completions")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     proc, url, _, _ = start_server(tmp, SAESTEER_API_KEY=KEY, SAESTEER_MAX_PROMPT_TOKENS="40",
-                                   SAESTEER_MAX_TOTAL_TOKENS="48", SAESTEER_MAX_BATCH_SIZE="8")
+                                   SAESTEER_MAX_TOTAL_TOKENS="48", SAESTEER_MAX_READOUT_TOKENS="64",
+                                   SAESTEER_MAX_SEARCH_TOKENS="3000")
     try:
         yield url
     finally:
@@ -70,6 +72,7 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     schema = schemathesis.openapi.from_dict(narrow(raw))
     statuses: Counter = Counter()
     failures = []
+    slowest: dict[str, float] = {}
     t0 = time.time()
     for result in schema.get_all_operations():
         op = result.ok()
@@ -81,7 +84,9 @@ def test_fuzzed_requests_never_get_a_5xx(server):
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def run(case):
+            t = time.monotonic()
             r = case.call(base_url=server, headers=headers, timeout=120)
+            slowest[op.path] = max(slowest.get(op.path, 0.0), time.monotonic() - t)
             statuses[(op.path, r.status_code)] += 1
             if r.status_code == 422 and os.environ.get("FUZZ_DEBUG"):
                 print(r.text[:200])
@@ -91,7 +96,10 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         run()
     took = time.time() - t0
     print(f"fuzzed {sum(statuses.values())} requests in {took:.0f} s: {dict(sorted(statuses.items()))}")
+    print("slowest request per route (s):", {p: round(t, 1) for p, t in sorted(slowest.items())})
     assert not failures, failures[:5]
+    assert max(slowest.values()) < 60, slowest  # every route bounded by its limits and deadlines
     assert any(code == 200 for (path, code) in statuses if path in GENERATING)  # some were valid
-    for path in GENERATING:
+    for path in GENERATING + ("/v1/features", "/v1/concepts/search"):
         assert any(code == 422 for (p, code) in statuses if p == path)
+    assert any(code == 200 for (p, code) in statuses if p in ("/v1/features", "/v1/concepts/search"))

@@ -13,7 +13,7 @@ from serving import serve
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
-KEYS = {"gen": "k-gen-1", "feat": "k-feat-2", "admin": "k-admin-3", "tok": "k-tok-4"}
+KEYS = {"gen": "k-gen-1", "feat": "k-feat-2", "admin": "k-admin-3", "tok": "k-tok-4", "heavy": "k-heavy-5"}
 MSG = [{"role": "user", "content": "Say hi."}]
 
 
@@ -29,6 +29,7 @@ def client(tmp_path_factory):
         {"name": "feat", "sha256": hash_key(KEYS["feat"]), "scopes": ["features"]},
         {"name": "admin", "sha256": hash_key(KEYS["admin"]), "scopes": ["admin"]},
         {"name": "tok", "sha256": hash_key(KEYS["tok"]), "scopes": ["generate"], "tokens_per_minute": 20},
+        {"name": "heavy", "sha256": hash_key(KEYS["heavy"]), "scopes": ["features"], "tokens_per_minute": 30},
     ]}))
     settings = ServerSettings(api_keys_file=str(d / "keys.json"),
                               max_prompt_tokens=200, max_total_tokens=300)
@@ -82,6 +83,22 @@ def test_tokens_per_minute_429(client):
     r = client.post("/v1/generate", json={"prompt": "   ", "max_new_tokens": 30}, headers=auth("tok"))
     assert r.status_code == 429 and "retry-after" not in r.headers  # never fits in 20 per minute
     assert "exceed the 20 tokens per minute" in r.json()["detail"][0]["msg"]
+
+
+def test_heavy_work_is_charged_what_it_cost(client):
+    """A read-out is admitted while the key's bucket is out of debt and charged, once answered, the
+    tokens it read (the x-saesteer-cost header): 43 tokens on a 30-per-minute key leave it in debt."""
+    from saesteer.server.middleware import COST_HEADER
+
+    body = {"sae": "smollm2-135m-res10-k32", "prompt": "The quick brown fox jumps over the lazy dog. " * 4}
+    r = client.post("/v1/features", json=body, headers=auth("heavy"))
+    assert r.status_code == 200, r.text
+    read = len(r.json()["tokens"])
+    assert int(r.headers[COST_HEADER]) == read > 30
+    r = client.post("/v1/features", json=body, headers=auth("heavy"))
+    assert r.status_code == 429 and r.json()["detail"][0]["type"] == "rate_limited"
+    assert int(r.headers["retry-after"]) >= 60 * (read - 30) / 30  # the debt, then one token, refilled at 30/min
+    assert client.post("/v1/features", json=body, headers=auth("feat")).status_code == 200  # a key without a limit
 
 
 def metric(text: str, name: str, **labels) -> float:

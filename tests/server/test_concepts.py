@@ -90,6 +90,7 @@ def test_concept_search_over_http_suggests_a_working_clamp(tmp_path):
                              "Whales swim in the deep ocean."], "words": ["ocean", "sea"], "top_k": 5}
         r = c.post("/v1/concepts/search", json=body)
         assert r.status_code == 200, r.text
+        assert 0 < int(r.headers["x-saesteer-cost"]) <= settings.max_search_tokens  # what the rate limit charges
         hits = r.json()["latents"]
         assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
         attached = {s["id"] for s in c.get("/v1/saes").json()["saes"]}
