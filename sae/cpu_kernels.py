@@ -1,7 +1,7 @@
 """Faster decoding on CPU: lighter weights for the linear layers and fewer, larger operations.
 
 At batch 1 a decode step reads every weight once, so its speed is bounded by memory bandwidth
-(issue 14; ``benchmarks/continuous_batching.py`` measures it). Measured on this project's 2-core
+(``benchmarks/continuous_batching.py`` measures it). Measured on this project's 2-core
 AMD machines, a stack of SmolLM2's 30 blocks of linear layers (425 MB in float32) takes, per step:
 float32 packed for oneDNN 21.9 ms, bfloat16 packed 11.6 ms, int8 weights 8.7 ms. The rest of a step
 is per-operation overhead (~0.5k small operations), which fusing cuts. In a whole decode step the

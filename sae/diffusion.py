@@ -34,11 +34,6 @@ def normalize_hook_point(name: str) -> str:
     return f"blocks.{m.group(1)}.hook_resid_post" if m else name
 
 
-def is_diffusion_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a diffusers pipeline folder (it has ``model_index.json``)."""
-    return (Path(path) / "model_index.json").is_file()
-
-
 # -- the CLIP tokenizer, offline -----------------------------------------------------------------
 
 

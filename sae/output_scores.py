@@ -1,6 +1,6 @@
 """What each latent does to the model's output: logit-lens top tokens and output scores.
 
-Issue 15, part 3. Latents picked by the inputs that activate them often do not steer; Arad, Mueller
+Latents picked by the inputs that activate them often do not steer; Arad, Mueller
 & Belinkov ("SAEs Are Good for Steering - If You Select the Right Features", EMNLP 2025, Sec. 3)
 score each latent by its effect on the output instead and keep the high scorers. Two quantities per
 latent i, with decoder direction d_i = ``W_dec[i] / input_scale`` [d_in] (what a clamp or add of

