@@ -43,17 +43,10 @@ def rss_mib(pid: int) -> float | None:
 
 
 def worker_pids(runtime: Path) -> list[int]:
-    """The generate workers' pids (their status files) and the streaming worker's (stream.json)."""
-    out = []
-    files = [*(runtime / "workers").glob("*.json"), runtime / "stream.json"]
-    for p in files:
-        try:
-            pid = json.loads(p.read_text())["pid"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if rss_mib(pid) is not None and pid not in out:
-            out.append(pid)
-    return out
+    """The live workers' pids (their status files, ``server.runtime.read_workers``)."""
+    from saesteer.server.runtime import read_workers
+
+    return [int(w["pid"]) for w in read_workers(str(runtime)) if w["alive"] and rss_mib(int(w["pid"])) is not None]
 
 
 def second_half_growth(timeline: list, pids: list[int]) -> dict:

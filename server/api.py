@@ -12,9 +12,8 @@ process boundary.
 
 # No `from __future__ import annotations` here: LitServe reads the real annotation of
 # decode_request's `request` parameter as the FastAPI body type.
+import hashlib
 import logging
-import os
-from pathlib import Path
 from dataclasses import dataclass
 
 import litserve as ls
@@ -26,10 +25,6 @@ from .config import ServerSettings
 from .runtime import release_free_memory
 
 log = logging.getLogger("saesteer.server")
-
-POLICIES_RELOAD = "policies.reload"
-"""The file in the runtime folder whose change tells workers to reload the policies."""
-
 
 @dataclass
 class Rejected:
@@ -105,6 +100,12 @@ def response_of(steered, plain=None) -> GenerateResponse:
 audit_log = logging.getLogger("saesteer.audit")
 
 
+def request_fingerprint(request) -> str:
+    """A short hash of a request's canonical JSON (a pydantic model): how the audit log names a
+    request without writing its prompt."""
+    return hashlib.sha1(request.model_dump_json().encode()).hexdigest()[:16]
+
+
 def row_settings(r: GenerateRequest, deadline: float | None) -> dict:
     """The ``GenerationSpec`` fields a ``GenerateRequest`` sets for each of its rows (all but the
     prompt ids and the plan): length, sampling, penalties, stop strings, the ``deadline``
@@ -162,7 +163,6 @@ class ModelAPI(ls.LitAPI):
         self.settings = settings
         self.saes = saes
         self.concepts = ConceptStore(settings.concepts_dir)  # named concepts, read from their files
-        self._hit_counts: dict[str, int] = {}  # "policy|action" -> completions it fired on, this process
 
     def setup(self, device):
         import torch
@@ -208,38 +208,24 @@ class ModelAPI(ls.LitAPI):
 
     def record_hits(self, request, results) -> None:
         """Audit a finished request's policy hits (``audit``, naming the request by its
-        ``runtime.request_fingerprint``) and count them per policy and action into
-        ``<runtime_dir>/policy_hits/<pid>.json`` (``/metrics``' ``saesteer_policy_hits_total``; one
-        file per worker process, so a restarted worker's counts stay counted)."""
+        ``request_fingerprint``) and count them per policy and action (``/metrics``'
+        ``saesteer_policy_hits_total``, ``runtime.worker_metrics``; counted per worker process, so
+        a restarted worker's counts stay counted)."""
         hits = [h for res in results if res is not None for h in (getattr(res, "safety", None) or [])]
         if not hits:
             return
-        import json
-
-        from .runtime import POLICY_HITS_DIR, request_fingerprint, write_atomic
+        from .runtime import worker_metrics
 
         audit(request_fingerprint(request), results, self.policies.audit_text)
-        rd = self.runtime_dir
-        if rd is None:
-            return
-
-        counts = self._hit_counts
+        counter = worker_metrics().policy_hits
         for h in hits:
-            key = f"{h['policy']}|{h['action']}"
-            counts[key] = counts.get(key, 0) + 1
-        folder = Path(rd) / POLICY_HITS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{os.getpid()}.json", json.dumps(counts))
+            counter.labels(policy=h["policy"], action=h["action"]).inc()
 
     def _policies_mark(self):
-        """The reload signal's state: ``<runtime_dir>/policies.reload``'s modification time."""
-        rd = self.runtime_dir
-        if rd is None or not self.settings.policies:
-            return None
-        try:
-            return os.stat(os.path.join(rd, POLICIES_RELOAD)).st_mtime_ns
-        except OSError:
-            return None
+        """The reload signal's state (``runtime.PolicyReload``); None without a policies file."""
+        from .runtime import PolicyReload
+
+        return PolicyReload(self.runtime_dir).mark() if self.settings.policies else None
 
     def refresh_policies(self) -> None:
         """Reload the policies if the HTTP process signalled a reload (it checked the file first);

@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import litserve as ls
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +42,6 @@ from saesteer.sae.stats import latent_record, load_latent_stats
 from saesteer.steering.policy import PolicyError, load_policies
 from saesteer.steering.pool import SAEPool
 
-from .api import POLICIES_RELOAD
 from .auth import OPEN_PATHS, SCOPES, ApiKey, AuthMiddleware, PolicyGuard, RateLimitMiddleware, hash_key, load_keys_file
 from .config import ServerSettings, settings_from_args
 from .errors import error_response, field_error
@@ -57,7 +55,7 @@ from .routes import install as install_routes
 from .text_worker import TEXT_PATH, TextWorker
 from .middleware import BodyLimitMiddleware, short
 from .observe import Metrics, ObserveMiddleware, readiness
-from .runtime import SharedState, write_atomic
+from .runtime import PolicyReload, SharedState, share_worker_metrics
 
 log = logging.getLogger("saesteer.server")
 
@@ -127,6 +125,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     listing = SAEList(saes=pool.infos())
     runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="saesteer-")
     state = SharedState(runtime_dir)
+    share_worker_metrics(runtime_dir)  # before LitServe spawns the workers
     # LitServe adds these in order, each around the ones before, so a request meets them last to
     # first: request id/metrics/log, auth, the body limit (which buffers the body), rate limits
     # (which read the key and the body), then the generate gate
@@ -231,7 +230,7 @@ def install_policies(server, settings: ServerSettings, policies, check, runtime_
         with lock:
             fresh = check()  # PolicyError: the old policies stay
             current["set"], current["generation"] = fresh, current["generation"] + 1
-            write_atomic(Path(runtime_dir) / POLICIES_RELOAD, str(current["generation"]))
+            PolicyReload(runtime_dir).send(current["generation"])
             log.warning("policies reloaded (generation %d): %s", current["generation"], ", ".join(fresh.names()) or "none")
             return listing()
 

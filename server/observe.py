@@ -1,9 +1,10 @@
 """What the operator sees: Prometheus metrics, one JSON log line per request with its request id
 (echoed in ``X-Request-ID``), and readiness (``GET /ready``).
 
-All of it lives in the one HTTP process (``saesteer serve`` runs one for all workers), so the
-metrics need no multiprocess mode. The worker-side state readiness needs comes from the workers'
-status files (``server.runtime``).
+The HTTP process's own metrics (requests, latency, rejections, queue depth) live in it alone
+(``saesteer serve`` runs one HTTP process for all workers); the workers' metrics (batch rows,
+engine tokens, cancels, policy hits) come from their multiprocess files, and readiness from their
+status files, both read at scrape time (``server.runtime``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import logging
 import re
 import time
 import uuid
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .runtime import POLICY_HITS_DIR, SharedState, read_workers
+from .runtime import SharedState, WorkerMetricsCollector, read_workers
 
 access_log = logging.getLogger("saesteer.access")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -58,61 +58,7 @@ class Metrics:
             "saesteer_time_to_first_token_seconds", "streamed requests: time from request to the first token event",
             ["route"], registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
         )
-        self.batch = Gauge("saesteer_batch_rows", "rows being generated now: the static workers' batches and the "
-                           "continuous batch", registry=r)
-        self.batch.set_function(lambda: batch_rows(state.runtime_dir))
-        for key, help_text in (("running_rows", "rows the continuous-batching worker is decoding"),
-                               ("queued", "requests waiting to join the continuous batch"),
-                               ("cancelled_total", "streamed requests dropped because their client went away"),
-                               ("tokens_total", "tokens the continuous-batching worker generated (rate(): tokens/s)")):
-            g = Gauge(f"saesteer_stream_{key}", help_text, registry=r)
-            g.set_function(lambda key=key: stream_status(state.runtime_dir).get(key, 0))
-        r.register(_PolicyHits(state.runtime_dir))
-
-
-class _PolicyHits:
-    """``saesteer_policy_hits_total{policy, action}``: completions a safety policy fired on, summed
-    over the workers' count files (``api.ModelAPI.record_hits``) at scrape time."""
-
-    def __init__(self, runtime_dir: str):
-        self.runtime_dir = runtime_dir
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        fam = CounterMetricFamily("saesteer_policy_hits", "completions a safety policy fired on (flagged, steered or "
-                                  "refused), by policy and action", labels=["policy", "action"])
-        for (policy, action), n in sorted(policy_hits(self.runtime_dir).items()):
-            fam.add_metric([policy, action], n)
-        yield fam
-
-
-def policy_hits(runtime_dir: str) -> dict[tuple[str, str], int]:
-    """(policy, action) -> completions it fired on, over every worker's ``policy_hits/<pid>.json``."""
-    out: dict[tuple[str, str], int] = {}
-    for f in (Path(runtime_dir) / POLICY_HITS_DIR).glob("*.json"):
-        try:
-            counts = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        for key, n in counts.items():
-            policy, _, action = key.partition("|")
-            out[(policy, action)] = out.get((policy, action), 0) + int(n)
-    return out
-
-
-def batch_rows(runtime_dir: str) -> int:
-    """Rows generating now: the text worker's running batch (a ``compare`` request is two rows)."""
-    return int(stream_status(runtime_dir).get("running_rows", 0))
-
-
-def stream_status(runtime_dir: str) -> dict:
-    """The text worker's counts (``text_worker.TextWorker`` writes them to
-    ``<runtime_dir>/stream.json``); {} before it has started."""
-    try:
-        return json.loads((Path(runtime_dir) / "stream.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        r.register(WorkerMetricsCollector(state.runtime_dir))
 
 
 def _request_id(scope) -> str:

@@ -89,15 +89,14 @@ class TextClient:
         restarts it; a stream of LitServe's own would wait forever)."""
         from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-        from .observe import stream_status
-        from .runtime import pid_alive
+        from .runtime import pid_alive, text_worker_pid
 
         srv = self.server
         uid = str(uuid.uuid4())
         event = asyncio.Event()
         buffer: deque = deque()
         srv.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
-        worker = stream_status(self.runtime_dir).get("pid")
+        worker = text_worker_pid(self.runtime_dir)
         queue = srv._get_request_queue(TEXT_PATH)
         queue.put((srv.app.response_queue_id, uid, time.monotonic(), request))
         finished = False

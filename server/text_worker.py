@@ -20,13 +20,10 @@ and leave at every decode step, so a short request behind a long one starts at t
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's real annotation.
-import json
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from litserve.loops.base import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
@@ -47,7 +44,7 @@ from saesteer.steering.pool import SAEPool
 
 from .api import ModelAPI, Prepared, Rejected, response_of, row_failure, row_settings
 from .config import ServerSettings
-from .runtime import release_free_memory, write_atomic
+from .runtime import release_free_memory, worker_metrics
 
 log = logging.getLogger("saesteer.server")
 
@@ -146,10 +143,9 @@ class TextWorker(ModelAPI):
         self.engine = ContinuousBatch(self.model, self.tokenizer, self.steerer)
         self.pending: deque = deque()  # (uid, GenerateRequest | FeaturesRequest), in arrival order
         self.requests: dict[str, _Request] = {}
-        self.counts = {"pid": os.getpid(), "running_rows": 0, "running_requests": 0, "queued": 0, "cancelled_total": 0,
-                       "tokens_total": 0}
-        self._written_at: float | None = None  # when stream.json was last written
-        self._write_status()
+        self.metrics = worker_metrics()
+        self._rows_before = 0  # rows running after the last step (when the batch empties, memory is released)
+        self._report()
         self.status.write("idle")
 
     def decode_request(self, request: GenerateRequest):
@@ -177,7 +173,7 @@ class TextWorker(ModelAPI):
             self.pending = deque(p for p in self.pending if p[0] != uid)
             if len(self.pending) == before:
                 return False
-        self.counts["cancelled_total"] += 1
+        self.metrics.cancelled.inc()
         return True
 
     def step(self) -> list[tuple[str, object, bool]]:
@@ -189,9 +185,9 @@ class TextWorker(ModelAPI):
         try:
             self._step(out, finals)
         finally:
-            if not len(self.engine) and self.counts["running_rows"]:
+            if not len(self.engine) and self._rows_before:
                 release_free_memory()  # the batch has just emptied
-            self._write_status()
+            self._report()
             held = sorted(self.requests)
             if held != self._held:  # since when it has held these: /ready's stuck check
                 self._held = held
@@ -277,7 +273,7 @@ class TextWorker(ModelAPI):
         if req is None:
             return
         shown = ev.shown_tokens()
-        self.counts["tokens_total"] += len(shown)
+        self.metrics.tokens.inc(len(shown))
         if req.stream:
             tokens = out.setdefault(uid, [])
             for j, token in enumerate(shown):  # the text rides on the last of them
@@ -350,17 +346,13 @@ class TextWorker(ModelAPI):
             return Rejected.field(422, at + ["sae"], f"SAE {request.sae!r} does not fit this server's SAE memory budget", "sae_memory")
         return ids + extra, len(ids)
 
-    def _write_status(self) -> None:
-        """``<runtime_dir>/stream.json``: rows and requests running, queued, cancelled and tokens
-        generated so far (read by ``/metrics``), written when the first three change, else at most
-        once a second."""
-        now = {"running_rows": len(self.engine), "running_requests": len(self.requests), "queued": len(self.pending)}
-        same = self._written_at is not None and all(self.counts[k] == v for k, v in now.items())
-        if same and time.monotonic() - self._written_at < 1.0:
-            return  # token counts alone: at most once a second
-        self.counts.update(now)
-        write_atomic(Path(self.runtime_dir) / "stream.json", json.dumps(self.counts))
-        self._written_at = time.monotonic()
+    def _report(self) -> None:
+        """The batch's gauges (``runtime.worker_metrics``: rows and requests running, requests
+        queued), after each step."""
+        self._rows_before = len(self.engine)
+        self.metrics.batch_rows.set(self._rows_before)
+        self.metrics.running_requests.set(len(self.requests))
+        self.metrics.queued.set(len(self.pending))
 
 
 def _error(rejected: Rejected) -> ErrorEvent:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings
-from saesteer.server.observe import stream_status
+from saesteer.server.runtime import text_worker_pid
 
 from serving import serve
 
@@ -30,6 +30,16 @@ def server(tmp_path_factory):
                               max_total_tokens=1200, runtime_dir=str(runtime))
     with serve(settings, monitor=True) as c:  # the monitor restarts dead workers
         yield c, str(runtime)
+
+
+def metrics(c) -> dict[str, float]:
+    """``/metrics`` as {sample with labels: value}."""
+    values = {}
+    for line in c.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            values[name] = float(v)
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +152,7 @@ def test_a_poisoned_stream_beside_good_ones(server):
 
 def test_a_disconnect_frees_its_row(server):
     c, runtime = server
-    before = stream_status(runtime).get("cancelled_total", 0)
+    before = metrics(c).get("saesteer_cancelled_requests_total", 0)
     t0 = time.time()
     with c.stream("POST", "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "stream": True}) as r:
         assert r.status_code == 200
@@ -151,8 +161,8 @@ def test_a_disconnect_frees_its_row(server):
         assert got[0] == "event: token"
     deadline = time.time() + 60
     while True:
-        st = stream_status(runtime)
-        if st.get("cancelled_total", 0) == before + 1 and st["running_rows"] == 0:
+        st = metrics(c)
+        if st.get("saesteer_cancelled_requests_total", 0) == before + 1 and st["saesteer_batch_rows"] == 0:
             break
         assert time.time() < deadline, st
         time.sleep(0.2)
@@ -163,16 +173,11 @@ def test_metrics_count_streamed_tokens_and_time_to_first_token(server):
     c, _ = server
     r = c.post("/v1/generate", json={"messages": MSG, "max_new_tokens": 5, "stream": True, "ignore_eos": True})
     assert [k for k, _ in sse_events(r.text)].count("token") == 5
-    time.sleep(1.2)  # token counts reach the status file at most once a second
-    values = {}
-    for line in c.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, v = line.rpartition(" ")
-            values[name] = float(v)
+    values = metrics(c)
     assert values['saesteer_time_to_first_token_seconds_count{route="/v1/generate"}'] >= 1
     assert values['saesteer_time_to_first_token_seconds_count{route="/v1/chat/completions"}'] >= 1
-    assert values["saesteer_stream_tokens_total"] >= 5
-    assert values["saesteer_batch_rows"] == 0  # nothing generating now
+    assert values["saesteer_engine_tokens_total"] >= 5  # counted in the worker's process
+    assert values["saesteer_batch_rows"] == 0 and values["saesteer_queued_requests"] == 0  # nothing generating now
 
 
 def test_a_dead_streaming_worker_ends_its_streams_with_503_and_comes_back(server):
@@ -181,7 +186,7 @@ def test_a_dead_streaming_worker_ends_its_streams_with_503_and_comes_back(server
     import signal
 
     c, runtime = server
-    pid = stream_status(runtime)["pid"]
+    pid = text_worker_pid(runtime)
     with c.stream("POST", "/v1/generate", json={"messages": MSG, "max_new_tokens": 1000, "ignore_eos": True,
                                                 "stream": True}) as r:
         lines = r.iter_lines()
@@ -199,4 +204,5 @@ def test_a_dead_streaming_worker_ends_its_streams_with_503_and_comes_back(server
             break
         assert time.time() < deadline, (r.status_code, r.text[:300])
         time.sleep(2)
-    assert stream_status(runtime)["pid"] != pid
+    assert text_worker_pid(runtime) not in (None, pid)
+    assert metrics(c)["saesteer_engine_tokens_total"] >= 5  # the dead worker's count stays counted
