@@ -377,6 +377,10 @@ def train_cli(a) -> int:
         raise SystemExit(f"saesteer train: {e}") from e
     if not run.out:
         raise SystemExit("saesteer train: no output folder; give --out (or `out:` in the config file)")
+    if run.data is None and not (run.acts and run.val_acts and run.ce_tokens == 0):
+        raise SystemExit("saesteer train: no text source; give --data (or `data:` in the config file): a folder of "
+                         "{split}.jsonl.gz such as `saesteer corpus` builds, a .jsonl(.gz) or .txt file, or an HF "
+                         "dataset id (or cached --acts and --val-acts with --ce-tokens 0)")
     out = Path(run.out)
     write_config(out / RESOLVED_CONFIG_FILE, cfg, run)
     model = tok = None

@@ -88,8 +88,10 @@ class RunConfig(_Config):
 
     hook_point: str = Field("blocks.10.hook_resid_post", validation_alias=AliasChoices("hook_point", "hook"))
     """where the SAE attaches (config files written before this name say ``hook``)."""
-    data: str = "../shared/corpus"
-    """text source for collecting activations (used when ``acts`` or ``val_acts`` is unset, and for CE)."""
+    data: str | None = None
+    """text source for collecting activations (a folder of ``{split}.jsonl.gz`` such as a built
+    corpus, a ``.jsonl(.gz)`` or ``.txt`` file, or an HF dataset id): needed when ``acts`` or
+    ``val_acts`` is unset, and for CE (``ce_tokens`` > 0)."""
     acts: str | None = None
     """training activations cached by ``saesteer collect`` (None: collect ``n_tokens`` from ``data``)."""
     val_acts: str | None = None

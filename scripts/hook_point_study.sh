@@ -16,7 +16,7 @@ HOOKS=(); for L in $BLOCKS; do HOOKS+=(--hook-point "blocks.$L.hook_resid_post")
 for L in $BLOCKS; do
   H=blocks.$L.hook_resid_post
   SAE=$OUT/sae_l$L
-  [ -f "$SAE/cfg.json" ] || saesteer train --hook-point $H --acts "$OUT/train/$H.safetensors" --val-acts "$OUT/val/$H.safetensors" \
+  [ -f "$SAE/cfg.json" ] || saesteer train --hook-point $H --data ../shared/corpus --acts "$OUT/train/$H.safetensors" --val-acts "$OUT/val/$H.safetensors" \
       --architecture batchtopk --d-sae 4608 --k 32 --n-tokens 1500000 --lr 7e-4 --seed 0 --out "$SAE"
   [ -f "$SAE/latent_stats.safetensors" ] || saesteer stats "$SAE" --n-tokens 50000
   # the five concepts whose latent is found by contrast (the sixth names a latent of the default SAE)
