@@ -1,13 +1,9 @@
 """Faster decoding on CPU: lighter weights for the linear layers and fewer, larger operations.
 
-At batch 1 a decode step reads every weight once, so its speed is bounded by memory bandwidth
-(``benchmarks/continuous_batching.py`` measures it). Measured on this project's 2-core
-AMD machines, a stack of SmolLM2's 30 blocks of linear layers (425 MB in float32) takes, per step:
-float32 packed for oneDNN 21.9 ms, bfloat16 packed 11.6 ms, int8 weights 8.7 ms. The rest of a step
-is per-operation overhead (~0.5k small operations), which fusing cuts. In a whole decode step the
-int8 kernel reads its weights at only ~10 GB/s and needs a bfloat16 copy of every input and output;
-FBGEMM's float16 kernel reads half the float32 bytes at ~20 GB/s with float32 inputs and outputs, and
-decodes fastest (``benchmarks/continuous_batching.py``).
+At batch 1 a decode step reads every weight once, so its speed is bounded by memory bandwidth; the
+rest of a step is per-operation overhead, which fusing cuts. What each kernel gains, and why float16
+weights decode fastest here: ``docs/continuous_batching.md`` (measured by
+``benchmarks/continuous_batching.py``).
 
 - ``BF16Linear``: the weight rounded to bfloat16 and packed for oneDNN; the input is rounded to
   bfloat16 on the way in, the product accumulates in float32 and comes back float32.
@@ -26,10 +22,8 @@ decodes fastest (``benchmarks/continuous_batching.py``).
 - the decode step: the fused model's ``forward`` handles one new token per row itself
   (``_lean_decode_forward``: none of transformers' per-call mask building and output wrappers),
   and each fused block runs that step as TorchScript (``sae.decode_script``, ``script_decode_blocks``)
-  over a ``sae.kv_cache.SpareLayer`` cache, with no Python between its ~25 small operations:
-  with float16 weights a batch-1 step took 0.70-0.72x the time it took before these two
-  (``benchmarks/continuous_batching.py``). A block whose attention, MLP or linear modules carry
-  a hook runs eagerly, so those hooks still run.
+  over a ``sae.kv_cache.SpareLayer`` cache, with no Python between its ~25 small operations. A
+  block whose attention, MLP or linear modules carry a hook runs eagerly, so those hooks still run.
 
 ``speed_up(model, weights)`` applies them (``sae.lm.pack_linears`` for float32). Hook points are
 unchanged: the block, its ``self_attn`` and its ``mlp`` modules stay where they were and return
@@ -286,8 +280,7 @@ def _lean_decode_forward(self, input_ids=None, *args, **kwargs):
     """``LlamaForCausalLM.forward`` for a decode step: one new token per row over a non-empty
     ``DynamicCache``, the model's blocks, norm and LM head called as modules (their hooks run), and
     none of the per-call machinery of transformers' model forward (mask builder, output capturing,
-    argument wrappers). Measured alone at batch 1 its saving was within this host's noise (0-1 ms
-    of a 20 ms step); it matters where the blocks are fast (``script_decode_blocks``) and with
+    argument wrappers), which matter where the blocks are fast (``script_decode_blocks``) and with
     padded batches, whose 4-D mask transformers builds at every step.
 
     The attention mask is what transformers builds for SDPA at one query position: None where no

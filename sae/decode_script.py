@@ -1,12 +1,10 @@
 """One fused Llama block's decode step compiled with TorchScript: the ~25 small operations of a
 block between its four linear layers run without Python in between.
 
-Measured on this project's 2-core AMD machines (SmolLM2-135M, float16 weights, batch 1, the same
-Python-free loop over 30 blocks run both ways, interleaved): eager 18.4-21.0 ms a step, scripted
-12.8-17.4 ms, the same tokens. ``torch.compile`` was slower still than eager here (660 against
-360 us for one block: it breaks the graph at every packed linear layer), so TorchScript it is,
-though PyTorch marks ``torch.jit.script`` deprecated; where it is missing or refuses the block,
-``script_decode_blocks`` leaves the eager path in place.
+TorchScript rather than ``torch.compile``, which breaks the graph at every packed linear layer
+(the measurements: ``docs/continuous_batching.md``), though PyTorch marks ``torch.jit.script``
+deprecated; where it is missing or refuses the block, ``script_decode_blocks`` leaves the eager
+path in place.
 
 ``DecodeBlock.forward`` computes what ``sae.cpu_kernels._fused_layer_forward`` computes for one
 new token per row, with the same operations in the same order (equal logits, tested), and writes

@@ -251,10 +251,9 @@ def _save_dequantized(lm: nn.Module, tok, cache: Path) -> None:
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` whose weight is pre-packed for oneDNN's matmul on CPU.
 
-    PyTorch's float32 ``linear`` on CPU goes to MKL, whose matrix-vector product reads the weight at
-    ~15 GB/s on this project's 2-core AMD machines (and at batch 16 is slower still), while oneDNN
-    with a weight packed once reaches ~30-40 GB/s (``benchmarks/continuous_batching.py``). The
-    output equals ``nn.Linear``'s up to float32 rounding of the accumulation order (relative error
+    PyTorch's float32 ``linear`` on CPU goes to MKL, whose matrix-vector product reads the weight
+    at about half the bandwidth oneDNN reaches with a weight packed once (``docs/continuous_batching.md``).
+    The output equals ``nn.Linear``'s up to float32 rounding of the accumulation order (relative error
     ~1e-6, tested against a float64 reference).
 
     Args:

@@ -13,8 +13,7 @@ Rows are steered by the same ``Steerer`` as static generation, one ``steer`` blo
 (the plans of the rows present), the position of each row's new token given explicitly.
 
 ``add_many``, ``step`` and ``cancel`` run under ``torch.inference_mode``: no autograd bookkeeping
-on the ~1,000 small operations of a decode step (measured ~1-2 ms of a 20 ms batch-1 step on 2
-cores), and the KV cache (``sae.kv_cache.spare_cache``) appends each step's keys and values in
+on the ~1,000 small operations of a decode step (``docs/continuous_batching.md``), and the KV cache (``sae.kv_cache.spare_cache``) appends each step's keys and values in
 place instead of copying the whole cache. The cache's tensors are inference tensors: read them
 (``cache.layers``) only, never update them in place outside these methods.
 """
