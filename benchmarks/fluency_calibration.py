@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from saesteer.sae.lm import load_model
-from saesteer.steering.eval.evaluate import completion_nll, load_concepts
+from saesteer.steering.eval.scoring import completion_nll, load_concepts
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 
 HERE = Path(__file__).parent

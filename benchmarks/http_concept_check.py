@@ -14,7 +14,7 @@ money, none of them among the 12 concepts the methods were measured on), against
    clamp, with the suggested latent mix on ``--sae`` (as returned, no tuning), and, as
    the baseline, the mean-difference vector of the same sentences at the mix's strength and
    positions (read from the model loaded here, sent as ``add_vector``);
-3. scored as ``eval-steering`` scores (``steering.eval.evaluate``): the concept is present when the
+3. scored as ``eval-steering`` scores (``steering.eval.scoring``): the concept is present when the
    all-MiniLM-L6-v2 judge's similarity to the concept sentences exceeds 0.4; an answer is fluent
    when its perplexity under the unsteered model (loaded here) is at most 3x the unsteered answers'
    mean and its distinct-bigram ratio is at least 0.6; "not repetitive" keeps the second rule
@@ -33,10 +33,9 @@ from pathlib import Path
 from saesteer.sae.lm import load_model
 from saesteer.server.config import DEFAULT_SAE_NAME
 from saesteer.steering.concept_search import NEUTRAL_SENTENCES, hook_rows
-from saesteer.steering.eval.evaluate import (
-    FLUENT_DISTINCT_BIGRAMS, NEUTRAL_PROMPTS, Concept, ConceptScorer, completion_nll, distinct_bigrams, fluent_answer,
-    load_concepts,
-)
+from saesteer.steering.eval.evaluate import NEUTRAL_PROMPTS
+from saesteer.steering.eval.scoring import Concept, ConceptScorer, completion_nll, distinct_bigrams, load_concepts
+from saesteer.steering.eval.summary import FLUENT_DISTINCT_BIGRAMS, fluent_answer
 from saesteer.steering.eval.judge import SentenceJudge
 from saesteer.steering.generate import render_prompt
 from saesteer_client import Client, add_vector

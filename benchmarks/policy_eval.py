@@ -40,7 +40,7 @@ from saesteer.sae.probes import load_probe
 from saesteer.sae.sources import parse_sae_spec
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import python_sae_spec
-from saesteer.steering.eval.evaluate import completion_nll, distinct_bigrams
+from saesteer.steering.eval.scoring import completion_nll, distinct_bigrams
 from saesteer.steering.eval.safety import _REGEX, prf
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer

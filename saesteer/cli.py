@@ -139,10 +139,10 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
 
     from saesteer.sae.formats import load_any
     from saesteer.sae.stats import load_latent_stats
-    from saesteer.steering.eval.evaluate import (
-        AXBENCH_METHODS, DEFAULT_STRENGTHS, METHODS, MIX_LATENTS, NEUTRAL_PROMPTS, Concept, SweepConfig, load_concepts, markdown_report, sweep,
-        write_reports,
-    )
+    from saesteer.steering.eval.evaluate import DEFAULT_STRENGTHS, NEUTRAL_PROMPTS, SweepConfig, sweep
+    from saesteer.steering.eval.interventions import AXBENCH_METHODS, METHODS, MIX_LATENTS
+    from saesteer.steering.eval.report import markdown_report, write_reports
+    from saesteer.steering.eval.scoring import Concept, load_concepts
     from saesteer.sae.output_scores import load_latent_output
     from saesteer.steering.eval.judge import SentenceJudge
     from saesteer.sae.lm import load_model

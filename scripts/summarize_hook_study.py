@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from saesteer.steering.eval.evaluate import resummarize
+from saesteer.steering.eval.summary import resummarize
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def _offenders(folder: str, forbidden: tuple[str, ...], skip: tuple[str, ...] = 
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
-    src = ROOT / "steering" / "eval" / "evaluate.py"
+    src = ROOT / "steering" / "eval" / "interventions.py"
     found = imports_of(src)
     assert "saesteer.steering.hooks" in found  # `from ..hooks import Steerer`
     assert "saesteer.steering.eval.concepts" in found  # `from .concepts import ...`

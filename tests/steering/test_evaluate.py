@@ -11,10 +11,12 @@ import torch
 
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import python_sae_spec
-from saesteer.steering.eval.evaluate import (
-    FLUENT_DISTINCT_BIGRAMS, OUTPUT_POOL, Concept, ConceptScorer, SweepConfig, axbench_parts, axbench_summary, completion_nll,
-    concept_rate_at_budget, distinct_bigrams, effect_scores, latent_mix, load_concepts, make_plan, select_latents, setup_concept, sweep, write_reports,
-)
+from saesteer.steering.concept_search import latent_mix
+from saesteer.steering.eval.evaluate import SweepConfig, sweep
+from saesteer.steering.eval.interventions import OUTPUT_POOL, effect_scores, make_plan, select_latents, setup_concept
+from saesteer.steering.eval.report import write_reports
+from saesteer.steering.eval.scoring import Concept, ConceptScorer, completion_nll, distinct_bigrams, load_concepts
+from saesteer.steering.eval.summary import FLUENT_DISTINCT_BIGRAMS, axbench_parts, axbench_summary, concept_rate_at_budget
 from saesteer.steering.generate import render_prompt
 
 NEUTRAL = [

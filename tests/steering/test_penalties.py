@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saesteer.steering.engine import ContinuousBatch
-from saesteer.steering.eval.evaluate import distinct_bigrams
+from saesteer.steering.eval.scoring import distinct_bigrams
 from saesteer.steering.generate import GenerationSpec, generate, penalized, render_prompt
 
 
