@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from .hooks import Steerer, StepPositions
+from .core import StepPositions
+from .hooks import Steerer
 from .plan import InterventionPlan, negated
 
 

@@ -30,7 +30,8 @@ from saesteer.sae.activations import forward_until
 from saesteer.sae.kv_cache import spare_cache
 
 from .generate import NON_FINITE, TIMEOUT, GenerationResult, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
-from .hooks import Steerer, StepPositions
+from .core import StepPositions
+from .hooks import Steerer
 from .policy import SafetyReport, apply_hits
 from .readout import Readout, read_latents
 

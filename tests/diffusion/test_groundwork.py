@@ -14,7 +14,8 @@ from saesteer.sae.diffusion import ShapesPipeline, clip_tokenizer, load_pipeline
 from saesteer.sae.lm import resolve_hook_point
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.steering.eval.shapes import COLOURS, SHAPES, read_image, render, sample
-from saesteer.steering.hooks import Steerer, StepPositions
+from saesteer.steering.core import StepPositions
+from saesteer.steering.hooks import Steerer
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 

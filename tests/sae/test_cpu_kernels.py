@@ -67,7 +67,7 @@ def test_an_identity_edit_leaves_the_fused_models_logits_unchanged(lm, fused, py
     steerer = Steerer(m, {sid: python_sae})
     ids = torch.tensor([chat(tok, "What is a list comprehension?")])
     plan = InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "scale", 1.0, "all")])
-    from saesteer.steering.hooks import StepPositions
+    from saesteer.steering.core import StepPositions
 
     pos = StepPositions(abs_pos=torch.arange(ids.shape[1])[None], prompt_len=torch.tensor([ids.shape[1]]))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_lean_decode_step_gives_the_models_own_forward_and_runs_the_hooks(lm, fu
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     from saesteer.steering.generate import left_padded
-    from saesteer.steering.hooks import StepPositions
+    from saesteer.steering.core import StepPositions
 
     _, tok = lm
     m, _ = fused
@@ -153,7 +153,7 @@ def test_scripted_decode_step_equals_the_eager_block_and_yields_to_inner_hooks(l
     the block itself) runs in both."""
     from saesteer.sae.kv_cache import spare_cache
     from saesteer.steering.generate import left_padded
-    from saesteer.steering.hooks import StepPositions
+    from saesteer.steering.core import StepPositions
 
     model, tok = lm
     m = copy.deepcopy(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from saesteer.sae.activations import hook_activations
 from saesteer.steering.engine import CANCELLED, ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
@@ -104,10 +105,10 @@ def test_once_fired_condition_survives_steps(setup, python_sae):
 
     model, tok, sid, steer = setup
     ids = chat(tok, PROMPTS[1])
-    layer = int(sid.split(".")[1])
-    with torch.no_grad():
-        x = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1]
-        z = python_sae.encode(x.float())[0, 1:]  # [tokens, d_sae], the sink left out
+    # not output_hidden_states=True: transformers would leave capture hooks on the shared model's
+    # attention modules, which turn its TorchScript decode steps off for every later test
+    x = hook_activations(model, sid, torch.tensor([ids]))
+    z = python_sae.encode(x.float())[0, 1:]  # [tokens, d_sae], the sink left out
     fires = (z > 0).sum(0)
     latent = int(torch.where(fires == 1, z.max(0).values, torch.zeros(())).argmax())  # fires on one prompt token only
     assert fires[latent] == 1

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
-from saesteer.steering.hooks import Steerer, StepPositions
+from saesteer.steering.core import StepPositions
+from saesteer.steering.hooks import Steerer
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
 
 PROMPTS = ["Tell me something interesting.", "Describe a place you like.", "Write one sentence about your morning."]
@@ -374,7 +375,7 @@ def test_tiny_top_p_samples_the_top_token(setup):
 def test_explicit_positions_mask_equals_the_broadcast_comparison():
     """The searchsorted membership gives the mask of the old [batch, seq, columns, width]
     comparison, for lists of any length and order, mixed with named position kinds."""
-    from saesteer.steering.hooks import _Columns
+    from saesteer.steering.core import _Columns
 
     g = torch.Generator().manual_seed(0)
     specs = ["all", (5,), tuple(torch.randint(0, 40, (30,), generator=g).tolist()), "prompt", (39, 0, 7, 7),
@@ -400,3 +401,46 @@ def test_explicit_positions_mask_equals_the_broadcast_comparison():
         assert torch.equal(got, want)
         hits = got.flatten(0, 1).any(0) if hits is None else hits | got.flatten(0, 1).any(0)
     assert hits.all()  # every column applies somewhere: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_flat_layout_edits_every_token_as_the_padded_one(setup, full):
+    """``SteeringBatch.apply`` on three requests' tokens laid out flat ([1, tokens, d_in], each
+    token's plan in ``rows``, as vLLM runs a batch) gives each token what the padded batch gives it
+    ([3, longest, d_in]): clamps on prompt positions, a once_fired condition, an explicit position
+    list and a raw vector on generated positions, three different plans side by side."""
+    from saesteer.steering.core import SteeringBatch
+    from saesteer.steering.plan import When
+
+    model, ids, sid, sae, clean, cond, holds = _conditional_setup(setup)
+    tok = setup[1]
+    acts = [clean["out"][0]]
+    for p in PROMPTS[:2]:
+        got = {"hook": sae.cfg.hook_point}
+        forward(model, chat(tok, p), capture=got)
+        acts.append(got["out"][0])
+    lens = [a.shape[0] for a in acts]
+    prompt_len = torch.tensor([n - 4 for n in lens])  # the last 4 tokens of each count as generated
+    plans = [
+        InterventionPlan(latent_edits=[LatentEdit(sid, 3656, "clamp", 12.0, "all", When(sid, cond, 0.0, once=True))]),
+        InterventionPlan(latent_edits=[LatentEdit(sid, 100, "add", 5.0, "prompt"), LatentEdit(sid, 3656, "scale", 0.0, (2, 5, lens[1] - 1))]),
+        InterventionPlan(vector_edits=[VectorEdit(sae.cfg.hook_point, sae.W_dec[7].detach() * 4, "generated")],
+                         latent_edits=[LatentEdit(sid, 100, "clamp", 3.0, "generated")]),
+    ]
+    T = max(lens)
+    padded = torch.zeros(3, T, acts[0].shape[1])
+    abs_pos = torch.full((3, T), -1, dtype=torch.long)
+    for b, a in enumerate(acts):  # left padding, as the engine pads
+        padded[b, T - lens[b]:] = a
+        abs_pos[b, T - lens[b]:] = torch.arange(lens[b])
+    with torch.no_grad():
+        out_pad = SteeringBatch(plans, {sid: sae}, full=full).apply(
+            sae.cfg.hook_point, padded, StepPositions(abs_pos=abs_pos, prompt_len=prompt_len))
+        flat = torch.cat(acts).unsqueeze(0)
+        pos = StepPositions(abs_pos=torch.cat([torch.arange(n) for n in lens]).unsqueeze(0), prompt_len=prompt_len,
+                            rows=torch.cat([torch.full((n,), b) for b, n in enumerate(lens)]).unsqueeze(0))
+        out_flat = SteeringBatch(plans, {sid: sae}, full=full).apply(sae.cfg.hook_point, flat, pos)
+    want = torch.cat([out_pad[b, T - lens[b]:] for b in range(3)])
+    assert torch.allclose(out_flat[0], want, rtol=0, atol=1e-5)
+    for b, a in enumerate(acts):  # and every plan edited something in its own tokens
+        assert not torch.allclose(out_flat[0, sum(lens[:b]):sum(lens[:b + 1])], a)
