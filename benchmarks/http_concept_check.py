@@ -32,7 +32,7 @@ from pathlib import Path
 
 from saesteer.sae.lm import load_model
 from saesteer.server.config import DEFAULT_SAE_NAME
-from saesteer.steering.concept_search import NEUTRAL_SENTENCES, hook_rows
+from saesteer.steering.concept_scores import NEUTRAL_SENTENCES, hook_rows
 from saesteer.steering.eval.evaluate import NEUTRAL_PROMPTS
 from saesteer.steering.eval.scoring import Concept, ConceptScorer, completion_nll, distinct_bigrams, load_concepts
 from saesteer.steering.eval.summary import FLUENT_DISTINCT_BIGRAMS, fluent_answer

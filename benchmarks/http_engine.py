@@ -186,7 +186,7 @@ def largest_admitted_search(tok, limit: int) -> tuple[dict, int]:
     """The costliest concept search the server admits: the most positive sentences (horse
     sentences, repeated and numbered) whose ``search_cost`` stays within ``limit``, over one named
     SAE or both default SAEs (one hook point), whichever costs more; its body and cost."""
-    from saesteer.steering.concept_search import search_cost
+    from saesteer.steering.concept_mix import search_cost
     from saesteer_client.schema import DEFAULT_MIX_FIT_STEPS
 
     from saesteer.server.config import DEFAULT_SAE_NAME

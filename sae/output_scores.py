@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -87,6 +87,19 @@ def final_norm_and_unembedding(model) -> tuple[torch.nn.Module, torch.nn.Module]
 
 
 @torch.no_grad()
+def logit_lens_logits(model, sae: SAE, latents: torch.Tensor | None = None,
+                      batch_size: int = 512) -> Iterator[torch.Tensor]:
+    """The logit lens ``W_U norm_f(d_i)`` of decoder directions, ``batch_size`` latents at a time:
+    float32 [n_batch, vocab] per batch, in the order of ``latents`` (default all ``d_sae``)."""
+    norm, unembed = final_norm_and_unembedding(model)
+    p = next(model.parameters())
+    idx = torch.arange(sae.cfg.d_sae) if latents is None else torch.as_tensor(latents)
+    for s in range(0, len(idx), batch_size):
+        d = sae.decoder_directions(idx[s : s + batch_size].to(sae.device)).to(p.device, p.dtype)
+        yield unembed(norm(d.unsqueeze(0))).squeeze(0).float()
+
+
+@torch.no_grad()
 def logit_lens(model, sae: SAE, latents: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K,
                batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Logit-lens top tokens of decoder directions: ``top_k`` of ``W_U norm_f(d_i)`` per latent.
@@ -97,13 +110,8 @@ def logit_lens(model, sae: SAE, latents: torch.Tensor | None = None, top_k: int 
     Returns:
         ``(ids, logits)``: int64 [n, top_k] token ids, largest first, and their float32 logits.
     """
-    norm, unembed = final_norm_and_unembedding(model)
-    p = next(model.parameters())
-    idx = torch.arange(sae.cfg.d_sae) if latents is None else torch.as_tensor(latents)
     ids, vals = [], []
-    for s in range(0, len(idx), batch_size):
-        d = sae.decoder_directions(idx[s : s + batch_size].to(sae.device)).to(p.device, p.dtype)
-        logits = unembed(norm(d.unsqueeze(0))).squeeze(0).float()
+    for logits in logit_lens_logits(model, sae, latents, batch_size):
         v, i = logits.topk(top_k, dim=-1)
         ids.append(i.cpu())
         vals.append(v.cpu())

@@ -102,7 +102,7 @@ class ServerSettings(BaseSettings):
                            "second, unpacked copy of the model on the first search)")
     max_search_tokens: int = Field(
         20_000, ge=1, description="the most a concept search may cost, in token forward passes (a backward counted "
-        "as two; steering.concept_search.search_cost), counted before it starts: 422 above. The default admits "
+        "as two; steering.concept_mix.search_cost), counted before it starts: 422 above. The default admits "
         "searches of about 50 s at most on 2 CPU cores (with the default fit: 11 sentences on one SAE, 4 on two)")
     search_timeout: float = Field(
         55.0, gt=0, description="seconds a concept search may run (checked between its passes, a few seconds apart "

@@ -100,7 +100,8 @@ class SearchAPI(ModelAPI):
             self.status.write("idle")
 
     def _search(self, r: ConceptSearchRequest, deadline: float):
-        from saesteer.steering.concept_search import SearchDeadline, concept_mixes, search_concepts, search_cost
+        from saesteer.steering.concept_mix import SearchDeadline, concept_mixes, search_cost
+        from saesteer.steering.concept_search import search_concepts
 
         s = self.settings
         ids = search_sae_ids(r, self.saes)

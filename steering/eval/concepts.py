@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from saesteer.sae.model import SAE
-from saesteer.steering.concept_search import max_activations
+from saesteer.steering.concept_scores import max_activations
 
 
 def contrast_latents(model, tokenizer, sae: SAE, positive: Sequence[str], negative: Sequence[str], top: int = 10) -> list[dict]:

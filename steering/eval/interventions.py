@@ -34,7 +34,7 @@ and, for the AxBench-style comparison of how a latent is chosen (issue 15, part 
 - ``latent_mix``: several latents at once: the ``MIX_LATENTS`` latents of largest mean activation
   difference (per token over the concept sentences minus over the contrast set, either sign), their
   decoder directions summed with those differences as weights, i.e. the part of the mean-difference
-  vector those latents carry (``steering.concept_search.latent_mix``, the mix concept search
+  vector those latents carry (``steering.concept_mix.latent_mix``, the mix concept search
   suggests), applied as ``add`` edits on those latents whose sum has norm ``s`` times the mean
   residual norm. Not in ``AXBENCH_METHODS`` (``--method latent_mix``; ``docs/general_sae.md``);
 - ``prompting``: no intervention, a system prompt asking the model to bring the concept in
@@ -56,7 +56,8 @@ from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
 from saesteer_client.schema import DEFAULT_MIX_LATENTS, DEFAULT_MIX_SIGNS, DEFAULT_MIX_STRENGTH
 
-from ..concept_search import FIT_PROMPTS, fit_mix, hook_rows, latent_mix
+from ..concept_mix import FIT_PROMPTS, fit_mix, latent_mix
+from ..concept_scores import hook_rows
 from ..generate import GenerationSpec, generate, render_prompt
 from ..hooks import Steerer
 from ..plan import InterventionPlan, LatentEdit, VectorEdit, resid_norm_vector, typical_to_raw
@@ -182,7 +183,8 @@ def select_latents(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conc
     Raises:
         ValueError: ``"output"`` without output scores, ``"effect"`` without a judge; an unknown rule.
     """
-    from saesteer.steering.concept_search import input_scores, search_concepts
+    from saesteer.steering.concept_scores import input_scores
+    from saesteer.steering.concept_search import search_concepts
 
     unknown = set(rules) - set(SELECTED.values())
     if unknown:
@@ -230,8 +232,8 @@ def setup_concept(model, tokenizer, sae: SAE, stats: LatentStats, concept: Conce
         output: the SAE's output scores, for ``latent_output``.
         judge: the ``SentenceJudge``, for ``latent_effect``; judge_threshold: where it counts the concept.
         mix_latents: how many latents ``latent_mix`` sums; mix_signs, mix_max_frequency: which
-            (``concept_search.latent_mix``; the frequencies are the statistics'); mix_fit_steps:
-            ``concept_search.fit_mix`` steps reweighting the mix at ``DEFAULT_MIX_STRENGTH`` and
+            (``concept_mix.latent_mix``; the frequencies are the statistics'); mix_fit_steps:
+            ``concept_mix.fit_mix`` steps reweighting the mix at ``DEFAULT_MIX_STRENGTH`` and
             ``positions`` (where the sweep steers; 0: none).
 
     Raises:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from saesteer.sae.lm import resolve_hook_point
 
-from ..concept_search import NEUTRAL_SENTENCES
+from ..concept_scores import NEUTRAL_SENTENCES
 from ..generate import right_padded
 
 

@@ -1,6 +1,7 @@
-"""Concept search (steering/concept_search.py) on the real SmolLM2 with a small synthetic SAE in
-which one latent is planted: its encoder reads the concept's mean-difference direction and its
-decoder writes the concept word's unembedding."""
+"""Concept search (steering/concept_search.py, its scores in concept_scores.py, its mixes in
+concept_mix.py) on the real SmolLM2 with a small synthetic SAE in which one latent is planted: its
+encoder reads the concept's mean-difference direction and its decoder writes the concept word's
+unembedding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from saesteer.sae.activations import hook_activations, sink_mask
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.sae.stats import LatentStats
+from saesteer.steering import concept_mix as M
+from saesteer.steering import concept_scores as C
 from saesteer.steering import concept_search as S
 
 HOOK = "blocks.10.hook_resid_post"
@@ -67,16 +70,16 @@ def test_planted_latent_ranks_first_by_sentences_words_or_both(lm, sae):
 def test_input_score_is_the_activation_contrast(lm, sae):
     model, tok = lm
     hits = S.search_concepts(model, tok, {"syn": sae}, {"syn": None}, positive=POSITIVE, negative=NEGATIVE, top_k=1)
-    pos = S.max_activations(model, tok, {"syn": sae}, POSITIVE)["syn"][:, PLANTED].mean()
-    neg = S.max_activations(model, tok, {"syn": sae}, NEGATIVE)["syn"][:, PLANTED].mean()
+    pos = C.max_activations(model, tok, {"syn": sae}, POSITIVE)["syn"][:, PLANTED].mean()
+    neg = C.max_activations(model, tok, {"syn": sae}, NEGATIVE)["syn"][:, PLANTED].mean()
     assert hits[0].input_score == pytest.approx(float(pos - neg), rel=1e-6)
     assert float(pos) > 0 and hits[0].value == pytest.approx(S.SUGGESTED_TYPICAL * float(pos), rel=1e-4)
 
 
 def test_output_score_is_the_logit_lens_mass_on_concept_tokens(lm, sae):
     model, tok = lm
-    tokens = S.concept_tokens(tok, ["cat"])
-    got = S.concept_output_scores(model, sae, tokens)
+    tokens = C.concept_tokens(tok, ["cat"])
+    got = C.concept_output_scores(model, sae, tokens)
     d = sae.W_dec[PLANTED].detach().double()
     w = model.model.norm.weight.detach().double()
     normed = d / torch.sqrt(d.pow(2).mean() + model.config.rms_norm_eps) * w
@@ -100,7 +103,7 @@ def test_bad_input(lm, sae):
     with pytest.raises(ValueError, match="positive sentence or one word"):
         S.search_concepts(model, tok, {"syn": sae}, {"syn": None})
     with pytest.raises(ValueError, match="no concept tokens"):
-        S.concept_tokens(tok, [], ["a b"], ["a b"])
+        C.concept_tokens(tok, [], ["a b"], ["a b"])
 
 
 @pytest.mark.parametrize("signs", ["positive", "both"])
@@ -110,9 +113,9 @@ def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae,
     that sum their decoder rows to ``strength`` times the mean residual norm (here, without
     statistics, the norm of the sentences' own rows)."""
     model, tok = lm
-    (mix,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=8, strength=0.3, signs=signs)
+    (mix,) = M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=8, strength=0.3, signs=signs)
     assert mix.sae == "syn" and len(mix.latents) == 8
-    pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
+    pos, neg = (C.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
     code = lambda rows: sae.encode(rows).detach().double().mean(0)  # noqa: E731
     dz = code(pos) - code(neg)
     idx = (dz if signs == "positive" else dz.abs()).topk(8).indices
@@ -130,38 +133,38 @@ def test_concept_mix_adds_the_latents_code_difference_at_the_asked_norm(lm, sae,
     assert mix.mean_diff_cos == pytest.approx(float(ref @ md / ref.norm() / md.norm()), abs=1e-5)
     if signs == "positive":  # fewer turned-up latents than asked: only those
         n_up = int((dz > 0).sum())
-        (every,) = S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=sae.cfg.d_sae, signs=signs)
+        (every,) = M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=sae.cfg.d_sae, signs=signs)
         assert len(every.latents) == n_up < sae.cfg.d_sae
     with pytest.raises(ValueError, match="at least one latent"):
-        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=0)
+        M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, m=0)
     with pytest.raises(ValueError, match="positive sentence"):
-        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, [], NEGATIVE)
+        M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, [], NEGATIVE)
     with pytest.raises(ValueError, match="signs must be one of"):
-        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, signs="negative")
+        M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, NEGATIVE, signs="negative")
     with pytest.raises(ValueError, match="no latent is more active"):  # the same sentences on both sides
-        S.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, POSITIVE)
+        M.concept_mixes(model, tok, {"syn": sae}, {"syn": None}, POSITIVE, POSITIVE)
 
 
 def test_latent_mix_leaves_out_latents_denser_than_asked(lm, sae):
     """``max_frequency``: latents firing on more than that fraction of tokens are left out before
     the ``m`` are chosen; the rest keep their weights relative to each other (float64 reference)."""
     model, tok = lm
-    pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
+    pos, neg = (C.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
     dz = (sae.encode(pos).detach().double().mean(0) - sae.encode(neg).detach().double().mean(0))
     up = dz.topk(4).indices.tolist()
     freq = torch.full((sae.cfg.d_sae,), 0.001)
     freq[up[:2]] = 0.2  # the two latents the concept turns up most are "dense"
-    _, every = S.latent_mix(sae, pos, neg, m=4)
-    _, sparse = S.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=0.05)
+    _, every = M.latent_mix(sae, pos, neg, m=4)
+    _, sparse = M.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=0.05)
     assert list(every) == up
     assert not set(up[:2]) & set(sparse) and list(sparse)[:2] == up[2:]
     keep = torch.tensor(list(sparse))
     ref = dz[keep] / float((dz[keep] @ sae.W_dec.detach().double()[keep]).norm())
     assert torch.allclose(torch.tensor(list(sparse.values()), dtype=torch.float64), ref, rtol=1e-5)
-    _, same = S.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=None)
+    _, same = M.latent_mix(sae, pos, neg, m=4, frequency=freq, max_frequency=None)
     assert list(same) == up
     with pytest.raises(ValueError, match="max_frequency needs"):
-        S.latent_mix(sae, pos, neg, m=4, max_frequency=0.05)
+        M.latent_mix(sae, pos, neg, m=4, max_frequency=0.05)
 
 
 def _answer_nll(model, tok, prompt: str, sentence: str, v: torch.Tensor, positions: str = "prompt") -> tuple[float, int]:
@@ -194,16 +197,16 @@ def test_fit_mix_objective_is_the_answers_nll_and_fitting_lowers_it(lm, sae):
     the edit on the prompt's tokens; fitting keeps the latents and their signs, keeps the edit's
     norm, and lowers the objective."""
     model, tok = lm
-    pos, neg = (S.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
-    direction, weights = S.latent_mix(sae, pos, neg, m=8)
-    prompts, strength, r = S.FIT_PROMPTS[:2], 0.5, 40.0
-    still = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts)
+    pos, neg = (C.hook_rows(model, tok, HOOK, t) for t in (POSITIVE, NEGATIVE))
+    direction, weights = M.latent_mix(sae, pos, neg, m=8)
+    prompts, strength, r = M.FIT_PROMPTS[:2], 0.5, 40.0
+    still = M.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts)
     assert still.nll_start == still.nll_end and set(still.weights) == set(weights)
     assert float((still.direction - direction).norm()) < 1e-5
     parts = [_answer_nll(model, tok, p, c, strength * r * direction) for p in prompts for c in POSITIVE]
     ref = sum(n for n, _ in parts) / sum(k for _, k in parts)
     assert still.nll_start == pytest.approx(ref, rel=1e-4)
-    fit = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=3, prompts=prompts)
+    fit = M.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=3, prompts=prompts)
     assert fit.nll_start == pytest.approx(still.nll_start, rel=1e-6) and fit.nll_end < fit.nll_start - 0.01, fit
     assert set(fit.weights) == set(weights) and all(w > 0 for w in fit.weights.values())
     w = list(fit.weights.values())
@@ -214,13 +217,13 @@ def test_fit_mix_objective_is_the_answers_nll_and_fitting_lowers_it(lm, sae):
     parts = [_answer_nll(model, tok, p, c, strength * r * fit.direction) for p in prompts for c in POSITIVE]
     assert sum(n for n, _ in parts) / sum(k for _, k in parts) == pytest.approx(fit.nll_end, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())  # the model's weights get no gradient
-    gen = S.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts, positions="generated")
+    gen = M.fit_mix(model, tok, sae, POSITIVE, weights, r, strength, steps=0, prompts=prompts, positions="generated")
     parts = [_answer_nll(model, tok, p, c, strength * r * direction, "generated") for p in prompts for c in POSITIVE]
     assert gen.nll_start == pytest.approx(sum(n for n, _ in parts) / sum(k for _, k in parts), rel=1e-4)
     assert abs(gen.nll_start - still.nll_start) > 1e-3  # the positions matter
     with pytest.raises(ValueError, match="positions must be"):
-        S.fit_mix(model, tok, sae, POSITIVE, weights, r, positions="middle")
+        M.fit_mix(model, tok, sae, POSITIVE, weights, r, positions="middle")
     with pytest.raises(ValueError, match="steps must be"):
-        S.fit_mix(model, tok, sae, POSITIVE, weights, r, steps=-1)
+        M.fit_mix(model, tok, sae, POSITIVE, weights, r, steps=-1)
     with pytest.raises(ValueError, match="at least one positive sentence"):
-        S.fit_mix(model, tok, sae, [], weights, r)
+        M.fit_mix(model, tok, sae, [], weights, r)

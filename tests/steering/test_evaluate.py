@@ -11,7 +11,7 @@ import torch
 
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import python_sae_spec
-from saesteer.steering.concept_search import latent_mix
+from saesteer.steering.concept_mix import latent_mix
 from saesteer.steering.eval.evaluate import SweepConfig, sweep
 from saesteer.steering.eval.interventions import OUTPUT_POOL, effect_scores, make_plan, select_latents, setup_concept
 from saesteer.steering.eval.report import write_reports
@@ -45,7 +45,7 @@ NOTES_PROMPTS = ("Write one sentence about your morning.", "Tell me something in
 
 
 def test_a_concept_without_negatives_gets_concept_searchs_neutral_set():
-    from saesteer.steering.concept_search import NEUTRAL_SENTENCES
+    from saesteer.steering.concept_scores import NEUTRAL_SENTENCES
 
     unseen = load_concepts(BENCH_CONCEPTS.parent / "unseen_concepts.json")
     assert [c.name for c in unseen] == ["trains", "birds", "money"]
@@ -137,7 +137,8 @@ def test_concept_rate_at_the_budget_interpolates_where_the_curve_crosses_it():
 
 def test_latents_are_selected_by_their_rules(lm, python_sae):
     from saesteer.sae.output_scores import load_latent_output
-    from saesteer.steering.concept_search import input_scores, search_concepts
+    from saesteer.steering.concept_scores import input_scores
+    from saesteer.steering.concept_search import search_concepts
 
     model, tok = lm
     stats = load_latent_stats(python_sae_spec())
@@ -224,7 +225,7 @@ def test_latent_mix_is_the_latents_part_of_the_mean_difference(lm, python_sae):
     every latent the mix is the mean difference of the reconstructions, close to the mean-difference
     vector itself (the SAE reconstructs the residual stream); a few latents carry less of it."""
     from saesteer.sae.activations import hook_activations, sink_mask
-    from saesteer.steering.concept_search import hook_rows
+    from saesteer.steering.concept_scores import hook_rows
 
     model, tok = lm
     sae = python_sae

@@ -33,7 +33,7 @@ DEFAULT_MIX_SIGNS = "positive"
 """Adding the concept's latents without subtracting the contrast sentences' own steered more answers
 at equal fluency on the default SAE (``docs/general_sae.md``)."""
 DEFAULT_MIX_FIT_STEPS = 10
-"""Steps that fit a suggested mix's weights to the model's output (``steering.concept_search.fit_mix``):
+"""Steps that fit a suggested mix's weights to the model's output (``steering.concept_mix.fit_mix``):
 the concept's sentences made most likely as answers to neutral chat prompts when the mix steers
 their tokens. Fitted, the mix brought concepts into more answers at equal perplexity than the
 mean-difference vector on 10 of 12 everyday concepts, though its answers repeat themselves more
