@@ -78,6 +78,8 @@ class ServerSettings(BaseSettings):
     dtype: str = Field("float32", description="model dtype: float32, bfloat16, float16")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt a request may send, in tokens (422 above)")
     max_total_tokens: int = Field(4096, ge=2, description="prompt + max_new_tokens limit per request")
+    max_new_tokens: int = Field(1024, ge=1, description="most tokens a request may ask to generate (max_new_tokens; "
+                                "max_tokens and max_completion_tokens on the OpenAI routes): 422 above, before it is queued")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     api_key: SecretStr | None = Field(None, description="one plaintext key with every scope; if set, requests need "
                                       "'Authorization: Bearer <key>' (hashed when read; prefer api_keys_file)")

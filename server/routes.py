@@ -207,7 +207,19 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
     client = TextClient(server, runtime_dir)
     created = int(time.time())
 
+    def over_token_limit(body, *fields: str):
+        """422 for the first of ``body``'s ``fields`` above the server's ``max_new_tokens``, the field
+        and message as a bound of the schema's own would give, before the request is queued."""
+        limit = settings.max_new_tokens
+        for name in fields:
+            n = getattr(body, name)
+            if n is not None and n > limit:
+                return field_error(422, ["body", name], f"Input should be less than or equal to {limit}", "less_than_equal")
+        return None
+
     async def generate(request: GenerateRequest):
+        if (bad := over_token_limit(request, "max_new_tokens")) is not None:
+            return bad
         first, events = await _first(client.events(request))
         if first is None or first.type == "error":
             return _refusal(first)
@@ -272,7 +284,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
         return _stream(sse(), events)
 
     async def chat_completions(body: ChatCompletionRequest):
-        if (bad := check_model(body.model)) is not None:
+        if (bad := over_token_limit(body, "max_tokens", "max_completion_tokens") or check_model(body.model)) is not None:
             return bad
         n = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
         req = to_generate(body, messages=body.messages, max_new_tokens=n)
@@ -292,7 +304,7 @@ def install(server, settings, runtime_dir: str, model_id: str) -> None:
         return await openai(body, req, chunk_of, final_of)
 
     async def completions(body: CompletionRequest):
-        if (bad := check_model(body.model)) is not None:
+        if (bad := over_token_limit(body, "max_tokens") or check_model(body.model)) is not None:
             return bad
         req = to_generate(body, prompt=body.prompt, max_new_tokens=body.max_tokens)
         if not isinstance(req, GenerateRequest):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from saesteer.defaults import DEFAULT_MODEL_NAME
 from saesteer.server.config import PYTHON_SAE_NAME, ServerSettings, python_sae_spec
 
 from serving import error_detail, serve
@@ -33,7 +34,7 @@ def write_gemma_scope(root, layer=6, d_in=576, d_sae=64):
 def settings_for(root, **kw) -> ServerSettings:
     gemma = write_gemma_scope(root)
     return ServerSettings(saes=[python_sae_spec(), f"gs6={gemma}"],
-                          max_prompt_tokens=200, max_total_tokens=300, max_payload_bytes=200_000, **kw)
+                          max_prompt_tokens=200, max_total_tokens=300, max_new_tokens=250, max_payload_bytes=200_000, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,8 @@ def test_raw_prompt_and_stop_string(client):
     ({"prompt": "   "}, '"prompt"', "prompt is empty"),
     ({"prompt": "hi", "messages": MSG}, '"body"', "exactly one of prompt or messages"),
     ({"prompt": "word " * 400}, '"prompt"', "the limit is 200"),
-    ({"prompt": "hello", "max_new_tokens": 300}, '"max_new_tokens"', "exceeds 300"),
+    ({"prompt": "word " * 100, "max_new_tokens": 250}, '"max_new_tokens"', "exceeds 300"),
+    ({"prompt": "hello", "max_new_tokens": 251}, '"max_new_tokens"', "less than or equal to 250"),  # the server's setting
     ({"prompt": "hello", "max_new_tokens": 0}, '"max_new_tokens"', "greater than or equal"),
     ({"prompt": "hello", "temperature": -1}, '"temperature"', "greater than or equal"),
     ({"messages": MSG, "interventions": [{"op": "clamp", "sae": "gs6", "latent": 1, "value": 2, "unit": "typical"}]},
@@ -156,6 +158,16 @@ def test_bad_input_is_a_4xx_naming_the_field(client, body, field, reason):
     status, detail = error_detail(client.post("/v1/generate", json=body))
     assert status == 422
     assert field in detail and reason in detail, detail
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 251}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": 251, "max_completion_tokens": 8}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 251}, "max_tokens"),
+])
+def test_openai_token_maximum_is_the_servers_setting(client, path, body, field):
+    status, detail = error_detail(client.post(path, json={"model": DEFAULT_MODEL_NAME, **body}))
+    assert status == 422 and f'"{field}"' in detail and "less than or equal to 250" in detail, detail
 
 
 def test_strength_units_resolve_from_the_saes_statistics(client):
