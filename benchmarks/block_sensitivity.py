@@ -24,7 +24,7 @@ import torch
 
 from saesteer.sae.activations import collect_activations, iter_texts
 from saesteer.sae.evaluate import ce_loss_metrics
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 
 
 def pca_splice(acts: torch.Tensor, hook_point: str, nmse: float) -> tuple[SimpleNamespace, int, float]:

@@ -18,7 +18,7 @@ On the real SmolLM2-135M-Instruct (float32) and the default SAE, in-process (no 
    bandwidth around it, the median over chunks reported (the host drifts within seconds); and read
    bandwidth (what a step that only reads weights can reach), measured before each setup. Side by side, each on its own
    copy of the model: PyTorch's default kernels; the linear
-   layers packed for oneDNN (``sae.lm.pack_linears``); and ``sae.cpu_kernels.speed_up`` with fused
+   layers packed for oneDNN (``modeling.lm.pack_linears``); and ``modeling.cpu_kernels.speed_up`` with fused
    projections in each weight format (float32: the server's default; float16; bfloat16; int8; lighter
    weights are counted against the float32 bytes, as the issue allows). For each, what the format
    costs against the float32 model on English text (the repository's README and docs, 2048 tokens):
@@ -40,8 +40,8 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.sae.cpu_kernels import WEIGHT_FORMATS, speed_up
-from saesteer.sae.lm import load_model, pack_linears
+from saesteer.modeling.cpu_kernels import WEIGHT_FORMATS, speed_up
+from saesteer.modeling.lm import load_model, pack_linears
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.steering.eval.scoring import completion_nll, load_concepts
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 

@@ -30,7 +30,7 @@ import json
 import math
 from pathlib import Path
 
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.server.config import DEFAULT_SAE_NAME
 from saesteer.steering.concept_scores import NEUTRAL_SENTENCES, hook_rows
 from saesteer.steering.eval.evaluate import NEUTRAL_PROMPTS

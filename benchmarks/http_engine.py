@@ -110,8 +110,8 @@ def in_process_decoder(tokens: int):
     (float32, ``speed_up`` as ``pack_linears`` does) and returns tokens/s; and the tokenizer."""
     import torch
 
-    from saesteer.sae.cpu_kernels import speed_up
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.cpu_kernels import speed_up
+    from saesteer.modeling.lm import load_model
     from saesteer.steering.engine import ContinuousBatch
     from saesteer.steering.generate import GenerationSpec, render_prompt
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saesteer.sae.diffusion import load_pipeline
+from saesteer.modeling.diffusion import load_pipeline
 from saesteer.sae.io import load_sae
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import ServerSettings

@@ -87,7 +87,7 @@ from saesteer.sae.io import load_sae  # noqa: E402
 from saesteer.server.config import python_sae_spec  # noqa: E402
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt  # noqa: E402
 from saesteer.steering.hooks import Steerer  # noqa: E402
-from saesteer.sae.lm import load_model  # noqa: E402
+from saesteer.modeling.lm import load_model  # noqa: E402
 from saesteer.steering.plan import InterventionPlan, LatentEdit  # noqa: E402
 from _common import NoEos  # noqa: E402
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.sae.lm import load_model, pack_linears
+from saesteer.modeling.lm import load_model, pack_linears
 from saesteer.sae.probes import load_probe
 from saesteer.sae.sources import parse_sae_spec
 from saesteer.sae.stats import load_latent_stats

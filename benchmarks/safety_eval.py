@@ -20,7 +20,7 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.sae.probes import select_latents, train_probe
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.eval.safety import best_threshold, medical_examples, pii_examples, prf, token_features

@@ -23,7 +23,7 @@ from saesteer.sae.io import load_sae
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit, VectorEdit
 from _common import NoEos
 

@@ -29,7 +29,7 @@ from saesteer.sae.model import SAE, SAEConfig
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.core import StepPositions
 from saesteer.steering.hooks import Steerer
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from saesteer.sae.activations import iter_texts, load_activations
 from saesteer.sae.evaluate import ce_loss_metrics, reconstruction_metrics
 from saesteer.sae.train import TrainConfig, train_sae
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .lm import resolve_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 
 
 def iter_texts(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
@@ -85,7 +85,7 @@ def forward_until(model, hook_point: str, **inputs) -> None:
     """Run ``model(**inputs)`` only up to ``hook_point``: every hook already attached there runs,
     then the forward stops (no logits; a KV cache passed in gets the layers up to it appended).
     For a forward whose only purpose is to read activations, e.g. a last safety check."""
-    from .lm import resolve_hook_point
+    from saesteer.modeling.lm import resolve_hook_point
 
     def stop(_x):
         raise _StopForward

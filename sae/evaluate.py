@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from tqdm.auto import tqdm
 
+from saesteer.modeling.lm import resolve_hook_point
+
 from .activations import hook_activations, sink_mask, special_token_mask, token_windows
-from .lm import resolve_hook_point
 from .model import SAE
 from .stats import LatentStats
 
@@ -216,7 +217,7 @@ def validation_figures(model, tokenizer, sae: SAE, data, split: str, n_tokens: i
 
 def eval_cli(a) -> int:
     """``saesteer eval SAE_DIR``: figures on the validation split, printed as JSON."""
-    from .lm import load_model
+    from saesteer.modeling.lm import load_model
 
     from .io import load_sae
 

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from saesteer.modeling.lm import resolve_hook_point
+
 from .activations import sink_mask, special_token_mask, token_windows
 from .calibrate import calibrate_threshold, mean_l0
-from .lm import resolve_hook_point
 from .model import SAE
 from .train import warmup_decay_schedule
 from .train_config import _Config
@@ -250,7 +250,7 @@ def finetune_cli(a) -> int:
     from .activations import iter_texts
     from .evaluate import validation_figures
     from .io import load_sae, read_sae_config, save_sae
-    from .lm import load_model
+    from saesteer.modeling.lm import load_model
 
     fields = {k: v for k, v in {"n_tokens": a.n_tokens, "lr": a.lr, "mse_coef": a.mse_coef, "batch_size": a.batch_size,
                                 "context_size": a.context_size, "seed": a.seed}.items() if v is not None}

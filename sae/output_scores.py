@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .lm import resolve_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 
 from .activations import hook_activations
 from .model import SAE

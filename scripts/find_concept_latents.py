@@ -20,7 +20,7 @@ from saesteer.sae.io import load_sae
 from saesteer.steering.eval.concepts import contrast_latents
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
-from saesteer.sae.lm import load_model
+from saesteer.modeling.lm import load_model
 from saesteer.steering.plan import InterventionPlan, LatentEdit
 
 NEUTRAL = ["The meeting is scheduled for Tuesday.", "She bought bread at the store.", "The report was finished on time.",

@@ -2,7 +2,7 @@
 
 A BatchTopK SAE (Bussmann et al., 2024) on the output of the CLIP text encoder's layer 9
 (``blocks.9.hook_resid_post``, Concept Steerers' SD 1.4 hook point) over ``steering.eval.shapes.
-prompt_set()`` (289 prompts, every position but the start token: ``saesteer.sae.diffusion.
+prompt_set()`` (289 prompts, every position but the start token: ``saesteer.modeling.diffusion.
 prompt_activations``), with the same trainer as the LLM SAEs; then its statistics and top prompts
 per latent (``prompt_latent_stats``) and its reconstruction figures on the training prompts and on
 held-out captions of another wording, written beside it.
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from saesteer.sae.diffusion import load_pipeline, prompt_activations, prompt_latent_stats
+from saesteer.modeling.diffusion import load_pipeline
+from saesteer.sae.text_encoder import prompt_activations, prompt_latent_stats
 from saesteer.sae.io import save_sae
 from saesteer.sae.stats import save_latent_stats
 from saesteer.sae.train import TrainConfig, train_sae

@@ -1,6 +1,6 @@
 """Train the small text-to-image model on synthetic captioned shapes (``steering.eval.shapes``).
 
-A ``ShapesPipeline`` (``saesteer.sae.diffusion``): SD 1.x's CLIP tokenizer (49,408 tokens, built
+A ``ShapesPipeline`` (``saesteer.modeling.diffusion``): SD 1.x's CLIP tokenizer (49,408 tokens, built
 offline from open-clip-torch's BPE file), a 10-layer, 64-wide CLIPTextModel (so layer 9 exists, as
 in Concept Steerers' SD 1.4 hook point) and a pixel-space UNet2DConditionModel on 32x32 RGB, trained
 jointly from scratch, 10 % empty captions for classifier-free guidance. What makes it learn on two
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saesteer.sae.diffusion import ShapesPipeline, clip_tokenizer
+from saesteer.modeling.diffusion import ShapesPipeline, clip_tokenizer
 from saesteer.steering.eval.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZE, SIZES, read_image, render, sample
 
 MAX_TOKENS = 16  # captions are at most 10 BPE tokens + start and end

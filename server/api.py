@@ -168,13 +168,13 @@ class ModelAPI(ls.LitAPI):
         import torch
 
         from saesteer.steering.hooks import Steerer
-        from saesteer.sae.lm import load_model
+        from saesteer.modeling.lm import load_model
 
         s = self.settings
         dev = s.device if s.device != "cpu" else device
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
         if s.pack_linears and self.packs_linears:
-            from saesteer.sae.cpu_kernels import speed_up
+            from saesteer.modeling.cpu_kernels import speed_up
 
             info = speed_up(self.model, s.weights)
             log.info("fused %d blocks, packed %d linear layers (%s weights), %d blocks' decode step in TorchScript",
@@ -200,7 +200,7 @@ class ModelAPI(ls.LitAPI):
         Raises:
             saesteer.steering.policy.PolicyError: a bad file (see ``load_policies``).
         """
-        from saesteer.sae.lm import hook_point_width
+        from saesteer.modeling.lm import hook_point_width
         from saesteer.steering.policy import load_policies
 
         return load_policies(self.settings.policies, self.saes.configs, self.concepts.get,

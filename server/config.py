@@ -197,7 +197,7 @@ class ServerSettings(BaseSettings):
         if self.weights != "float32" and not (self.pack_linears and self.dtype == "float32" and self.device == "cpu"):
             raise ValueError(f"weights {self.weights} applies to a float32 model on cpu with pack_linears on")
         if self.weights in ("bfloat16", "int8"):
-            from saesteer.sae.cpu_kernels import bf16_supported
+            from saesteer.modeling.cpu_kernels import bf16_supported
 
             if not bf16_supported():  # refused here, not by a worker that fails to start
                 raise ValueError(f"weights {self.weights} needs a CPU on which oneDNN runs bfloat16 (AVX512 BW/VL/DQ "

@@ -2,7 +2,7 @@
 diffusers pipeline (``saesteer serve --model PIPELINE_FOLDER``; one server hosts one model family).
 
 The SAEs attach to the pipeline's CLIP text encoder (``blocks.L.hook_resid_post`` is the output of
-its layer L; ``saesteer.sae.diffusion``); requests are checked against their configs exactly as text
+its layer L; ``saesteer.modeling.diffusion``); requests are checked against their configs exactly as text
 requests are, and the steering itself is ``steering.diffusion.generate_images``. One request at a
 time per worker (a batch of diffusion requests would need equal sizes and steps).
 
@@ -78,7 +78,7 @@ class ImagesAPI(ls.LitAPI):
     def setup(self, device):
         import torch
 
-        from saesteer.sae.diffusion import load_pipeline, native_size, pipeline_defaults
+        from saesteer.modeling.diffusion import load_pipeline, native_size, pipeline_defaults
         from saesteer.steering.hooks import Steerer
 
         s = self.settings

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from saesteer.sae.lm import resolve_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 from saesteer.sae.model import SAE
 from saesteer.sae.stats import LatentStats
 from saesteer.steering.concept_scores import NEUTRAL_SENTENCES, hook_rows

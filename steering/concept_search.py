@@ -131,7 +131,7 @@ def search_prompt_concepts(
     top_k: int = 10,
     factor: float = -1.0,
 ) -> list[ConceptHit]:
-    """Rank the latents of text-encoder SAEs (a diffusion pipeline's, ``saesteer.sae.diffusion``)
+    """Rank the latents of text-encoder SAEs (a diffusion pipeline's, ``saesteer.modeling.diffusion``)
     for a concept given as contrasting prompts, best first.
 
     A text encoder has no unembedding, so there is no output score; the score is the input contrast
@@ -146,7 +146,7 @@ def search_prompt_concepts(
     Raises:
         ValueError: no positive or no negative prompts (a text encoder has no neutral default).
     """
-    from saesteer.sae.diffusion import prompt_activations
+    from saesteer.sae.text_encoder import prompt_activations
 
     if not positive or not negative:
         raise ValueError("give positive and negative prompts: the concept is their contrast")

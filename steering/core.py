@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saesteer.sae.lm import hook_point_order
+from saesteer.modeling.lm import hook_point_order
 from saesteer.sae.model import SAE
 
 from .plan import OPS, InterventionPlan, When

@@ -31,7 +31,7 @@ def text_embeddings(pipe, prompts: list[str], plans: list[InterventionPlan] | No
     state, as ``StableDiffusionPipeline.encode_prompt`` computes them), row b steered by ``plans[b]``.
     Every token position counts as prompt; position 0 (the start token, CLIP's attention sink) is
     steered only when listed explicitly."""
-    from saesteer.sae.diffusion import prompt_token_ids
+    from saesteer.modeling.diffusion import prompt_token_ids
 
     ids = prompt_token_ids(pipe.tokenizer, prompts)
     B, L = ids.shape
@@ -45,7 +45,7 @@ def text_embeddings(pipe, prompts: list[str], plans: list[InterventionPlan] | No
 @dataclass
 class ImageSpec:
     """One image request: what to draw, how, and its plan (``branches``: see the module docstring);
-    ``steps`` and ``guidance_scale`` None: the pipeline's (``saesteer.sae.diffusion.pipeline_defaults``)."""
+    ``steps`` and ``guidance_scale`` None: the pipeline's (``saesteer.modeling.diffusion.pipeline_defaults``)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -86,7 +86,7 @@ def _stop_at(deadline: float | None):
 
 @torch.no_grad()
 def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None, deadline: float | None = None) -> list:
-    """``spec.n`` PIL images from ``pipe`` (``saesteer.sae.diffusion.load_pipeline``); the same seed
+    """``spec.n`` PIL images from ``pipe`` (``saesteer.modeling.diffusion.load_pipeline``); the same seed
     and an idle plan give the same pixels as no plan.
 
     Raises:
@@ -96,7 +96,7 @@ def generate_images(pipe, spec: ImageSpec, steerer: Steerer | None = None, deadl
     cond = text_embeddings(pipe, [spec.prompt], [cond_plan], steerer)
     uncond = text_embeddings(pipe, [spec.negative_prompt], [uncond_plan], steerer)
     gen = torch.Generator("cpu").manual_seed(spec.seed if spec.seed is not None else torch.seed() % 2**63)
-    from saesteer.sae.diffusion import pipeline_defaults
+    from saesteer.modeling.diffusion import pipeline_defaults
 
     steps, guidance = pipeline_defaults(pipe, spec.steps, spec.guidance_scale)
     out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,

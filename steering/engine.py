@@ -13,7 +13,7 @@ Rows are steered by the same ``Steerer`` as static generation, one ``steer`` blo
 (the plans of the rows present), the position of each row's new token given explicitly.
 
 ``add_many``, ``step`` and ``cancel`` run under ``torch.inference_mode``: no autograd bookkeeping
-on the ~1,000 small operations of a decode step (``docs/continuous_batching.md``), and the KV cache (``sae.kv_cache.spare_cache``) appends each step's keys and values in
+on the ~1,000 small operations of a decode step (``docs/continuous_batching.md``), and the KV cache (``modeling.kv_cache.spare_cache``) appends each step's keys and values in
 place instead of copying the whole cache. The cache's tensors are inference tensors: read them
 (``cache.layers``) only, never update them in place outside these methods.
 """
@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 import torch
 
 from saesteer.sae.activations import forward_until
-from saesteer.sae.kv_cache import spare_cache
+from saesteer.modeling.kv_cache import spare_cache
 
 from .generate import NON_FINITE, TIMEOUT, GenerationResult, GenerationSpec, _sample, left_padded, pad_id, row_generator, stop_cut
 from .core import StepPositions
@@ -213,7 +213,7 @@ class ContinuousBatch:
 
     def _cache_of(self, kv) -> object:
         """A ``DynamicCache`` holding ``kv``: one (keys, values) pair per layer, each
-        [rows, heads, T, head_dim], appended in place by later steps (``sae.kv_cache``)."""
+        [rows, heads, T, head_dim], appended in place by later steps (``modeling.kv_cache``)."""
         cache = spare_cache(self.model.config)
         for i, (k, v) in enumerate(kv):
             cache.update(k, v, i)

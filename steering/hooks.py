@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, contextmanager
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from saesteer.sae.lm import hook_point_width, hook_point_widths, resolve_hook_point
+from saesteer.modeling.lm import hook_point_width, hook_point_widths, resolve_hook_point
 from saesteer.sae.model import SAE, SAEConfig
 
 from .core import SteeringBatch, StepPositions

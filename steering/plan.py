@@ -21,7 +21,7 @@ from saesteer_client.schema import (
     VectorIntervention,
 )
 
-from saesteer.sae.lm import HookPointError, hook_point_order
+from saesteer.modeling.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 
 OPS = {"clamp": 0, "ablate": 1, "scale": 2, "add": 3}

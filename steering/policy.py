@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from saesteer_client.schema import POLICY_NAME, Concept, LatentIntervention
 
 from saesteer.config_files import ConfigFileError, read_document
-from saesteer.sae.lm import HookPointError, hook_point_order
+from saesteer.modeling.lm import HookPointError, hook_point_order
 from saesteer.sae.model import LatentRangeError, SAEConfig, check_latent
 from saesteer.sae.probes import LinearProbe, load_probe
 

@@ -9,7 +9,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def lm():
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
 
     torch.manual_seed(0)
     return load_model()

@@ -1,4 +1,5 @@
-"""The layers point one way: sae/ <- steering/ <- server/ (and the eval harness beside the runtime).
+"""The layers point one way: modeling/ <- sae/ <- steering/ <- server/, with data/ (corpora) beside
+sae/ on modeling/ (and the eval harness beside the runtime).
 
 Every import in every module, the ones inside functions included, is read from the source with
 ``ast``, so a lazy import cannot hide a dependency that points the wrong way.
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"sae": "saesteer.sae", "steering": "saesteer.steering", "server": "saesteer.server"}
+PACKAGES = {"modeling": "saesteer.modeling", "data": "saesteer.data", "sae": "saesteer.sae",
+            "steering": "saesteer.steering", "server": "saesteer.server"}
 
 
 def _module_name(path: Path) -> str:
@@ -65,13 +67,15 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     found = imports_of(src)
     assert "saesteer.steering.hooks" in found  # `from ..hooks import Steerer`
     assert "saesteer.steering.eval.concepts" in found  # `from .concepts import ...`
-    assert "saesteer.sae.lm" in imports_of(ROOT / "server" / "api.py")  # imported inside setup()
+    assert "saesteer.modeling.lm" in imports_of(ROOT / "server" / "api.py")  # imported inside setup()
 
 
 @pytest.mark.parametrize(
     "folder,forbidden,skip",
     [
-        ("sae", ("saesteer.steering", "saesteer.server", "saesteer.cli"), ()),
+        ("modeling", ("saesteer.sae", "saesteer.data", "saesteer.steering", "saesteer.server", "saesteer.cli"), ()),
+        ("data", ("saesteer.sae", "saesteer.steering", "saesteer.server", "saesteer.cli"), ()),
+        ("sae", ("saesteer.data", "saesteer.steering", "saesteer.server", "saesteer.cli"), ()),
         ("steering", ("saesteer.server", "saesteer.cli"), ()),
         ("steering", ("saesteer.steering.eval",), ("saesteer.steering.eval",)),  # the runtime skips the harness
     ],

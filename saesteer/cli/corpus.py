@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_corpus(a: argparse.Namespace) -> int:
-    from saesteer.sae.corpus import SOURCES, build_corpus
+    from saesteer.data.corpus import SOURCES, build_corpus
 
     if a.action == "sources":
         for s in SOURCES.values():

@@ -38,7 +38,7 @@ def cmd_latents(a: argparse.Namespace) -> int:
         return 2
     from saesteer.sae.io import load_sae
     from saesteer.steering.eval.concepts import contrast_latents
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
 
     sae = load_sae(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
@@ -57,7 +57,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
     from saesteer.sae.formats import load_any
     from saesteer.sae.evaluate import compute_latent_stats
     from saesteer.sae.stats import save_latent_stats
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
 
     sae = load_any(a.sae, dtype=torch.float32)  # any supported format (Llama Scope, sparsify, ...)
     model, tok = load_model(a.model, a.gguf_file)
@@ -82,7 +82,7 @@ def _output_scores(a: argparse.Namespace) -> int:
 
     from saesteer.sae.formats import load_any
     from saesteer.sae.output_scores import output_scores, save_latent_output
-    from saesteer.sae.lm import load_model, pack_linears
+    from saesteer.modeling.lm import load_model, pack_linears
 
     sae = load_any(a.sae, dtype=torch.float32)
     model, tok = load_model(a.model, a.gguf_file)
@@ -108,7 +108,7 @@ def cmd_eval_steering(a: argparse.Namespace) -> int:
     from saesteer.steering.eval.scoring import Concept, load_concepts
     from saesteer.sae.output_scores import load_latent_output
     from saesteer.steering.eval.judge import SentenceJudge
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
 
     stats = load_latent_stats(a.stats or a.sae)
     if stats is None:

@@ -56,7 +56,7 @@ def cmd_policies(a) -> int:
     import torch
 
     from saesteer.sae.io import load_sae
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
     from saesteer.sae.probes import save_probe
     from saesteer.sae.sources import parse_sae_spec
     from saesteer.steering.eval.safety import chat_negatives, text_negatives, token_features, train_detector

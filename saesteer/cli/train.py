@@ -11,7 +11,7 @@ from .common import add_model_args
 
 def cmd_collect(a: argparse.Namespace) -> int:
     from saesteer.sae.activations import collect_activations, iter_texts, save_activations
-    from saesteer.sae.lm import load_model
+    from saesteer.modeling.lm import load_model
 
     hooks = a.hook_point or ["blocks.10.hook_resid_post"]
     model, tok = load_model(a.model, a.gguf_file)

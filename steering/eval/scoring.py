@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from saesteer.sae.lm import resolve_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 
 from ..concept_scores import NEUTRAL_SENTENCES
 from ..generate import right_padded

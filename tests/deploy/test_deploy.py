@@ -65,6 +65,16 @@ def test_images_run_under_an_init(dockerfile):
     assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in text and "tini" in text.split("ENTRYPOINT")[0]
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_copy_every_package_folder(dockerfile):
+    """Every folder pyproject maps to a package (``package-dir``) is copied into the image."""
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    text = (ROOT / "docker" / dockerfile).read_text()
+    assert all(f"COPY {f} ./{f}" in text for f in folders), folders
+
+
 def _docker_ok() -> bool:
     if shutil.which("docker") is None:
         return False

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from saesteer.sae.diffusion import ShapesPipeline, clip_tokenizer, load_pipeline, normalize_hook_point
-from saesteer.sae.lm import resolve_hook_point
+from saesteer.modeling.diffusion import ShapesPipeline, clip_tokenizer, load_pipeline, normalize_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 from saesteer.sae.model import SAE, SAEConfig
 from saesteer.steering.eval.shapes import COLOURS, SHAPES, read_image, render, sample
 from saesteer.steering.core import StepPositions

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from saesteer.sae.diffusion import load_pipeline
+from saesteer.modeling.diffusion import load_pipeline
 from saesteer.sae.io import load_sae
 from saesteer.sae.stats import load_latent_stats
 from saesteer.server.config import SHAPES_SAE_NAME, ServerSettings, shapes_model_dir

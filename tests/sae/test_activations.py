@@ -50,7 +50,7 @@ def test_several_hook_points_in_one_pass_equal_separate_passes(lm):
 def test_hook_points_read_and_replace_inputs_and_outputs(lm):
     """blocks.10.hook_resid_post (an output) and blocks.11.hook_resid_pre (an input) are the same
     residual stream; a replacement at either changes the logits the same way."""
-    from saesteer.sae.lm import resolve_hook_point
+    from saesteer.modeling.lm import resolve_hook_point
 
     model, tok = lm
     ids = torch.tensor([tok(TEXTS[0], add_special_tokens=False)["input_ids"]])

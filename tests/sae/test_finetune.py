@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from saesteer.sae.activations import sink_mask, special_token_mask, token_windows
 from saesteer.sae.calibrate import mean_l0
 from saesteer.sae.finetune import FinetuneConfig, kl_finetune, kl_loss
-from saesteer.sae.lm import resolve_hook_point
+from saesteer.modeling.lm import resolve_hook_point
 
 TEXT = ("The river runs past the old mill and under the stone bridge, where children throw bread to the ducks. "
         "In spring the water rises and covers the meadow; by summer it is low and clear again. ") * 6

@@ -171,7 +171,7 @@ def _answer_nll(model, tok, prompt: str, sentence: str, v: torch.Tensor, positio
     """Summed NLL (float64) of ``sentence`` as the chat answer to ``prompt``, ``v`` added at the
     hook point on the prompt's tokens but the first (``"prompt"``) or on the answer's tokens
     (``"generated"``); one unpadded sequence, no batching."""
-    from saesteer.sae.lm import resolve_hook_point
+    from saesteer.modeling.lm import resolve_hook_point
     from saesteer.steering.generate import render_prompt
 
     a = render_prompt(tok, None, [{"role": "user", "content": prompt}])

@@ -6,9 +6,9 @@ TorchScript rather than ``torch.compile``, which breaks the graph at every packe
 deprecated; where it is missing or refuses the block, ``script_decode_blocks`` leaves the eager
 path in place.
 
-``DecodeBlock.forward`` computes what ``sae.cpu_kernels._fused_layer_forward`` computes for one
+``DecodeBlock.forward`` computes what ``modeling.cpu_kernels._fused_layer_forward`` computes for one
 new token per row, with the same operations in the same order (equal logits, tested), and writes
-the step's keys and values into the KV cache's spare columns (``sae.kv_cache.SpareLayer``).
+the step's keys and values into the KV cache's spare columns (``modeling.kv_cache.SpareLayer``).
 The block's own forward uses it only where nothing hooks its attention, MLP or linear modules
 (their hooks would not run inside TorchScript); the block module itself is still called as a
 module, so the residual-stream hook points (``hook_resid_pre``/``hook_resid_post``) and every
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 
 class DecodeBlock(nn.Module):
-    """A fused Llama block (``sae.cpu_kernels.fuse_projections``) for TorchScript, sharing its
+    """A fused Llama block (``modeling.cpu_kernels.fuse_projections``) for TorchScript, sharing its
     weights and linear modules.
 
     ``forward(x, cos, ssin, kb, vb, n, mask)``: x [B, 1, d_model] float32 (the block's input);

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saesteer.defaults import DEFAULT_GGUF_FILE
-from saesteer.sae.lm import default_model_dir, gguf_cache_dir, load_model
+from saesteer.modeling.lm import default_model_dir, gguf_cache_dir, load_model
 
 
 @pytest.mark.slow  # dequantizes the GGUF once (~15 s)

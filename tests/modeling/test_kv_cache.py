@@ -1,4 +1,4 @@
-"""sae.kv_cache: a SpareLayer holds what transformers' DynamicLayer holds after the same
+"""modeling.kv_cache: a SpareLayer holds what transformers' DynamicLayer holds after the same
 updates, appends in place into spare columns, and shortens without copying when the continuous
 batch undoes a step; the continuous batch decodes with it the tokens the model's own cache gives."""
 
@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
-from saesteer.sae.kv_cache import MIN_SPARE, SpareLayer, spare_cache
+from saesteer.modeling.kv_cache import MIN_SPARE, SpareLayer, spare_cache
 
 
 def test_spare_layer_holds_what_a_dynamic_layer_holds_and_appends_in_place():

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from saesteer.sae.lm import PackedLinear, pack_linears
+from saesteer.modeling.lm import PackedLinear, pack_linears
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 
 

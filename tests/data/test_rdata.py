@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from saesteer.sae.rdata import LazyLoadDB, RDataError, RVector, read_rds, unserialize
+from saesteer.data.rdata import LazyLoadDB, RDataError, RVector, read_rds, unserialize
 
 # --- a minimal XDR writer, enough for character/integer/double vectors and named lists ----------------
 
@@ -142,7 +142,7 @@ def test_real_janeaustenr_database(tmp_path):
     deb = _downloaded_janeaustenr()
     if deb is None:
         pytest.skip("r-cran-janeaustenr not downloaded (run `saesteer corpus build --out runs/corpus`)")
-    from saesteer.sae.corpus import read_austen
+    from saesteer.data.corpus import read_austen
 
     novels = read_austen(deb, tmp_path)
     assert sorted(novels) == ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"]
