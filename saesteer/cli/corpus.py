@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def cmd_corpus(a: argparse.Namespace) -> int:
-    from saesteer.data.corpus import SOURCES, build_corpus
+    from saesteer.data.corpus import build_corpus
+    from saesteer.data.packages import SOURCES
 
     if a.action == "sources":
         for s in SOURCES.values():

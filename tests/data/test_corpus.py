@@ -10,6 +10,7 @@ import tarfile
 import pytest
 
 from saesteer.data import corpus as C
+from saesteer.data import packages as P
 
 WORDNET_SAMPLE = """\
   1 This software and database is being provided to you, the LICENSEE, by  
@@ -98,11 +99,11 @@ def test_deb_members_reads_an_ar_archive_without_dpkg(tmp_path):
             tar.addfile(info, io.BytesIO(body))
     deb = tmp_path / "wordnet-base_3.0_all.deb"
     deb.write_bytes(_ar({"debian-binary": b"2.0\n", "control.tar.xz": b"x", "data.tar.xz": buf.getvalue()}))
-    got = C.deb_members(deb, lambda p: p.startswith("usr/share/wordnet/"))
+    got = P.deb_members(deb, lambda p: p.startswith("usr/share/wordnet/"))
     assert got == {"usr/share/wordnet/data.noun": WORDNET_SAMPLE.encode()}
     (tmp_path / "bad.deb").write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="ar archive"):
-        C.deb_members(tmp_path / "bad.deb", lambda p: True)
+        P.deb_members(tmp_path / "bad.deb", lambda p: True)
 
 
 def test_build_from_cached_packages_is_deterministic(tmp_path):
@@ -114,7 +115,7 @@ def test_build_from_cached_packages_is_deterministic(tmp_path):
                  "package/data/1791_george_washington_n.json": {"year": 1791, "name": "George Washington", "text": "Gentlemen."}},
         "moby_dick": {"package/data/chapter_1.json": {"chapter": "1", "title": "Loomings.", "text": "Call me Ishmael."}},
     }.items():
-        with tarfile.open(cache / C.SOURCES[src].pattern, "w:gz") as tar:
+        with tarfile.open(cache / P.SOURCES[src].pattern, "w:gz") as tar:
             for name, obj in files.items():
                 body = json.dumps(obj).encode()
                 info = tarfile.TarInfo(name)

@@ -142,7 +142,7 @@ def test_real_janeaustenr_database(tmp_path):
     deb = _downloaded_janeaustenr()
     if deb is None:
         pytest.skip("r-cran-janeaustenr not downloaded (run `saesteer corpus build --out runs/corpus`)")
-    from saesteer.data.corpus import read_austen
+    from saesteer.data.packages import read_austen
 
     novels = read_austen(deb, tmp_path)
     assert sorted(novels) == ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"]
