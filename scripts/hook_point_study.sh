@@ -18,7 +18,7 @@ for L in $BLOCKS; do
   SAE=$OUT/sae_l$L
   [ -f "$SAE/cfg.json" ] || saesteer train --hook-point $H --data ../shared/corpus --acts "$OUT/train/$H.safetensors" --val-acts "$OUT/val/$H.safetensors" \
       --architecture batchtopk --d-sae 4608 --k 32 --n-tokens 1500000 --lr 7e-4 --seed 0 --out "$SAE"
-  [ -f "$SAE/latent_stats.safetensors" ] || saesteer stats "$SAE" --n-tokens 50000
+  [ -f "$SAE/latent_stats.safetensors" ] || saesteer stats "$SAE" --data ../shared/corpus --n-tokens 50000
   # the five concepts whose latent is found by contrast (the sixth names a latent of the default SAE)
   [ -f "$OUT/steer_l$L/report.json" ] || saesteer eval-steering "$SAE" --concepts benchmarks/concepts.json \
       --only cats ocean "python code" space music --out "$OUT/steer_l$L"

@@ -25,7 +25,7 @@ OUT_ROOT=${OUT_ROOT:-runs}
 CORPUS=${CORPUS:-runs/corpus}
 OOD=${OOD:-runs/ood}
 mkdir -p .cache
-[ -f "$CORPUS/manifest.json" ] || saesteer corpus build --out "$CORPUS"
+[ -f "$CORPUS/manifest.json" ] || saesteer corpus build --out "$CORPUS" --shared ../shared/corpus
 [ -f "$OOD/emails.jsonl.gz" ] || python scripts/build_ood_text.py --out "$OOD"
 HOOKS=()
 for b in $BLOCKS; do HOOKS+=(--hook "blocks.$b.hook_resid_post"); done

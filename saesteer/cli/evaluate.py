@@ -59,6 +59,9 @@ def cmd_stats(a: argparse.Namespace) -> int:
     from saesteer.sae.stats import save_latent_stats
     from saesteer.modeling.lm import load_model
 
+    if a.data is None:
+        print("error: saesteer stats needs --data, the text to read the statistics from", file=sys.stderr)
+        return 2
     sae = load_any(a.sae, dtype=torch.float32)  # any supported format (Llama Scope, sparsify, ...)
     model, tok = load_model(a.model, a.gguf_file)
     stats = compute_latent_stats(
@@ -160,7 +163,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate an SAE: L0, NMSE, explained variance, CE loss recovered, dead latents")
     add_model_args(e)
     e.add_argument("sae", help="SAE folder")
-    e.add_argument("--data", default="../shared/corpus")
+    e.add_argument("--data", required=True, help="text source: a folder of {split}.jsonl.gz (e.g. a built corpus), a .jsonl(.gz) or .txt file, or an HF dataset id")
     e.add_argument("--split", default="validation")
     e.add_argument("--n-tokens", type=int, default=100_000, help="tokens for the reconstruction figures")
     e.add_argument("--ce-tokens", type=int, default=16_384, help="tokens for CE loss recovered")
@@ -181,7 +184,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("stats", help="latent statistics (frequency, typical and max activation, top contexts) saved with the SAE")
     add_model_args(st)
     st.add_argument("sae", help="SAE folder")
-    st.add_argument("--data", default="../shared/corpus")
+    st.add_argument("--data", default=None, help="text source: a folder of {split}.jsonl.gz (e.g. a built corpus), a .jsonl(.gz) or .txt file, or an HF dataset id (not needed with --output-scores)")
     st.add_argument("--split", default="validation")
     st.add_argument("--n-tokens", type=int, default=100_000)
     st.add_argument("--context-size", type=int, default=128)

@@ -99,8 +99,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "and its latents for --kind sae")
     po.add_argument("--k", type=int, default=32, help="train --kind sae: latents of the sparse probe")
     po.add_argument("--chat-every", type=int, default=2, help="train: every Nth text is read as a chat answer (0: never)")
-    po.add_argument("--negatives", default="../shared/corpus/train.jsonl.gz",
-                    help="train: JSON lines of ordinary {text} documents whose passages are added as negatives ('' for none)")
+    po.add_argument("--negatives", default=None,
+                    help="train: JSON lines of ordinary {text} documents whose passages are added as negatives (the shipped "
+                    "probes: ../shared/corpus/train.jsonl.gz); unset: none")
     po.add_argument("--n-negatives", type=int, default=1200, help="train: passages taken from --negatives")
     po.add_argument("--chat-negatives", type=int, default=96,
                     help="train: the model's own answers to everyday questions added as negatives")

@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(c)
     c.add_argument("--hook-point", "--hook", dest="hook_point", action="append", default=None,
                    help="hook point (repeatable: one pass collects them all; --out is then a folder)")
-    c.add_argument("--data", default="../shared/corpus", help="text source: folder, .jsonl(.gz), .txt, or HF dataset id")
+    c.add_argument("--data", required=True, help="text source: a folder of {split}.jsonl.gz (e.g. a built corpus), a .jsonl(.gz) or .txt file, or an HF dataset id")
     c.add_argument("--split", default="train")
     c.add_argument("--n-tokens", type=int, default=2_000_000)
     c.add_argument("--context-size", type=int, default=128)
@@ -73,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="set any config field, e.g. --set batch_size=2048 (repeatable; named flags win)")
     t.add_argument("--hook-point", "--hook", dest="hook_point", default=None, help="hook point (default blocks.10.hook_resid_post)")
-    t.add_argument("--data", default=None, help="text source (default ../shared/corpus)")
+    t.add_argument("--data", default=None, help="text source, as for collect (needed unless --acts, --val-acts and --ce-tokens 0)")
     t.add_argument("--acts", default=None, help="activations cached by `saesteer collect`")
     t.add_argument("--val-acts", default=None, help="validation activations for the figures")
     t.add_argument("--val-tokens", type=int, default=None, help="validation tokens to collect without --val-acts (100000)")
@@ -115,7 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(ft)
     ft.add_argument("sae", help="SAE folder")
-    ft.add_argument("--data", default="../shared/corpus", help="text source (its train split; figures on validation)")
+    ft.add_argument("--data", required=True, help="text source, as for collect (its train split; figures on validation)")
     ft.add_argument("--n-tokens", type=int, default=None, help="next-token predictions to train on (150000)")
     ft.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
     ft.add_argument("--mse-coef", type=float, default=None, help="weight of the normalized MSE term (1.0)")
