@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+
+from saesteer.server.runtime import stop_process_group
 
 SAE = "smollm2-135m-res10-k32"
 PROMPTS = ["Tell me something interesting.", "Describe a place you like.", "Name a colour.", "Say hello."]
@@ -202,11 +203,7 @@ def main() -> int:
             Path(a.out).write_text(json.dumps(report, indent=2))
         return 0 if not lost and not report["unexpected_statuses"] else 1
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,6 +90,17 @@ def descendants(pid: int) -> set[int]:
             out.add(c)
             todo.append(c)
     return out
+
+
+def stop_process_group(proc, sig: int = signal.SIGTERM, wait_s: float = 40.0) -> None:
+    """Stop a server started in a session of its own (``subprocess.Popen(...,
+    start_new_session=True)``, as tests and benchmarks start one): ``sig`` to its whole process
+    group, then SIGKILL if it has not exited after ``wait_s`` seconds."""
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class WorkerStatus:

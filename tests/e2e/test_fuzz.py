@@ -5,7 +5,6 @@ in a second or two."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import Counter
 
@@ -14,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from test_shutdown import start_server
+
+from saesteer.server.runtime import stop_process_group
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
@@ -36,11 +37,7 @@ def server(tmp_path_factory):
     try:
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(40)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def narrow(node):

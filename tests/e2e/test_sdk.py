@@ -16,6 +16,7 @@ from saesteer_client import Client, SaesteerError, add, add_vector, clamp
 from saesteer_client.schema import SUGGESTED_REPETITION_PENALTY
 
 from saesteer.server.config import DEFAULT_SAE_NAME, PYTHON_SAE_NAME
+from saesteer.server.runtime import stop_process_group
 
 pytestmark = pytest.mark.slow  # a real server process: model load and worker start, ~25 s
 
@@ -54,11 +55,7 @@ def server_url(tmp_path_factory):
             pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, signal.SIGINT, 20)
 
 
 def test_sdk_lists_and_generates(server_url):
