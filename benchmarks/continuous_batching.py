@@ -40,7 +40,7 @@ import time
 import torch
 
 from saesteer.sae.io import load_sae
-from saesteer.modeling.cpu_kernels import WEIGHT_FORMATS, speed_up
+from saesteer.modeling.cpu_kernels import WEIGHT_FORMATS, bf16_supported, speed_up
 from saesteer.modeling.lm import load_model, pack_linears
 from saesteer.server.config import python_sae_spec
 from saesteer.steering.engine import ContinuousBatch
@@ -254,7 +254,11 @@ def main() -> None:
         ref_logp = torch.cat([model(input_ids=row[None]).logits.log_softmax(-1) for row in ids])
     meter = CopyMeter()
     setups = {"default_kernels": lambda m: {}, "packed": lambda m: {"linears": pack_linears(m, batch_hint=16)}}
+    report["skipped"] = {}
     for w in WEIGHT_FORMATS:
+        if w in ("bfloat16", "int8") and not bf16_supported():  # speed_up refuses them on this CPU
+            report["skipped"][f"fused_{w}"] = "oneDNN runs no bfloat16 on this CPU"
+            continue
         setups[f"fused_{w}"] = lambda m, w=w: speed_up(m, w)
     report["batch1"] = {}
     seen_bw = {"copy": [report["bandwidth_gb_s"]["copy"]], "read": [report["bandwidth_gb_s"]["read"]]}
