@@ -58,6 +58,18 @@ def default_saes() -> list[str]:
     return [pretrained_sae_spec(n) for n in (DEFAULT_SAE_NAME, PYTHON_SAE_NAME)]
 
 
+def _max_cost(default: int, work: str, unit: str, counted: str) -> object:
+    """A heavy route's admission limit: one wording for every route (422 above, counted before any work)."""
+    return Field(default, ge=1, description=f"the most {work} may cost, in {unit} ({counted}), counted before it "
+                 "starts: 422 above, naming the field that costs most")
+
+
+def _deadline(default: float, work: str, checked: str) -> object:
+    """A heavy route's deadline: one wording for every route (504 past it; the worker goes on)."""
+    return Field(default, gt=0, description=f"seconds {work} may run (checked {checked}); past it the work stops, "
+                 "the caller gets 504 and the worker goes on")
+
+
 class ServerSettings(BaseSettings):
     """Everything ``saesteer serve`` needs. Environment: ``SAESTEER_<FIELD>`` (e.g. ``SAESTEER_PORT``)."""
 
@@ -102,13 +114,12 @@ class ServerSettings(BaseSettings):
     features: bool = Field(True, description="serve POST /v1/features (latents per token, read by the text worker "
                            "between decode steps) and POST /v1/concepts/search (in the search worker, which loads a "
                            "second, unpacked copy of the model on the first search)")
-    max_search_tokens: int = Field(
-        20_000, ge=1, description="the most a concept search may cost, in token forward passes (a backward counted "
-        "as two; steering.concept_mix.search_cost), counted before it starts: 422 above. The default admits "
-        "searches of about 50 s at most on 2 CPU cores (with the default fit: 11 sentences on one SAE, 4 on two)")
-    search_timeout: float = Field(
-        55.0, gt=0, description="seconds a concept search may run (checked between its passes, a few seconds apart "
-        "on CPU: 55 keeps every search under a minute); past it the work stops and the caller gets 504")
+    max_search_tokens: int = _max_cost(
+        20_000, "a concept search", "token forward passes",
+        "a backward counted as two, steering.concept_mix.search_cost; the default admits searches of about 50 s at "
+        "most on 2 CPU cores: with the default fit, 11 sentences on one SAE, 4 on two")
+    search_timeout: float = _deadline(
+        55.0, "a concept search", "between its passes, a few seconds apart on CPU: 55 keeps every search under a minute")
     max_readout_tokens: int = Field(
         1024, ge=1, description="longest text POST /v1/features reads (prompt + completion, in tokens; 422 above): "
         "the text worker reads it between two decode steps, which wait for it")
@@ -135,13 +146,11 @@ class ServerSettings(BaseSettings):
         None, description="content-safety policies file (JSON or YAML; steering.policy): detectors that flag, "
         "steer or refuse on every generation; reloaded on SIGHUP or POST /v1/admin/policies/reload. A bad file, "
         "or one naming an unknown concept or SAE, stops the server from starting")
-    max_image_passes: int = Field(
-        400, ge=1, description="the most an image request may cost, in denoiser passes at the model's native size "
-        "(images_api.image_cost: n x steps x the area over the native area, twice with compare), counted before it "
-        "starts: 422 above. 400 is 8 images of 50 steps at the native size")
-    image_timeout: float = Field(
-        120.0, gt=0, description="seconds an image request may run (checked after each denoising step); past it "
-        "the work stops and the caller gets 504, the worker goes on")
+    max_image_passes: int = _max_cost(
+        400, "an image request", "denoiser passes at the model's native size",
+        "images_api.image_cost: n x steps x the area over the native area, twice with compare; 400 is 8 images of "
+        "50 steps at the native size")
+    image_timeout: float = _deadline(120.0, "an image request", "after each denoising step")
     max_image_side: int | None = Field(
         None, ge=8, le=4096, description="largest width or height POST /v1/images draws, in pixels (422 above); "
         "None: twice the model's native size (64 for shapes-t2i, 1024 for SD 1.x). Work grows with the area: "
