@@ -1,4 +1,4 @@
-"""Serving on vLLM (issue 33, a first piece): per-request SAE steering inside upstream vLLM.
+"""Serving on vLLM (a first piece): per-request SAE steering inside upstream vLLM.
 
 - ``export``: the default GGUF model saved as a folder of float32 safetensors, which vLLM reads;
 - ``plugin``: the ``vllm.general_plugins`` entry point (``register``), a steered Llama
