@@ -58,6 +58,9 @@ WORKER_CHECK_S = 1.0
 """While waiting for a request's next event, how often to check that the text worker lives."""
 
 
+WORKER_DIED = "the text worker died; it is being restarted, retry shortly"
+
+
 class HideInternal:
     """404 for the text worker's own LitServe route: clients use the routes of this module."""
 
@@ -107,15 +110,18 @@ class TextClient:
                 except asyncio.TimeoutError:
                     if worker is not None and not pid_alive(int(worker)):
                         finished = True
-                        yield ErrorEvent(status=503, detail="the text worker died; it is being restarted, retry shortly")
+                        yield ErrorEvent(status=503, detail=WORKER_DIED)
                     continue
                 event.clear()
                 while buffer and not finished:
                     data, status = buffer.popleft()
-                    if status == LitAPIStatus.ERROR:  # LitServe saw the worker die
+                    if status == LitAPIStatus.ERROR:
                         finished = True
-                        yield ErrorEvent(status=getattr(data, "status_code", 503),
-                                         detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
+                        if data is None:  # LitServe's monitor saw the worker die before our own check did
+                            yield ErrorEvent(status=503, detail=WORKER_DIED)
+                        else:
+                            yield ErrorEvent(status=getattr(data, "status_code", 503),
+                                             detail=str(getattr(data, "detail", "") or "the worker failed; retry"))
                         continue
                     finished = status == LitAPIStatus.FINISH_STREAMING
                     for ev in (data if isinstance(data, list) else [data]):
