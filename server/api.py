@@ -155,6 +155,9 @@ class ModelAPI(ls.LitAPI):
     packs_linears = True
     """Whether this API's workers apply ``settings.pack_linears`` (``FeaturesAPI`` does not: concept
     search backpropagates through the model, which the packed kernels cannot)."""
+    engine_worker = False
+    """Whether this API's worker runs ``settings.engine`` (the text worker): with ``--engine vllm``
+    it loads no transformers model, vLLM holds the weights."""
 
     def __init__(self, settings: ServerSettings, saes: SAEPool, **kwargs):
         from .concepts import ConceptStore
@@ -167,11 +170,14 @@ class ModelAPI(ls.LitAPI):
     def setup(self, device):
         import torch
 
+        from saesteer.modeling.lm import hook_point_width, load_model
         from saesteer.steering.hooks import Steerer
-        from saesteer.modeling.lm import load_model
 
         s = self.settings
         dev = s.device if s.device != "cpu" else device
+        if s.engine == "vllm" and self.engine_worker:  # vLLM holds the weights and the SAEs; this worker keeps their tokenizer and configs
+            self._setup_tables()
+            return
         self.model, self.tokenizer = load_model(s.model, s.gguf_file, device=dev, dtype=getattr(torch, s.dtype))
         if s.pack_linears and self.packs_linears:
             from saesteer.modeling.cpu_kernels import speed_up
@@ -184,7 +190,29 @@ class ModelAPI(ls.LitAPI):
         if self.saes.budget_bytes is None:  # no budget: every SAE now, as without a pool
             self.saes.load_all()
         self.steerer = Steerer(self.model, self.saes)  # checks hook points from the configs
+        self.hook_width = hook_point_width(self.model)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._setup_policies()
+
+    def _setup_tables(self) -> None:
+        """For the vLLM engine: the model's tokenizer and config (no weights), the SAE configs and
+        the hook points a plan may name (``blocks.L.hook_resid_post``, the ones the plugin steers)."""
+        from types import SimpleNamespace
+
+        from saesteer.steering.vllm_engine.export import vllm_model_dir
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model = None
+        self.vllm_model_dir = vllm_model_dir(self.settings)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.vllm_model_dir)
+        config = AutoConfig.from_pretrained(self.vllm_model_dir)
+        self.hook_width = int(config.hidden_size)
+        widths = {f"blocks.{i}.hook_resid_post": self.hook_width for i in range(int(config.num_hidden_layers))}
+        self.steerer = SimpleNamespace(configs=dict(self.saes.configs), hook_widths=widths)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        self._setup_policies()
+
+    def _setup_policies(self) -> None:
         self.policies = self.load_policies()  # checked at start by build_server: raises only if changed since
         self._policies_seen = self._policies_mark()
         if not audit_log.handlers:  # one JSON object per line on stderr, as the access log
@@ -200,11 +228,10 @@ class ModelAPI(ls.LitAPI):
         Raises:
             saesteer.steering.policy.PolicyError: a bad file (see ``load_policies``).
         """
-        from saesteer.modeling.lm import hook_point_width
         from saesteer.steering.policy import load_policies
 
         return load_policies(self.settings.policies, self.saes.configs, self.concepts.get,
-                             self.saes.units.resid_norm, hook_point_width(self.model))
+                             self.saes.units.resid_norm, self.hook_width)
 
     def record_hits(self, request, results) -> None:
         """Audit a finished request's policy hits (``audit``, naming the request by its

@@ -149,6 +149,7 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
         if settings.features:
             apis.append(SearchAPI(settings, pool, runtime_dir))
             workers[SearchAPI.path] = 1
+    _no_mcp()
     server = ls.LitServer(
         apis,
         accelerator="cuda" if settings.device.startswith("cuda") else "cpu",
@@ -209,6 +210,15 @@ def build_server(settings: ServerSettings) -> ls.LitServer:
     server.app.add_api_route("/v1/saes", list_saes, methods=["GET"], response_model=SAEList)
     server.app.add_api_route("/v1/saes/{sae_id}/latents/{latent}", latent_info, methods=["GET"], response_model=LatentInfo)
     return server
+
+
+def _no_mcp() -> None:
+    """Turn LitServe's MCP connector off: we declare no MCP tools, and LitServe 0.2.19 starts the
+    connector when the ``mcp`` package is installed but imports its classes only with ``fastmcp``
+    (vLLM installs ``mcp`` alone: the server would stop with ``NameError: MCPServer``)."""
+    import litserve.server
+
+    litserve.server._MCP_AVAILABLE = False
 
 
 def install_policies(server, settings: ServerSettings, policies, check, runtime_dir: str) -> None:

