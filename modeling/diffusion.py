@@ -80,9 +80,9 @@ def clip_tokenizer(folder: str | Path | None = None, max_length: int = 77):
     from transformers import CLIPTokenizer
 
     if folder is None or not (Path(folder) / "vocab.json").is_file():
-        import os
+        from .cache import cache_dir
 
-        cache = Path(os.environ.get("SAESTEER_CACHE") or Path.home() / ".cache" / "saesteer") / "clip-tokenizer"
+        cache = cache_dir("clip-tokenizer")
         folder = folder or cache
         if not (Path(folder) / "vocab.json").is_file():
             write_clip_tokenizer_files(folder)

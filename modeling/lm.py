@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from saesteer.defaults import DEFAULT_GGUF_FILE, DEFAULT_MODEL_PACKAGE
+from saesteer.modeling.cache import cache_root
 
 
 HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
@@ -210,15 +211,14 @@ def gguf_cache_dir(model: str, gguf_file: str) -> Path | None:
     Transformers dequantizes a GGUF at every load (~15 s for SmolLM2-135M on 2 CPU cores, most of
     it outside the dequantization itself); reading the saved copy takes ~0.3 s and gives the same
     logits (tested)."""
-    root = os.environ.get("SAESTEER_CACHE", "")
-    if root.lower() == "off":
+    root = cache_root()
+    if root is None:
         return None
     src = Path(model) / gguf_file
     if not src.is_file():
         return None
     st = src.stat()
-    base = Path(root) if root else Path.home() / ".cache" / "saesteer"
-    return base / "gguf" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"
+    return root / "gguf" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"
 
 
 def _save_dequantized(lm: nn.Module, tok, cache: Path) -> None:

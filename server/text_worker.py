@@ -161,7 +161,7 @@ class TextWorker(ModelAPI):
         limit = min(s.max_total_tokens, self.max_positions or s.max_total_tokens)
         args = vllm_engine_args(self.vllm_model_dir, s.saes, dtype=s.dtype, device=s.device, max_num_seqs=s.max_running_rows,
                                 max_model_len=limit, extra=s.vllm_args)
-        engine = VllmEngine(args, eos=self.tokenizer.eos_token_id)
+        engine = VllmEngine(args)
         log.warning("text worker: vLLM engine on %s (%s)", self.vllm_model_dir, ", ".join(f"{k}={v}" for k, v in s.vllm_args.items()) or "default args")
         return engine
 

@@ -16,13 +16,10 @@ from typing import Sequence
 
 import torch
 
+from saesteer.modeling.cache import cache_dir
+
 MINILM_PACKAGE = "all_minilm_l6_v2"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def cache_dir() -> Path:
-    """Where saesteer unpacks shipped assets: ``$SAESTEER_CACHE`` or ``~/.cache/saesteer``."""
-    return Path(os.environ.get("SAESTEER_CACHE") or Path.home() / ".cache" / "saesteer")
 
 
 def shipped_minilm() -> Path:
@@ -38,7 +35,7 @@ def shipped_minilm() -> Path:
             f"(or pass a folder or hub id such as {MINILM_HUB_ID})"
         )
     zpath = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
-    out = cache_dir() / f"all-minilm-l6-v2-{zpath.stat().st_size}"
+    out = cache_dir(f"all-minilm-l6-v2-{zpath.stat().st_size}")
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         with zipfile.ZipFile(zpath) as z:

@@ -13,7 +13,7 @@ What differs from the built-in engine, by design:
 - sampling is vLLM's: greedy tokens agree (tested), seeded sampling draws other random numbers;
 - prefix caching: every steered row gets its own ``cache_salt``, so steered KV is never shared,
   not even between two requests steered alike; unsteered rows share blocks as plain vLLM does;
-- no read-out (``read_out`` raises ``EngineFeatureMissing``; the route answers 422) and no safety
+- no read-out (the text worker answers 422; ``read_out`` raises ``NotImplementedError``) and no safety
   policies (the server refuses ``--policies`` with ``--engine vllm`` at start);
 - non-finite logits are not detected per row (vLLM samples from what it gets).
 """
@@ -28,10 +28,6 @@ from typing import Any, Sequence
 
 from saesteer.steering.engine import CANCELLED, RowEvent
 from saesteer.steering.generate import TIMEOUT, GenerationSpec
-
-
-class EngineFeatureMissing(Exception):
-    """An option the vLLM engine does not offer yet (the route answers 422 naming it)."""
 
 
 @dataclass
@@ -71,14 +67,13 @@ class VllmEngine:
 
     Args:
         engine_args: ``vllm.EngineArgs`` keywords (``vllm_engine_args``).
-        eos: the tokenizer's end-of-sequence id (a row's tokens keep it, as the built-in engine's do).
 
     Raises:
         ValueError: settings the plugin cannot steer under (compilation modes, MRV2, DBO), from
             the model's construction.
     """
 
-    def __init__(self, engine_args: dict, eos: int | None = None):
+    def __init__(self, engine_args: dict):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the plan objects stay in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU (vLLM's default is 4)
         from vllm import EngineArgs
@@ -88,7 +83,6 @@ class VllmEngine:
 
         plugin.register()
         self.llm = LLMEngine.from_engine_args(EngineArgs(**engine_args))
-        self.eos = eos
         self.rows: dict[str, _Row] = {}
 
     # -- Engine ---------------------------------------------------------------------------------------
@@ -132,8 +126,8 @@ class VllmEngine:
         return self._end(row, "error", CANCELLED)
 
     def read_out(self, sae, input_ids: list[int], top_k: int, latents: Sequence[int]):
-        raise EngineFeatureMissing("POST /v1/features (latent read-out) is not available on the vLLM engine yet; "
-                                   "serve with --engine builtin")
+        """Not built yet: the text worker answers a read-out with 422 before it would load the SAE here."""
+        raise NotImplementedError("latent read-out is not available on the vLLM engine yet; serve with --engine builtin")
 
     def stats(self) -> dict:
         """The plugin's counters from every vLLM worker (``SaeSteerWorkerExtension.saesteer_stats``)."""

@@ -86,7 +86,7 @@ def vllm_model_dir(settings) -> str:
     a temporary folder)."""
     if settings.model is not None and not settings.gguf_file:
         return settings.model
-    root = os.environ.get("SAESTEER_CACHE", "")
-    cache = Path(tempfile.mkdtemp(prefix="saesteer-vllm-")) if root.lower() == "off" else \
-        (Path(root) if root else Path.home() / ".cache" / "saesteer") / "vllm"
+    from saesteer.modeling.cache import cache_dir
+
+    cache = cache_dir("vllm")
     return str(export_safetensors(cache, settings.model, settings.gguf_file))

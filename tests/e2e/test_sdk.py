@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,6 +14,7 @@ from saesteer_client.schema import SUGGESTED_REPETITION_PENALTY
 
 from saesteer.server.config import DEFAULT_SAE_NAME, PYTHON_SAE_NAME
 from saesteer.server.runtime import stop_process_group
+from tests.server.serving import serve_process
 
 pytestmark = pytest.mark.slow  # a real server process: model load and worker start, ~25 s
 
@@ -25,34 +23,11 @@ KEY = "test-key-123"
 MSG = [{"role": "user", "content": "Describe a place you like."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "SAESTEER_API_KEY": KEY, "SAESTEER_MAX_BATCH_SIZE": "4", "SAESTEER_BATCH_TIMEOUT": "0.3"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "saesteer", "serve", "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, cwd=tmp_path_factory.mktemp("cwd"))
-    url = f"http://127.0.0.1:{port}"
+    env = {"SAESTEER_API_KEY": KEY, "SAESTEER_MAX_BATCH_SIZE": "4", "SAESTEER_BATCH_TIMEOUT": "0.3"}
+    proc, url, _ = serve_process(tmp_path_factory.mktemp("server") / "server.log", tmp_path_factory.mktemp("cwd"), env=env)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
         yield url
     finally:
         stop_process_group(proc, signal.SIGINT, 20)

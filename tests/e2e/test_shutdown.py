@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 from saesteer.server.runtime import descendants, read_workers
 
-from test_sdk import free_port
+from tests.server.serving import serve_process
 
 pytestmark = pytest.mark.slow  # a real server with the real model
 
@@ -33,24 +31,10 @@ def alive(pid: int) -> bool:
 
 
 def start_server(tmp_path, **env_extra):
-    port = free_port()
     runtime = tmp_path / "runtime"
-    env = {**os.environ, "SAESTEER_RUNTIME_DIR": str(runtime), "SAESTEER_MAX_BATCH_SIZE": "4", **env_extra}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "saesteer", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, port, runtime
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("server did not come up")
+    env = {"SAESTEER_RUNTIME_DIR": str(runtime), "SAESTEER_MAX_BATCH_SIZE": "4", **env_extra}
+    proc, url, port = serve_process(tmp_path / "server.log", tmp_path, env=env)
+    return proc, url, port, runtime
 
 
 def kill_worker_mid_request(url, runtime):

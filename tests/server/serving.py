@@ -31,3 +31,45 @@ def error_detail(r) -> tuple[int, str]:
     the field and the reason; fails unless the status is a 4xx."""
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     return r.status_code, json.dumps(r.json()["detail"])
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(log_path, cwd, args: tuple[str, ...] = (), env: dict | None = None, ready: str = "/health",
+                  timeout: float = 300):
+    """``saesteer serve --port <free port> *args`` as a real process in its own session (stdout and
+    stderr to ``log_path``), once ``ready`` answers 200: ``(process, base url, port)``. Fails the test
+    with the log's tail if the process exits or does not come up in ``timeout`` seconds (then it is killed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+    import pytest
+
+    port = free_port()
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "saesteer", "serve", "--port", str(port), *args], stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(url + ready, timeout=2).status_code == 200:
+                return proc, url, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"server did not come up:\n{Path(log_path).read_text()[-3000:]}")

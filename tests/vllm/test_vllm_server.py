@@ -6,11 +6,7 @@ import.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,6 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from saesteer.server.runtime import stop_process_group  # noqa: E402
+from tests.server.serving import serve_process  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a server process whose worker loads vLLM, ~40 s on 2 cores
 
@@ -30,37 +27,12 @@ README_TEXT = ("```\ndef fun_func(func_name)()()()\n```\n\nThis is a function th
 """The README's steered answer (greedy, 40 tokens), which the built-in engine gives."""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "saesteer", "serve", "--engine", "vllm", "--port", str(port),
-                                 "--max-running-rows", "8"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=tmp_path_factory.mktemp("cwd"))
-    base = f"http://127.0.0.1:{port}"
+    proc, base, _ = serve_process(tmp_path_factory.mktemp("server") / "server.log", tmp_path_factory.mktemp("cwd"),
+                                  ("--engine", "vllm", "--max-running-rows", "8"), env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                  ready="/ready")
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
         yield base
     finally:
         stop_process_group(proc, signal.SIGINT, 20)
