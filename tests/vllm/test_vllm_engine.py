@@ -24,6 +24,7 @@ MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
+KV = {"batched_tokens": 64, "block_size": 32, "blocks": 20}  # 608 tokens of KV (one block is vLLM's null block): the long prompt (~450) fits, 8 rows of ~85 do not
 LOGPROB_TOL = 2e-4  # float32, vLLM's kernels against transformers' on the same weights (measured: 4.4e-5)
 
 
@@ -46,7 +47,12 @@ def llm(model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     plugin.register()
-    engine = vllm.LLM(**vllm_engine_args(model_dir, [python_sae_spec()], max_model_len=512, max_num_seqs=8), seed=0)
+    # a small step budget and KV cache, so that long prompts are prefilled in chunks and a full batch
+    # gets preempted (the tests below check that those happen)
+    extra = dict(max_num_batched_tokens=KV["batched_tokens"], block_size=KV["block_size"],
+                 num_gpu_blocks_override=KV["blocks"])
+    engine = vllm.LLM(**vllm_engine_args(model_dir, [python_sae_spec()], max_model_len=(KV["blocks"] - 1) * KV["block_size"], max_num_seqs=8,
+                                         extra=extra), seed=0)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -73,14 +79,19 @@ def _generate(llm, rows: list[tuple[list[int], list]], max_tokens: int = 24) -> 
 
 def _builtin(lm, sae, ids: list[int], ivs: list, max_tokens: int = 24) -> list[int]:
     """The built-in engine's greedy tokens for the same spec (the same plan code)."""
+    return _builtin_many(lm, sae, [(ids, ivs)], max_tokens)[0]
+
+
+def _builtin_many(lm, sae, rows: list[tuple[list[int], list]], max_tokens: int = 24) -> list[list[int]]:
+    """The built-in engine's greedy tokens of each (prompt ids, interventions) row, in one batch
+    (its rows are independent: tests/steering/test_engine.py)."""
     from saesteer.steering.generate import GenerationSpec, generate
     from saesteer.steering.hooks import Steerer
 
     model, tok = lm
-    plan = plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: sae.cfg})
-    res = generate(model, tok, [GenerationSpec(input_ids=ids, max_new_tokens=max_tokens, plan=plan)],
-                   Steerer(model, {SAE_ID: sae}))
-    return res[0].tokens
+    specs = [GenerationSpec(input_ids=ids, max_new_tokens=max_tokens,
+                            plan=plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: sae.cfg})) for ids, ivs in rows]
+    return [r.tokens for r in generate(model, tok, specs, Steerer(model, {SAE_ID: sae}))]
 
 
 def test_the_plugin_is_declared_to_vllm():
@@ -171,3 +182,119 @@ def test_a_batch_of_different_specs_gives_what_each_gives_alone(llm, prompts):
     alone = [_generate(llm, [row])[0] for row in rows]
     assert together == alone
     assert together[0] != together[1] and together[1] != together[2]  # the specs do differ
+
+
+def _ops(d_in: int) -> dict[str, list[dict]]:
+    """One spec per op of the wire schema (and conditional forms), on the Python SAE."""
+    g = torch.Generator().manual_seed(0)
+    vec = (torch.randn(d_in, generator=g) * 0.5).tolist()
+    when = {"sae": SAE_ID, "latent": 3656, "above": 0.5}
+    return {
+        "clamp": [CLAMP],
+        "ablate": [{"op": "ablate", "sae": SAE_ID, "latent": 3656}],
+        "scale": [{"op": "scale", "sae": SAE_ID, "latent": 3656, "value": 4.0}],
+        "add": [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 8.0}],
+        "add_vector": [{"op": "add_vector", "sae": SAE_ID, "vector": vec, "strength": 2.0}],
+        "when_token": [{**CLAMP, "when": when}],
+        "when_once_fired": [{**CLAMP, "value": 8.0, "when": {**when, "mode": "once_fired"}}],
+        "mix": [{**CLAMP, "value": 6.0, "positions": "generated"}, {"op": "ablate", "sae": SAE_ID, "latent": 100},
+                {"op": "add", "sae": SAE_ID, "latent": 200, "value": 5.0, "positions": "prompt"}],
+    }
+
+
+def test_every_op_gives_the_builtin_engines_tokens_and_logprobs(llm, lm, python_sae, prompts):
+    """Each op, in one batch: vLLM's greedy tokens equal the built-in engine's, and its teacher-forced
+    logprobs (``prompt_logprobs`` over prompt + answer) equal transformers' with our Steerer."""
+    from saesteer.steering.core import StepPositions
+    from saesteer.steering.hooks import Steerer
+
+    model, _ = lm
+    ops = _ops(python_sae.cfg.d_in)
+    got = _generate(llm, [(prompts[1], ivs) for ivs in ops.values()], max_tokens=16)
+    want = _builtin_many(lm, python_sae, [(prompts[1], ivs) for ivs in ops.values()], max_tokens=16)
+    for name, toks, w in zip(ops, got, want):
+        assert toks == w, name
+    assert len({tuple(t) for t in got}) >= 5  # the ops do steer, differently
+
+    seqs = [prompts[1] + toks for toks in got]
+    reqs = [plugin.steer_request(s, ivs) for s, ivs in zip(seqs, ops.values())]
+    outs = llm.generate([p for p, _ in reqs], [vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                                                   extra_args=x) for _, x in reqs], use_tqdm=False)
+    steerer = Steerer(model, {SAE_ID: python_sae})
+    for (name, ivs), seq, out in zip(ops.items(), seqs, outs):
+        vl = torch.tensor([out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
+        plan = plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: python_sae.cfg})
+        ids = torch.tensor([seq])
+        # the whole sequence as the prompt, as vLLM sees it here: "generated" edits then act nowhere
+        pos = StepPositions(abs_pos=torch.arange(len(seq)).view(1, -1), prompt_len=torch.tensor([len(seq)]))
+        with torch.no_grad(), steerer.steer([plan], pos):
+            logits = model(ids).logits[0, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(1, ids[0, 1:].view(-1, 1)).view(-1)
+        assert (vl - want).abs().max() < LOGPROB_TOL, name
+
+
+LONG_TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(24))
+
+
+def test_long_prompts_are_chunked_and_prompt_edits_stay_right(llm, lm, python_sae, model_dir):
+    """A prompt longer than the step's token budget is prefilled in chunks (the fixture's
+    ``max_num_batched_tokens``): edits on prompt positions still give the built-in engine's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": LONG_TEXT + "\nSummarize."}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert len(ids) > 2 * llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    ivs = [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 10.0, "positions": "prompt"}]
+    got = _generate(llm, [(ids, ivs)], max_tokens=12)[0]
+    assert got == _builtin(lm, python_sae, ids, ivs, max_tokens=12)
+    assert got != _generate(llm, [(ids, [])], max_tokens=12)[0]
+
+
+def test_prefix_caching_never_serves_unsteered_kv_to_a_steered_request(llm, lm, python_sae, model_dir):
+    """Prefix caching is on; a long prompt's unsteered KV is cached first, then the same prompt
+    steered on its prompt positions must not reuse it (its ``cache_salt``). Without the salt, vLLM
+    would reuse the cached blocks and the answer would be wrong: the test shows both."""
+    from transformers import AutoTokenizer
+
+    cfg = llm.llm_engine.vllm_config.cache_config
+    assert cfg.enable_prefix_caching
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": LONG_TEXT + "\nWhat is the first line?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert len(ids) > 2 * cfg.block_size  # whole blocks to share
+    ivs = [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 10.0, "positions": "prompt"}]
+    want = _builtin(lm, python_sae, ids, ivs, max_tokens=12)
+
+    _generate(llm, [(ids, [])], max_tokens=2)  # the unsteered prompt, now cached
+    assert _generate(llm, [(ids, ivs)], max_tokens=12)[0] == want
+    prompt, extra = plugin.steer_request(ids, ivs)
+    prompt.pop("cache_salt")
+    unsalted = llm.generate([prompt], vllm.SamplingParams(temperature=0.0, max_tokens=12, extra_args=extra),
+                            use_tqdm=False)[0].outputs[0].token_ids
+    assert list(unsalted) != want  # what the salt prevents
+
+
+def test_preempted_requests_are_recomputed_steered(llm, lm, python_sae, prompts):
+    """More rows than the fixture's KV blocks hold: vLLM preempts running requests and recomputes
+    them later (prompt and generated tokens prefilled again); their answers are still each spec's."""
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    count = {"n": 0}
+    orig = sched._preempt_request
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return orig(*a, **k)
+
+    sched._preempt_request = counting
+    try:
+        specs = [[{**CLAMP, "positions": "generated"}], [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 8.0}],
+                 [CLAMP], []]
+        rows = [(prompts[i % 3], specs[i % 4]) for i in range(8)]
+        got = _generate(llm, rows, max_tokens=48)
+    finally:
+        sched._preempt_request = orig
+    assert count["n"] > 0, "no preemption: the fixture's KV cache is too large for this test"
+    assert got == _builtin_many(lm, python_sae, rows, max_tokens=48)
