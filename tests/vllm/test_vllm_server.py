@@ -30,7 +30,9 @@ README_TEXT = ("```\ndef fun_func(func_name)()()()\n```\n\nThis is a function th
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     proc, base, _ = serve_process(tmp_path_factory.mktemp("server") / "server.log", tmp_path_factory.mktemp("cwd"),
-                                  ("--engine", "vllm", "--max-running-rows", "8"), env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                  ("--engine", "vllm", "--max-running-rows", "8",
+                                   "--concepts-dir", str(tmp_path_factory.mktemp("concepts"))),
+                                  env={"VLLM_CPU_KVCACHE_SPACE": "1"},
                                   ready="/ready")
     try:
         yield base
@@ -114,3 +116,21 @@ def test_what_the_vllm_engine_lacks_is_a_422_naming_it(url):
     r = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 4, "interventions": [
         {"op": "add_vector", "hook": "blocks.3.hook_resid_post", "vector": [0.5] * 576}]}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_named_concepts_apply_on_the_vllm_engine(url):
+    """A concept saved over HTTP, applied by name (and at strength 2), gives the tokens of the edits
+    it stands for, on this engine too (the worker expands it before the plan reaches vLLM)."""
+    edits = [{"op": "clamp", "sae": SAE, "latent": 3656, "value": 4.0, "unit": "typical"},
+             {"op": "add", "sae": SAE, "latent": 123, "value": 10.0}]
+
+    def tokens(ivs):
+        r = httpx.post(url + "/v1/generate", json={"messages": MSG, "max_new_tokens": 10, "interventions": ivs}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    r = httpx.post(url + "/v1/concepts", json={"name": "place", "interventions": edits}, timeout=60)
+    assert r.status_code == 201, r.text
+    assert tokens([{"op": "concept", "concept": "place"}]) == tokens(edits) != tokens([])
+    doubled = [{**edits[0], "value": 8.0}, {**edits[1], "value": 20.0}]
+    assert tokens([{"op": "concept", "concept": "place", "strength": 2.0}]) == tokens(doubled)
