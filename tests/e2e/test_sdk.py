@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ def server_url(tmp_path_factory):
     try:
         yield url
     finally:
-        stop_process_group(proc, signal.SIGINT, 20)
+        stop_process_group(proc)  # SIGTERM: the graceful stop (tests/e2e/test_shutdown.py); SIGINT took the full 20 s
 
 
 def test_sdk_lists_and_generates(server_url):

@@ -6,7 +6,6 @@ import.
 from __future__ import annotations
 
 import json
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -37,7 +36,7 @@ def url(tmp_path_factory):
     try:
         yield base
     finally:
-        stop_process_group(proc, signal.SIGINT, 20)
+        stop_process_group(proc)  # SIGTERM: the graceful stop (tests/e2e/test_shutdown.py); SIGINT took the full 20 s
 
 
 @pytest.fixture(scope="module")
