@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -87,9 +88,13 @@ def spec_json(interventions: Sequence[Any]) -> str:
 def cache_salt(spec: str, tag: str = "") -> str | None:
     """The prompt's ``cache_salt`` for a steered request (None for an idle one, which shares
     prefix-cache blocks with plain traffic): a hash of the spec and ``tag`` (model and SAE
-    revisions), 32 hex characters."""
+    revisions), 32 hex characters. A spec with a ``once_fired`` condition gets a salt of its own
+    (a random one): whether the condition has fired is not in the KV cache, so a request that
+    reused another's cached prompt blocks would start with the condition unfired."""
     if not json.loads(spec).get("interventions"):
         return None
+    if '"once_fired"' in spec:
+        return uuid.uuid4().hex
     return hashlib.sha256(f"{tag}\0{spec}".encode()).hexdigest()[:32]
 
 
@@ -195,6 +200,10 @@ class SteeringState:
         for i, rid in enumerate(req_ids):
             req = live.get(rid)
             plan = self._plan(rid, req.sampling_params) if req is not None else None
+            if plan and getattr(req, "num_computed_tokens", None) == 0:
+                # a first prefill, or a preempted request recomputed from its first token: its
+                # once_fired conditions start over (they fire again where they first fired)
+                self.memory.pop(rid, None)
             if plan:
                 plan_row[i] = len(plans)
                 plans.append(plan)

@@ -109,6 +109,8 @@ def test_spec_strings_and_salts():
     assert plugin.cache_salt(steered) != plugin.cache_salt(plugin.spec_json([{**CLAMP, "value": 11.0}]))
     prompt, extra = plugin.steer_request([1, 2], [CLAMP])
     assert prompt["cache_salt"] and isinstance(extra[plugin.EXTRA_KEY], str)
+    once = plugin.spec_json([{**CLAMP, "when": {"sae": SAE_ID, "latent": 1, "mode": "once_fired"}}])
+    assert plugin.cache_salt(once) != plugin.cache_salt(once)  # its state is not in the KV: never shared
 
 
 def test_bad_spec_is_refused_by_the_front_end_check(python_sae):
@@ -290,8 +292,9 @@ def test_preempted_requests_are_recomputed_steered(llm, lm, python_sae, prompts)
 
     sched._preempt_request = counting
     try:
+        once = {"sae": SAE_ID, "latent": 3656, "above": 0.5, "mode": "once_fired"}
         specs = [[{**CLAMP, "positions": "generated"}], [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 8.0}],
-                 [CLAMP], []]
+                 [{**CLAMP, "value": 8.0, "when": once}], []]
         rows = [(prompts[i % 3], specs[i % 4]) for i in range(8)]
         got = _generate(llm, rows, max_tokens=48)
     finally:
