@@ -68,11 +68,13 @@ def interventions(workload: str, n: int, sae_id: str, latent: int, d_sae: int) -
 
 def measure(run, a, workloads) -> dict[str, float]:
     """The best tokens/s of ``--repeats`` runs of each workload at each concurrency, the workloads
-    interleaved (idle, clamp1, ..., idle, clamp1, ...) so that drift hits them alike."""
+    interleaved and their order rotated each pass (idle, clamp1, clamp10, specs16, then clamp1,
+    clamp10, specs16, idle, ...) so that drift within a pass hits each of them alike."""
     best: dict[str, float] = {}
     for n in a.streams:
-        for _ in range(a.repeats):
-            for w in workloads:
+        for r in range(a.repeats):
+            k = r % len(workloads)
+            for w in workloads[k:] + workloads[:k]:
                 best[f"{w}@{n}"] = max(best.get(f"{w}@{n}", 0.0), run(n, w))
     return best
 
@@ -170,7 +172,7 @@ def main() -> None:
     ap.add_argument("--streams", default="1,16,64", help="concurrencies, comma-separated")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="child processes per engine, alternating engines")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each workload inside a child, interleaved")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each workload inside a child, interleaved, the order rotated (4: each workload once in each place)")
     ap.add_argument("--model", default=None, help="a safetensors folder or hub id (default: the shipped GGUF, exported)")
     ap.add_argument("--builtin-model", default=None, help="the built-in engine's model (default: the shipped GGUF)")
     ap.add_argument("--sae", default=None, help="an SAE spec (default: the shipped Python-documentation SAE)")
