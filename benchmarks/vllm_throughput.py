@@ -89,6 +89,7 @@ def child_vllm(a, steered: bool) -> dict:
     from transformers import AutoTokenizer
 
     from saesteer.sae.sources import parse_sae_spec, read_config
+    from saesteer.steering.generate import render_prompt
     from saesteer.steering.vllm_engine import plugin
     from saesteer.steering.vllm_engine.engine import vllm_engine_args
 
@@ -108,8 +109,7 @@ def child_vllm(a, steered: bool) -> dict:
         ivs = interventions(workload, n, a.sae_id, a.latent, d_sae)
         reqs, params = [], []
         for text, iv in zip(texts, ivs):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = render_prompt(tok, messages=[{"role": "user", "content": text}])
             if steered:
                 prompt, extra = plugin.steer_request(ids, iv)
             else:

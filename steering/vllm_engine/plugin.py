@@ -91,9 +91,10 @@ def cache_salt(spec: str, tag: str = "") -> str | None:
     revisions), 32 hex characters. A spec with a ``once_fired`` condition gets a salt of its own
     (a random one): whether the condition has fired is not in the KV cache, so a request that
     reused another's cached prompt blocks would start with the condition unfired."""
-    if not json.loads(spec).get("interventions"):
+    interventions = json.loads(spec).get("interventions")
+    if not interventions:
         return None
-    if '"once_fired"' in spec:
+    if any((iv.get("when") or {}).get("mode") == "once_fired" for iv in interventions):
         return uuid.uuid4().hex
     return hashlib.sha256(f"{tag}\0{spec}".encode()).hexdigest()[:32]
 
@@ -200,11 +201,11 @@ class SteeringState:
         for i, rid in enumerate(req_ids):
             req = live.get(rid)
             plan = self._plan(rid, req.sampling_params) if req is not None else None
-            if plan and getattr(req, "num_computed_tokens", None) == 0:
-                # a first prefill, or a preempted request recomputed from its first token: its
-                # once_fired conditions start over (they fire again where they first fired)
-                self.memory.pop(rid, None)
             if plan:
+                if getattr(req, "num_computed_tokens", None) == 0:
+                    # a first prefill, or a preempted request recomputed from its first token: its
+                    # once_fired conditions start over (they fire again where they first fired)
+                    self.memory.pop(rid, None)
                 plan_row[i] = len(plans)
                 plans.append(plan)
                 keys.append(rid)

@@ -58,15 +58,10 @@ def llm(model_dir):
 
 
 @pytest.fixture(scope="module")
-def prompts(model_dir) -> list[list[int]]:
-    from transformers import AutoTokenizer
+def prompts(lm) -> list[list[int]]:
+    from saesteer.steering.generate import render_prompt
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    out = []
-    for m in MESSAGES:
-        ids = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+    return [render_prompt(lm[1], messages=m) for m in MESSAGES]
 
 
 def _generate(llm, rows: list[tuple[list[int], list]], max_tokens: int = 24) -> list[list[int]]:
@@ -92,6 +87,32 @@ def _builtin_many(lm, sae, rows: list[tuple[list[int], list]], max_tokens: int =
     specs = [GenerationSpec(input_ids=ids, max_new_tokens=max_tokens,
                             plan=plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: sae.cfg})) for ids, ivs in rows]
     return [r.tokens for r in generate(model, tok, specs, Steerer(model, {SAE_ID: sae}))]
+
+
+def _teacher_forced(llm, lm, sae, seq: list[int], ivs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``seq[1:]`` given its prefixes, the whole of ``seq`` as the prompt:
+    vLLM's (``prompt_logprobs``), transformers' with our Steerer, and transformers' unsteered."""
+    from saesteer.steering.core import StepPositions
+    from saesteer.steering.hooks import Steerer
+
+    model, _ = lm
+    prompt, extra = plugin.steer_request(seq, ivs)
+    out = llm.generate([prompt], vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, extra_args=extra),
+                       use_tqdm=False)[0]
+    got = torch.tensor([out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
+    plan = plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: sae.cfg})
+    ids = torch.tensor([seq])
+    # the whole sequence as the prompt, as vLLM sees it here: "generated" edits then act nowhere
+    pos = StepPositions(abs_pos=torch.arange(len(seq)).view(1, -1), prompt_len=torch.tensor([len(seq)]))
+
+    def logprobs(logits):
+        return torch.log_softmax(logits[0, :-1].float(), -1).gather(1, ids[0, 1:].view(-1, 1)).view(-1)
+
+    with torch.no_grad():
+        with Steerer(model, {SAE_ID: sae}).steer([plan], pos):
+            want = logprobs(model(ids).logits)
+        plain = logprobs(model(ids).logits)
+    return got, want, plain
 
 
 def test_the_plugin_is_declared_to_vllm():
@@ -148,24 +169,8 @@ def test_clamp_gives_the_builtin_engines_tokens(llm, lm, python_sae, prompts, po
 
 
 def test_clamp_teacher_forced_logprobs_match_transformers(llm, lm, python_sae, prompts):
-    from saesteer.steering.core import StepPositions
-    from saesteer.steering.hooks import Steerer
-
-    model, _ = lm
     seq = prompts[0] + _generate(llm, [(prompts[0], [CLAMP])], max_tokens=24)[0]
-    prompt, extra = plugin.steer_request(seq, [CLAMP])
-    out = llm.generate([prompt], vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, extra_args=extra),
-                       use_tqdm=False)[0]
-    got = torch.tensor([out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
-
-    plan = plugin.plan_from_spec(plugin.spec_json([CLAMP]), {SAE_ID: python_sae.cfg})
-    ids = torch.tensor([seq])
-    pos = StepPositions(abs_pos=torch.arange(len(seq)).view(1, -1), prompt_len=torch.tensor([len(seq)]))
-    with torch.no_grad(), Steerer(model, {SAE_ID: python_sae}).steer([plan], pos):
-        logits = model(ids).logits[0, :-1].float()
-    want = torch.log_softmax(logits, -1).gather(1, ids[0, 1:].view(-1, 1)).view(-1)
-    with torch.no_grad():
-        plain = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:].view(-1, 1)).view(-1)
+    got, want, plain = _teacher_forced(llm, lm, python_sae, seq, [CLAMP])
     assert (got - want).abs().max() < LOGPROB_TOL
     assert (plain - want).abs().max() > 100 * LOGPROB_TOL  # the steer itself is far above the tolerance
 
@@ -207,10 +212,6 @@ def _ops(d_in: int) -> dict[str, list[dict]]:
 def test_every_op_gives_the_builtin_engines_tokens_and_logprobs(llm, lm, python_sae, prompts):
     """Each op, in one batch: vLLM's greedy tokens equal the built-in engine's, and its teacher-forced
     logprobs (``prompt_logprobs`` over prompt + answer) equal transformers' with our Steerer."""
-    from saesteer.steering.core import StepPositions
-    from saesteer.steering.hooks import Steerer
-
-    model, _ = lm
     ops = _ops(python_sae.cfg.d_in)
     got = _generate(llm, [(prompts[1], ivs) for ivs in ops.values()], max_tokens=16)
     want = _builtin_many(lm, python_sae, [(prompts[1], ivs) for ivs in ops.values()], max_tokens=16)
@@ -218,35 +219,20 @@ def test_every_op_gives_the_builtin_engines_tokens_and_logprobs(llm, lm, python_
         assert toks == w, name
     assert len({tuple(t) for t in got}) >= 5  # the ops do steer, differently
 
-    seqs = [prompts[1] + toks for toks in got]
-    reqs = [plugin.steer_request(s, ivs) for s, ivs in zip(seqs, ops.values())]
-    outs = llm.generate([p for p, _ in reqs], [vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
-                                                                   extra_args=x) for _, x in reqs], use_tqdm=False)
-    steerer = Steerer(model, {SAE_ID: python_sae})
-    for (name, ivs), seq, out in zip(ops.items(), seqs, outs):
-        vl = torch.tensor([out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
-        plan = plugin.plan_from_spec(plugin.spec_json(ivs), {SAE_ID: python_sae.cfg})
-        ids = torch.tensor([seq])
-        # the whole sequence as the prompt, as vLLM sees it here: "generated" edits then act nowhere
-        pos = StepPositions(abs_pos=torch.arange(len(seq)).view(1, -1), prompt_len=torch.tensor([len(seq)]))
-        with torch.no_grad(), steerer.steer([plan], pos):
-            logits = model(ids).logits[0, :-1].float()
-        want = torch.log_softmax(logits, -1).gather(1, ids[0, 1:].view(-1, 1)).view(-1)
+    for (name, ivs), toks in zip(ops.items(), got):
+        vl, want, _ = _teacher_forced(llm, lm, python_sae, prompts[1] + toks, ivs)
         assert (vl - want).abs().max() < LOGPROB_TOL, name
 
 
 LONG_TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(24))
 
 
-def test_long_prompts_are_chunked_and_prompt_edits_stay_right(llm, lm, python_sae, model_dir):
+def test_long_prompts_are_chunked_and_prompt_edits_stay_right(llm, lm, python_sae):
     """A prompt longer than the step's token budget is prefilled in chunks (the fixture's
     ``max_num_batched_tokens``): edits on prompt positions still give the built-in engine's tokens."""
-    from transformers import AutoTokenizer
+    from saesteer.steering.generate import render_prompt
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": LONG_TEXT + "\nSummarize."}], add_generation_prompt=True,
-                                  tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = render_prompt(lm[1], messages=[{"role": "user", "content": LONG_TEXT + "\nSummarize."}])
     assert len(ids) > 2 * llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     ivs = [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 10.0, "positions": "prompt"}]
     got = _generate(llm, [(ids, ivs)], max_tokens=12)[0]
@@ -254,18 +240,15 @@ def test_long_prompts_are_chunked_and_prompt_edits_stay_right(llm, lm, python_sa
     assert got != _generate(llm, [(ids, [])], max_tokens=12)[0]
 
 
-def test_prefix_caching_never_serves_unsteered_kv_to_a_steered_request(llm, lm, python_sae, model_dir):
+def test_prefix_caching_never_serves_unsteered_kv_to_a_steered_request(llm, lm, python_sae):
     """Prefix caching is on; a long prompt's unsteered KV is cached first, then the same prompt
     steered on its prompt positions must not reuse it (its ``cache_salt``). Without the salt, vLLM
     would reuse the cached blocks and the answer would be wrong: the test shows both."""
-    from transformers import AutoTokenizer
+    from saesteer.steering.generate import render_prompt
 
     cfg = llm.llm_engine.vllm_config.cache_config
     assert cfg.enable_prefix_caching
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": LONG_TEXT + "\nWhat is the first line?"}],
-                                  add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = render_prompt(lm[1], messages=[{"role": "user", "content": LONG_TEXT + "\nWhat is the first line?"}])
     assert len(ids) > 2 * cfg.block_size  # whole blocks to share
     ivs = [{"op": "add", "sae": SAE_ID, "latent": 3656, "value": 10.0, "positions": "prompt"}]
     want = _builtin(lm, python_sae, ids, ivs, max_tokens=12)

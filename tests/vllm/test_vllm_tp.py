@@ -31,6 +31,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm
 from transformers import AutoTokenizer
 from saesteer.server.config import ServerSettings, python_sae_spec
+from saesteer.steering.generate import render_prompt
 from saesteer.steering.vllm_engine import plugin
 from saesteer.steering.vllm_engine.engine import vllm_engine_args
 from saesteer.steering.vllm_engine.export import vllm_model_dir
@@ -41,9 +42,7 @@ plugin.register()
 llm = vllm.LLM(**vllm_engine_args(model, [python_sae_spec()], max_model_len=512, max_num_seqs=4,
                                   extra={"tensor_parallel_size": tp}), seed=0)
 tok = AutoTokenizer.from_pretrained(model)
-ids = tok.apply_chat_template([{"role": "user", "content": "Tell me something interesting."}],
-                              add_generation_prompt=True, tokenize=True)
-ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+ids = render_prompt(tok, messages=[{"role": "user", "content": "Tell me something interesting."}])
 reqs = [plugin.steer_request(ids, s) for s in specs]
 outs = llm.generate([p for p, _ in reqs], [vllm.SamplingParams(temperature=0.0, max_tokens=24, extra_args=x)
                                            for _, x in reqs], use_tqdm=False)
